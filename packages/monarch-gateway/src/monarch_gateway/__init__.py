@@ -1,0 +1,3 @@
+"""monarch-gateway."""
+
+__version__ = "0.1.0"

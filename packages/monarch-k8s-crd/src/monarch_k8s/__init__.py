@@ -1,0 +1,3 @@
+"""monarch-k8s-crd."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""monarch-proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""monarch-skypilot."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""monarch-sync."""
+
+__version__ = "0.1.0"
