@@ -1,3 +1,65 @@
-"""monarch-proxy."""
+"""monarch-proxy: Monarch's job and mesh API, served by a monarch-gateway over one connection.
+
+It does not need torchmonarch: a laptop with only this package drives real meshes in a cluster.
+"""
+
+from monarch_proxy.connection import GatewayConnection
+from monarch_proxy.errors import (
+    ActorImportError,
+    ArgumentEncodingError,
+    AuthenticationError,
+    CallTimeoutError,
+    FrameTooLargeError,
+    GatewayError,
+    ProtocolError,
+    ProtocolVersionError,
+    ProxyError,
+    RemoteError,
+    RemoteTraceback,
+    TransportError,
+    UnknownHandleError,
+    WorkerLostError,
+)
+from monarch_proxy.futures import FutureProxy, StreamProxy
+from monarch_proxy.meshes import (
+    ActorMeshProxy,
+    EndpointProxy,
+    HostMeshProxy,
+    JobState,
+    MeshProxy,
+    ProcMeshProxy,
+    connect,
+)
+from monarch_proxy.values import Extent, Point, ValueMesh
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ActorImportError",
+    "ActorMeshProxy",
+    "ArgumentEncodingError",
+    "AuthenticationError",
+    "CallTimeoutError",
+    "EndpointProxy",
+    "Extent",
+    "FrameTooLargeError",
+    "FutureProxy",
+    "GatewayConnection",
+    "GatewayError",
+    "HostMeshProxy",
+    "JobState",
+    "MeshProxy",
+    "Point",
+    "ProcMeshProxy",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "ProxyError",
+    "RemoteError",
+    "RemoteTraceback",
+    "StreamProxy",
+    "TransportError",
+    "UnknownHandleError",
+    "ValueMesh",
+    "WorkerLostError",
+    "connect",
+]

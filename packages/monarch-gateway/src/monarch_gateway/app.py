@@ -1,0 +1,117 @@
+"""Run a gateway process: attach to the workers, serve, stop cleanly on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import ssl as ssl_module
+from dataclasses import dataclass
+from pathlib import Path
+
+from monarch_gateway.monitor import Worker, tcp_endpoint
+from monarch_gateway.operations import MeshService
+from monarch_gateway.output import OutputTee
+from monarch_gateway.server import Gateway
+from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE
+
+logger = logging.getLogger("monarch_gateway")
+
+
+@dataclass
+class GatewayOptions:
+    meshes: dict[str, list[str]]  # host mesh name -> worker addresses
+    token: str | None
+    host: str = "127.0.0.1"
+    port: int = 0
+    certfile: str | None = None
+    keyfile: str | None = None
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    resume_grace_s: float = 30.0
+    attach_timeout_s: float = 120.0
+    stream_output: bool = True
+    ready_file: str | None = None
+
+
+def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl_module.SSLContext | None:
+    if certfile is None:
+        return None
+    context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def all_loopback(addresses: list[str]) -> bool:
+    for address in addresses:
+        endpoint = tcp_endpoint(address)
+        if endpoint is None:
+            return False
+        try:
+            if not ipaddress.ip_address(endpoint[0]).is_loopback:
+                return False
+        except ValueError:
+            if endpoint[0] != "localhost":
+                return False
+    return True
+
+
+def configure_monarch(addresses: list[str], stream_output: bool) -> None:
+    """Pick Monarch's client transport: loopback workers need TcpWithLocalhost."""
+    from monarch._rust_bindings.monarch_hyperactor.channel import ChannelTransport
+    from monarch.config import configure
+
+    transport = (ChannelTransport.TcpWithLocalhost if all_loopback(addresses)
+                 else ChannelTransport.TcpWithHostname)
+    configure(default_transport=transport, enable_log_forwarding=stream_output)
+
+
+async def attach(meshes: dict[str, list[str]], timeout_s: float) -> dict[str, object]:
+    from monarch.actor import attach_to_workers
+
+    host_meshes = {name: attach_to_workers(workers=addrs, ca="trust_all_connections", name=name)
+                   for name, addrs in meshes.items()}
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(mesh.initialized for mesh in host_meshes.values())), timeout_s)
+    except TimeoutError:
+        raise RuntimeError(
+            f"workers did not all answer within {timeout_s:.0f}s: {meshes}; check that each "
+            "runs run_worker_loop_forever on that address"
+        ) from None
+    return host_meshes
+
+
+async def run_gateway(options: GatewayOptions) -> None:
+    addresses = [a for addrs in options.meshes.values() for a in addrs]
+    tee: OutputTee | None = None
+    gateway: Gateway | None = None
+    if options.stream_output:
+        tee = OutputTee(lambda stream, text: gateway.publish_output(stream, text)
+                        if gateway is not None else None)
+        tee.start()
+    configure_monarch(addresses, options.stream_output)
+    host_meshes = await attach(options.meshes, options.attach_timeout_s)
+    workers = [Worker(name, i, addr) for name, addrs in options.meshes.items()
+               for i, addr in enumerate(addrs)]
+    gateway = Gateway(
+        MeshService(host_meshes, stream_logs=options.stream_output), workers,
+        token=options.token, host=options.host, port=options.port,
+        ssl=server_ssl_context(options.certfile, options.keyfile),
+        max_frame_size=options.max_frame_size, resume_grace_s=options.resume_grace_s,
+    )
+    await gateway.start()
+    if options.ready_file:
+        ready = Path(options.ready_file)
+        tmp = ready.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": gateway.url, "port": gateway.port, "pid": os.getpid()}))
+        tmp.replace(ready)  # atomic: readers never see half a file
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await gateway.shutdown()

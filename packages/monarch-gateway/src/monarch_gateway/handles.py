@@ -1,0 +1,64 @@
+"""The table of mesh handles one session holds. Pure: no Monarch, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from monarch_proxy.errors import GatewayError, UnknownHandleError
+
+
+@dataclass(slots=True)
+class Entry:
+    kind: str  # "host", "proc" or "actor"
+    obj: Any  # the Monarch mesh
+    name: str
+    # Indices of the worker hosts the mesh spans, so a dead worker fails exactly the calls on it.
+    hosts: tuple[int, ...]
+    mesh: str  # name of the host mesh it descends from
+
+
+class HandleTable:
+    def __init__(self) -> None:
+        self._entries: dict[int, Entry] = {}
+        self._next = 1
+
+    def add(self, entry: Entry) -> int:
+        handle = self._next
+        self._next += 1
+        self._entries[handle] = entry
+        return handle
+
+    def get(self, handle: object, *kinds: str) -> Entry:
+        if not isinstance(handle, int) or isinstance(handle, bool):
+            raise UnknownHandleError(f"handle must be an integer, got {handle!r}")
+        entry = self._entries.get(handle)
+        if entry is None:
+            raise UnknownHandleError(
+                f"handle {handle} is not held by this session (already freed, or never created)"
+            )
+        if kinds and entry.kind not in kinds:
+            raise GatewayError(
+                f"handle {handle} is a {entry.kind} mesh; this operation needs a "
+                f"{' or '.join(kinds)} mesh"
+            )
+        return entry
+
+    def release(self, handles: list[int]) -> None:
+        for handle in handles:
+            self._entries.pop(handle, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def select_hosts(hosts: tuple[int, ...], selection: int | list[int | None] | None) -> tuple[int, ...]:
+    """The hosts left after slicing the ``hosts`` dimension with an int or [start, stop, step]."""
+    if selection is None:
+        return hosts
+    if isinstance(selection, int):
+        return (hosts[selection],)
+    return hosts[slice(*selection)]

@@ -1,0 +1,153 @@
+"""What each request does to the real Monarch meshes. The only module that calls Monarch's API.
+
+Every operation takes the session's :class:`HandleTable`, the request's meta and payload, and
+returns the reply's meta and payload; it raises to fail just that request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from monarch_gateway.handles import Entry, HandleTable, select_hosts
+from monarch_proxy import codec
+from monarch_proxy.errors import ActorImportError, ProtocolError
+from monarch_proxy.values import Extent
+
+Result = tuple[dict[str, Any], bytes]
+EmitItem = Callable[[bytes], Awaitable[None]]
+
+OUTPUT_SETTLE_S = 0.05
+CALL_METHODS = frozenset({"call", "call_one", "choose", "broadcast", "stream"})
+
+
+def field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = meta.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"request field {name!r} is missing or not of the right type")
+    return value
+
+
+def extent_of(mesh: Any) -> dict[str, list[Any]]:
+    extent = mesh.extent
+    return codec.extent_meta(Extent(tuple(extent.labels), tuple(extent.sizes)))
+
+
+def handle_reply(table: HandleTable, entry: Entry) -> Result:
+    handle = table.add(entry)
+    return {"handle": handle, "extent": extent_of(entry.obj), "name": entry.name}, b""
+
+
+class MeshService:
+    """The gateway's named host meshes, and the operations sessions run on them."""
+
+    def __init__(self, host_meshes: dict[str, Any], *, stream_logs: bool = False) -> None:
+        self.host_meshes = host_meshes
+        self.stream_logs = stream_logs
+
+    def meshes(self, table: HandleTable) -> Result:
+        described = {}
+        for name, mesh in self.host_meshes.items():
+            hosts = tuple(range(mesh.extent.nelements))
+            meta, _ = handle_reply(table, Entry("host", mesh, name, hosts, name))
+            described[name] = meta
+        return {"meshes": described}, b""
+
+    async def flush_output(self) -> Result:
+        """Push buffered worker output to the clients before a session ends."""
+        if self.stream_logs:
+            from monarch._src.actor.logging import _flush_all_proc_mesh_logs_async
+
+            await _flush_all_proc_mesh_logs_async()
+            await asyncio.sleep(OUTPUT_SETTLE_S)  # let the output tee relay what just arrived
+        return {}, b""
+
+    async def spawn_procs(self, table: HandleTable, meta: dict[str, Any]) -> Result:
+        entry = table.get(meta.get("handle"), "host")
+        per_host = field(meta, "per_host", dict)
+        if not all(isinstance(k, str) and isinstance(v, int) and v > 0
+                   for k, v in per_host.items()):
+            raise ProtocolError("per_host must map labels to positive integers")
+        name = field(meta, "name", str)
+        procs = entry.obj.spawn_procs(per_host=per_host, name=name)
+        if self.stream_logs:
+            await procs.logging_option(stream_to_client=True, aggregate_window_sec=None)
+        return handle_reply(table, Entry("proc", procs, name, entry.hosts, entry.mesh))
+
+    async def spawn(self, table: HandleTable, meta: dict[str, Any],
+                    payload: bytes | memoryview) -> Result:
+        entry = table.get(meta.get("handle"), "proc")
+        name = field(meta, "name", str)
+        reference = field(meta, "actor", str)
+        class_size = field(meta, "class_size", int)
+        view = memoryview(payload)
+        if field(meta, "by_value", bool):
+            actor_class = codec.loads(view[:class_size], f"actor class {reference}")
+        else:
+            try:
+                actor_class = codec.import_reference(reference)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise ActorImportError(
+                    f"the gateway cannot import actor class {reference} ({exc}); install its "
+                    "module where the gateway and workers run, or spawn with by_value=True"
+                ) from None
+        args, kwargs = codec.loads(view[class_size:], "spawn arguments")
+        actors = entry.obj.spawn(name, actor_class, *args, **kwargs)
+        await actors.initialized  # surface constructor failures at spawn, not at first call
+        return handle_reply(table, Entry("actor", actors, name, entry.hosts, entry.mesh))
+
+    def slice(self, table: HandleTable, meta: dict[str, Any]) -> Result:
+        entry = table.get(meta.get("handle"))
+        selection = field(meta, "selection", dict)
+        arguments: dict[str, int | slice] = {}
+        for label, sel in selection.items():
+            if isinstance(sel, int) and not isinstance(sel, bool):
+                arguments[label] = sel
+            elif isinstance(sel, list) and len(sel) == 3 and all(
+                    s is None or isinstance(s, int) for s in sel):
+                arguments[label] = slice(*sel)
+            else:
+                raise ProtocolError(f"selection for {label!r} must be an int or [start, stop, step]")
+        sliced = entry.obj.slice(**arguments)
+        hosts = select_hosts(entry.hosts, selection.get("hosts"))
+        return handle_reply(table, Entry(entry.kind, sliced, entry.name, hosts, entry.mesh))
+
+    async def stop(self, table: HandleTable, meta: dict[str, Any]) -> Result:
+        entry = table.get(meta.get("handle"), "proc", "actor")
+        await entry.obj.stop()
+        return {}, b""
+
+    def call_target(self, table: HandleTable, meta: dict[str, Any]) -> Entry:
+        return table.get(meta.get("handle"), "actor")
+
+    async def call(self, entry: Entry, meta: dict[str, Any], payload: bytes | memoryview,
+                   emit_item: EmitItem) -> Result:
+        method = field(meta, "method", str)
+        if method not in CALL_METHODS:
+            raise ProtocolError(f"unknown call method {method!r}; use one of {sorted(CALL_METHODS)}")
+        endpoint_name = field(meta, "endpoint", str)
+        args, kwargs = codec.loads(payload, "call arguments")
+        endpoint = getattr(entry.obj, endpoint_name)
+        if method == "broadcast":
+            endpoint.broadcast(*args, **kwargs)
+            return {}, b""
+        if method == "stream":
+            for future in endpoint.stream(*args, **kwargs):
+                await emit_item(codec.dumps_value(await future))
+            return {}, b""
+        if method == "call":
+            values = await endpoint.call(*args, **kwargs)
+            extent = Extent(tuple(values.extent.labels), tuple(values.extent.sizes))
+            return {"extent": codec.extent_meta(extent)}, codec.dumps_value(list(values.values()))
+        value = await getattr(endpoint, method)(*args, **kwargs)
+        return {}, codec.dumps_value(value)
+
+
+def unwrap_actor_error(exc: BaseException) -> tuple[BaseException, str | None]:
+    """Monarch wraps an actor's exception in ActorError; hand the client the original."""
+    inner = getattr(exc, "exception", None)
+    if isinstance(inner, BaseException):
+        formatted = getattr(exc, "exception_formatted", None)
+        return inner, formatted if isinstance(formatted, str) else None
+    return exc, None

@@ -1,0 +1,345 @@
+"""The gateway's WebSocket server: authentication, sessions that survive reconnects, dispatch.
+
+Protocol rules live in :mod:`monarch_proxy.protocol.server`; Monarch calls live in
+:mod:`monarch_gateway.operations`. This module connects the two: it runs each request as its
+own task (so one slow call never blocks another), sends replies on whichever connection the
+session has now, and keeps a dropped session alive for a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import ssl as ssl_module
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from monarch_gateway.handles import Entry, HandleTable
+from monarch_gateway.monitor import Worker, WorkerMonitor
+from monarch_gateway.operations import MeshService, unwrap_actor_error
+from monarch_proxy import codec
+from monarch_proxy.errors import (
+    FAILURE_CATEGORIES,
+    GatewayError,
+    ProtocolError,
+    ProtocolVersionError,
+    ProxyError,
+    WorkerLostError,
+)
+from monarch_proxy.protocol.events import Departed, Released, Requested
+from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE, decode
+from monarch_proxy.protocol.server import ServerSession, error_frame, negotiate
+
+logger = logging.getLogger("monarch_gateway")
+
+CATEGORY_OF = {error: name for name, error in FAILURE_CATEGORIES.items()}
+HELLO_TIMEOUT_S = 10.0
+
+
+def failure_for(exc: BaseException) -> tuple[dict[str, Any], bytes]:
+    """FAILURE meta and payload for an exception raised while serving a request."""
+    if isinstance(exc, ProxyError):
+        category = next((CATEGORY_OF[t] for t in type(exc).__mro__ if t in CATEGORY_OF),
+                        "gateway")
+        return codec.encode_exception(exc, category=category)
+    original, remote_traceback = unwrap_actor_error(exc)
+    return codec.encode_exception(original, remote_traceback)
+
+
+@dataclass(eq=False)
+class Call:
+    task: asyncio.Task[None]
+    entry: Entry | None = None
+    lost: Worker | None = None
+
+
+@dataclass(eq=False)
+class GatewaySession:
+    gateway: Gateway
+    proto: ServerSession
+    table: HandleTable = field(default_factory=HandleTable)
+    ws: ServerConnection | None = None
+    calls: dict[int, Call] = field(default_factory=dict)
+    expiry: asyncio.TimerHandle | None = None
+    ended: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.proto.session_id
+
+    def attach(self, ws: ServerConnection) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        self.ws = ws
+
+    def detach(self, ws: ServerConnection) -> None:
+        if self.ws is not ws or self.ended:
+            return
+        self.ws = None
+        loop = asyncio.get_running_loop()
+        self.expiry = loop.call_later(self.gateway.resume_grace_s, self.end, "grace expired")
+
+    def end(self, reason: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        for call in self.calls.values():
+            call.task.cancel()
+        self.calls.clear()
+        self.table.clear()
+        self.gateway.sessions.pop(self.id, None)
+        logger.info("session ended", extra={"session": self.id, "reason": reason})
+
+    def handle(self, event: object) -> None:
+        if isinstance(event, Requested):
+            task = asyncio.get_running_loop().create_task(self._serve(event))
+            self.calls[event.id] = Call(task)
+        elif isinstance(event, Released):
+            self.table.release(event.handles)
+        elif isinstance(event, Departed):
+            self.end("client said goodbye")
+
+    async def send(self, data: bytes) -> None:
+        # Reliable frames stay buffered in ``proto`` until acked, so a frame that cannot be sent
+        # now reaches the client when it resumes.
+        ws = self.ws
+        if ws is None:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(data)
+
+    async def _serve(self, request: Requested) -> None:
+        call = self.calls[request.id]
+        try:
+            meta, payload = await self._execute(request, call)
+            data = self.proto.reply(request.id, meta, payload)
+        except asyncio.CancelledError:
+            if call.lost is None:
+                raise
+            meta, payload = failure_for(WorkerLostError(
+                f"{call.lost.describe()} died or stopped answering during this call"))
+            data = self.proto.failure(request.id, meta, payload)
+        except Exception as exc:
+            meta, payload = failure_for(exc)
+            data = self.proto.failure(request.id, meta, payload)
+        finally:
+            self.calls.pop(request.id, None)
+        if not self.ended:
+            await self.send(data)
+
+    async def _execute(self, request: Requested, call: Call) -> tuple[dict[str, Any], bytes]:
+        service = self.gateway.service
+        table, meta, op = self.table, request.meta, request.op
+        if op == "job.meshes":
+            return service.meshes(table)
+        if op == "mesh.slice":
+            return service.slice(table, meta)
+        if op == "job.flush_output":
+            return await service.flush_output()
+        # Operations that reach workers: fail fast if one they need is already dead.
+        call.entry = table.get(meta.get("handle"))
+        dead = self.gateway.dead_worker_of(call.entry)
+        if dead is not None:
+            raise WorkerLostError(f"{dead.describe()} is dead; this mesh cannot be used")
+        if op == "endpoint.call":
+            entry = service.call_target(table, meta)
+
+            async def emit(payload: bytes) -> None:
+                await self.send(self.proto.item(request.id, {}, payload))
+
+            return await service.call(entry, meta, request.payload, emit)
+        if op == "host.spawn_procs":
+            return await service.spawn_procs(table, meta)
+        if op == "proc.spawn":
+            return await service.spawn(table, meta, request.payload)
+        if op == "mesh.stop":
+            return await service.stop(table, meta)
+        raise GatewayError(f"unknown operation {op!r}; the client may be newer than the gateway")
+
+
+class Gateway:
+    """Serves a :class:`MeshService` to monarch-proxy clients over WebSockets."""
+
+    def __init__(
+        self,
+        service: MeshService,
+        workers: list[Worker],
+        *,
+        token: str | None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl: ssl_module.SSLContext | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        resume_grace_s: float = 30.0,
+    ) -> None:
+        self.service = service
+        self.token = token
+        self.host = host
+        self.requested_port = port
+        self.ssl = ssl
+        self.max_frame_size = max_frame_size
+        self.resume_grace_s = resume_grace_s
+        self.sessions: dict[str, GatewaySession] = {}
+        self.monitor = WorkerMonitor(workers, self._worker_died)
+        self._server: Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await serve(
+            self._connection, self.host, self.requested_port, ssl=self.ssl,
+            process_request=self._process_request, max_size=self.max_frame_size,
+            compression=None, ping_interval=20, ping_timeout=60,
+        )
+        self.monitor.start()
+        logger.info("gateway listening", extra={"url": self.url})
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() the gateway first"
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.ssl else "ws"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def publish_output(self, stream: str, text: str) -> None:
+        """Send worker output to every connected client. Callable from any thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._publish, stream, text)
+
+    def _publish(self, stream: str, text: str) -> None:
+        data = ServerSession.log(stream, text)
+        for session in list(self.sessions.values()):
+            if session.ws is not None:
+                self._loop.create_task(session.send(data))  # type: ignore[union-attr]
+
+    def dead_worker_of(self, entry: Entry) -> Worker | None:
+        for index in entry.hosts:
+            worker = self.monitor.is_dead(entry.mesh, index)
+            if worker is not None:
+                return worker
+        return None
+
+    def _worker_died(self, worker: Worker) -> None:
+        for session in self.sessions.values():
+            for call in session.calls.values():
+                entry = call.entry
+                if entry is not None and entry.mesh == worker.mesh and worker.index in entry.hosts:
+                    call.lost = worker
+                    call.task.cancel()
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            dead = sorted(w.address for w in self.monitor.liveness.dead)
+            body = {"status": "degraded" if dead else "ok", "sessions": len(self.sessions),
+                    "workers": len(self.monitor.workers), "dead_workers": dead}
+            return connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+        if self.token is None:
+            return None
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(),
+                                                                 self.token.encode()):
+            logger.warning("rejected connection: missing or wrong bearer token",
+                           extra={"peer": str(connection.remote_address)})
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
+        return None
+
+    async def _connection(self, ws: ServerConnection) -> None:
+        session = await self._handshake(ws)
+        if session is None:
+            return
+        try:
+            async for message in ws:
+                if isinstance(message, str):
+                    await self._refuse(ws, "protocol", "text messages are not part of the protocol")
+                    session.end("protocol error")
+                    return
+                try:
+                    events = session.proto.receive(message)
+                except ProtocolError as exc:
+                    logger.warning("protocol error", extra={"session": session.id,
+                                                            "error": str(exc)})
+                    await self._refuse(ws, "protocol", str(exc))
+                    session.end("protocol error")
+                    return
+                for event in events:
+                    session.handle(event)
+        except ConnectionClosed:
+            pass
+        finally:
+            session.detach(ws)
+
+    async def _handshake(self, ws: ServerConnection) -> GatewaySession | None:
+        try:
+            first = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)
+            if isinstance(first, str):
+                raise ProtocolError("text messages are not part of the protocol")
+            hello = decode(first, max_size=self.max_frame_size)
+            version = negotiate(hello)
+        except ProtocolVersionError as exc:
+            await self._refuse(ws, "version_mismatch", str(exc))
+            return None
+        except ProtocolError as exc:
+            await self._refuse(ws, "protocol", f"bad HELLO: {exc}")
+            return None
+        except (ConnectionClosed, TimeoutError):
+            return None
+        session = self.sessions.get(str(hello.meta.get("session", "")))
+        if session is not None:
+            try:
+                missed = session.proto.resume(hello)
+            except ProtocolError as exc:
+                await self._refuse(ws, "protocol", str(exc))
+                return None
+            session.attach(ws)
+            await session.send(session.proto.welcome(resumed=True))
+            for data in missed:
+                await session.send(data)
+            logger.info("session resumed", extra={"session": session.id, "replayed": len(missed)})
+            return session
+        proto = ServerSession(secrets.token_urlsafe(18), version,
+                              max_frame_size=self.max_frame_size)
+        session = GatewaySession(self, proto)
+        self.sessions[session.id] = session
+        session.attach(ws)
+        await session.send(proto.welcome(resumed=False))
+        logger.info("session opened", extra={"session": session.id,
+                                             "peer": str(ws.remote_address)})
+        return session
+
+    @staticmethod
+    async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(error_frame(code, message))
+            await ws.close(1008 if code != "protocol" else 1002, code)
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, let running calls finish (up to ``timeout_s``), then close."""
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        running = [c.task for s in self.sessions.values() for c in s.calls.values()]
+        if running:
+            await asyncio.wait(running, timeout=timeout_s)
+        for session in list(self.sessions.values()):
+            ws = session.ws
+            session.end("gateway shutting down")
+            if ws is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.close(1001, "gateway shutting down")
+        await self._server.wait_closed()
+        await self.monitor.stop()
+        logger.info("gateway stopped")

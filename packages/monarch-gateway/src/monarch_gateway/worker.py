@@ -1,0 +1,18 @@
+"""A Monarch worker process: ``python -m monarch_gateway.worker tcp://127.0.0.2:26600``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.exit("usage: python -m monarch_gateway.worker ADDRESS  (e.g. tcp://127.0.0.2:26600)")
+    from monarch.actor import run_worker_loop_forever
+
+    run_worker_loop_forever(address=args[0], ca="trust_all_connections")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The client's I/O adapter: one WebSocket to the gateway, driven by a background event loop.
+
+Callers on any thread submit requests and get ``concurrent.futures.Future`` objects back, so a
+blocking ``get()`` in one thread never stalls the other calls multiplexed on the connection.
+Everything about the protocol itself lives in :class:`~monarch_proxy.protocol.client.ClientSession`;
+this module only moves bytes, completes futures and reconnects (resuming the session) when the
+connection drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import ssl as ssl_module
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from monarch_proxy import codec
+from monarch_proxy.errors import (
+    AuthenticationError,
+    ProtocolError,
+    ProtocolVersionError,
+    ProxyError,
+    TransportError,
+)
+from monarch_proxy.protocol.client import ClientSession
+from monarch_proxy.protocol.events import Failed, Logged, Rejected, Replied, Streamed, Welcomed
+
+logger = logging.getLogger("monarch_proxy")
+
+Reply = tuple[dict[str, Any], bytes | memoryview]
+ItemCallback = Callable[[dict[str, Any], bytes | memoryview], None]
+LogCallback = Callable[[str, str], None]
+
+ACK_DELAY_S = 0.02
+
+# Close codes after which resuming cannot help: fail every pending call at once.
+FINAL_CLOSE_CODES: dict[int, ProxyError] = {
+    1001: TransportError("the gateway shut down"),
+    1002: ProtocolError("the gateway closed the connection: protocol error"),
+    1008: ProtocolError("the gateway closed the connection: policy violation"),
+    1009: ProtocolError("the gateway closed the connection: a frame was over its size limit"),
+}
+
+
+def print_log(stream: str, text: str) -> None:
+    """Default sink for worker output: the matching stream of this process."""
+    out = sys.stderr if stream == "stderr" else sys.stdout
+    out.write(text)
+    out.flush()
+
+
+class GatewayConnection:
+    """A session with a gateway. Thread-safe; create with :meth:`open`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        resume_grace_s: float = 30.0,
+        connect_timeout_s: float = 30.0,
+        on_log: LogCallback | None = print_log,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._ssl = ssl
+        self._resume_grace_s = resume_grace_s
+        self._connect_timeout_s = connect_timeout_s
+        self._on_log = on_log
+        self._session = ClientSession()
+        self._lock = threading.Lock()  # guards _session and the tables below
+        self._futures: dict[int, concurrent.futures.Future[Reply]] = {}
+        self._item_callbacks: dict[int, ItemCallback] = {}
+        self._releases: list[int] = []
+        self._ack_scheduled = False
+        self._closing = False
+        self._ws: ClientConnection | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="monarch-proxy-io",
+                                        daemon=True)
+        self._runner: concurrent.futures.Future[None] | None = None
+
+    @classmethod
+    def open(cls, url: str, token: str | None = None, **kwargs: Any) -> GatewayConnection:
+        """Connect, negotiate the protocol version and return an open connection."""
+        if token is None:
+            token = os.environ.get("MONARCH_GATEWAY_TOKEN")
+        conn = cls(url, token, **kwargs)
+        conn._thread.start()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        conn._runner = asyncio.run_coroutine_threadsafe(conn._run(ready), conn._loop)
+        try:
+            ready.result(timeout=conn._connect_timeout_s + 5)
+        except BaseException:
+            conn._stop_loop()
+            raise
+        return conn
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session.session_id
+
+    # Called from any thread ---------------------------------------------------------------
+
+    def submit(self, op: str, meta: dict[str, Any], payload: bytes = b"", *,
+               on_item: ItemCallback | None = None) -> concurrent.futures.Future[Reply]:
+        future: concurrent.futures.Future[Reply] = concurrent.futures.Future()
+        with self._lock:
+            if self._closing:
+                raise TransportError("the connection to the gateway is closed")
+            request_id, data = self._session.request(op, meta, payload)
+            self._futures[request_id] = future
+            if on_item is not None:
+                self._item_callbacks[request_id] = on_item
+        self._loop.call_soon_threadsafe(self._send_nowait, data)
+        return future
+
+    def request(self, op: str, meta: dict[str, Any], payload: bytes = b"",
+                timeout: float | None = None) -> Reply:
+        """Submit and wait: for short control operations (spawn, slice)."""
+        return self.submit(op, meta, payload).result(timeout)
+
+    def release(self, handle: int) -> None:
+        """Free a gateway handle. Safe to call from a garbage-collection finalizer."""
+        with self._lock:
+            if self._closing:
+                return
+            self._releases.append(handle)
+            first = len(self._releases) == 1
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._flush_releases)
+            except RuntimeError:
+                pass  # loop already closed during interpreter shutdown
+
+    def close(self) -> None:
+        """End the session: the gateway frees every handle now instead of after the grace."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._goodbye(), self._loop).result(timeout=5)
+            except Exception as exc:  # best effort: the gateway also expires the session
+                logger.debug("goodbye failed: %r", exc)
+        self._fail_all(TransportError("the connection to the gateway was closed"))
+        self._stop_loop()
+
+    def __enter__(self) -> GatewayConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Event-loop side -----------------------------------------------------------------------
+
+    async def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            await self._connect(resuming=False)
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        while not self._closing:
+            try:
+                close_code = await self._read(self._ws)
+            except ProxyError as exc:
+                logger.error("gateway connection failed: %s", exc)
+                self._fail_all(exc)
+                return
+            if self._closing:
+                return
+            final = FINAL_CLOSE_CODES.get(close_code or 0)
+            if final is not None:
+                self._fail_all(final)
+                return
+            try:
+                await self._reconnect()
+            except ProxyError as exc:
+                self._fail_all(exc)
+                return
+
+    async def _connect(self, *, resuming: bool) -> None:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        try:
+            ws = await asyncio.wait_for(
+                connect(self.url, additional_headers=headers, ssl=self._ssl, max_size=None,
+                        compression=None, ping_interval=20, ping_timeout=60,
+                        open_timeout=self._connect_timeout_s),
+                self._connect_timeout_s,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise AuthenticationError(
+                    f"gateway at {self.url} refused the token (HTTP {status}); pass token= or "
+                    "set MONARCH_GATEWAY_TOKEN to the token the gateway was started with"
+                ) from None
+            raise TransportError(f"gateway at {self.url} answered HTTP {status}") from None
+        except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
+            raise TransportError(f"cannot reach the gateway at {self.url}: {exc}") from exc
+        with self._lock:
+            hello = self._session.hello()
+        await ws.send(hello)
+        try:
+            first = await asyncio.wait_for(ws.recv(), self._connect_timeout_s)
+        except ConnectionClosed as exc:
+            raise TransportError(f"gateway closed the connection during the handshake: {exc}") \
+                from None
+        with self._lock:
+            events = self._session.receive(first)  # type: ignore[arg-type]
+        event = events[0] if events else None
+        if isinstance(event, Rejected):
+            await ws.close()
+            if event.code == "version_mismatch":
+                raise ProtocolVersionError(event.message)
+            raise ProtocolError(f"gateway rejected the session ({event.code}): {event.message}")
+        if not isinstance(event, Welcomed):
+            raise ProtocolError(f"expected WELCOME from the gateway, got {event!r}")
+        self._ws = ws
+        if resuming and not event.resumed:
+            self._fail_all(TransportError(
+                "the gateway no longer holds this session (its grace period ran out or it "
+                "restarted); in-flight calls are lost and mesh handles must be recreated"),
+                keep_open=True)
+        for data in event.replay:
+            await ws.send(data)
+        self._flush_releases()
+
+    async def _reconnect(self) -> None:
+        deadline = time.monotonic() + self._resume_grace_s
+        delay = 0.05
+        last_error: Exception | None = None
+        while time.monotonic() < deadline and not self._closing:
+            try:
+                await self._connect(resuming=True)
+                logger.info("resumed gateway session %s", self._session.session_id)
+                return
+            except (AuthenticationError, ProtocolError):
+                raise
+            except TransportError as exc:
+                last_error = exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise TransportError(
+            f"lost the connection to the gateway at {self.url} and could not resume within "
+            f"{self._resume_grace_s:.0f}s: {last_error}"
+        )
+
+    async def _read(self, ws: ClientConnection | None) -> int | None:
+        """Dispatch messages until the connection ends; return its close code."""
+        assert ws is not None
+        try:
+            async for message in ws:
+                with self._lock:
+                    events = self._session.receive(message)  # type: ignore[arg-type]
+                for event in events:
+                    self._dispatch(event)
+                self._schedule_ack()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._ws = None
+        return ws.close_code
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, Replied | Failed):
+            with self._lock:
+                future = self._futures.pop(event.id, None)
+                self._item_callbacks.pop(event.id, None)
+            if future is None:
+                return
+            if isinstance(event, Replied):
+                future.set_result((event.meta, event.payload))
+            else:
+                future.set_exception(codec.decode_failure(event.meta, event.payload))
+        elif isinstance(event, Streamed):
+            callback = self._item_callbacks.get(event.id)
+            if callback is not None:
+                callback(event.meta, event.payload)
+        elif isinstance(event, Logged):
+            if self._on_log is not None:
+                self._on_log(event.stream, event.text)
+        elif isinstance(event, Rejected):
+            raise ProtocolError(f"gateway closed the session ({event.code}): {event.message}")
+
+    def _send_nowait(self, data: bytes) -> None:
+        # While disconnected the request stays pending in the session and is replayed on resume.
+        if self._ws is not None:
+            self._loop.create_task(self._send(data))
+
+    async def _send(self, data: bytes) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            pass  # the reader notices and resumes; pending requests are replayed
+
+    def _schedule_ack(self) -> None:
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            self._loop.call_later(ACK_DELAY_S, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_scheduled = False
+        with self._lock:
+            data = self._session.ack() if self._ws is not None else None
+        if data is not None:
+            self._send_nowait(data)
+
+    def _flush_releases(self) -> None:
+        if self._ws is None:
+            return
+        with self._lock:
+            handles, self._releases = self._releases, []
+            data = self._session.release(handles) if handles else None
+        if data is not None:
+            self._send_nowait(data)
+
+    async def _goodbye(self) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        with self._lock:
+            data = self._session.bye()
+        try:
+            await ws.send(data)
+            await ws.close()
+        except ConnectionClosed:
+            pass
+
+    def _fail_all(self, exc: BaseException, *, keep_open: bool = False) -> None:
+        with self._lock:
+            futures, self._futures = self._futures, {}
+            self._item_callbacks.clear()
+            for request_id in futures:
+                self._session.forget(request_id)
+            if not keep_open:
+                self._closing = True
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)

@@ -1,0 +1,118 @@
+"""Every error monarch-proxy raises, in one tree.
+
+    ProxyError
+    ├── ProtocolError              a peer broke the wire protocol (malformed or unexpected frame)
+    │   ├── ProtocolVersionError   client and gateway share no protocol version
+    │   └── FrameTooLargeError     a frame is over the negotiated maximum size
+    ├── TransportError             the connection is gone and could not be resumed
+    ├── AuthenticationError        the gateway refused the bearer token
+    ├── CallTimeoutError           a FutureProxy.get(timeout) ran out (also a TimeoutError)
+    ├── GatewayError               the gateway could not carry out a request
+    │   ├── UnknownHandleError     the request named a mesh handle the session does not hold
+    │   ├── ArgumentEncodingError  arguments or results could not be pickled or unpickled
+    │   ├── ActorImportError       the gateway could not import an actor class by reference
+    │   └── WorkerLostError        a worker process died or became unreachable mid-call
+    └── RemoteError                an actor raised, and its exception type is not importable here
+
+Remote exceptions whose type *is* importable are re-raised as that type, with the remote
+traceback attached as ``__cause__`` (a :class:`RemoteTraceback`), so ``except ValueError`` works
+the same through the proxy as it does in-process.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base class of every error raised by monarch-proxy itself."""
+
+
+class ProtocolError(ProxyError):
+    """A frame could not be parsed or was not valid in the current state."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """The client and gateway have no protocol version in common."""
+
+    @classmethod
+    def between(cls, client: tuple[int, int], gateway: tuple[int, int]) -> ProtocolVersionError:
+        return cls(
+            f"the client speaks wire protocol {client[0]}..{client[1]} but the gateway speaks "
+            f"{gateway[0]}..{gateway[1]}; install matching monarch-proxy and monarch-gateway "
+            "versions"
+        )
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame exceeds the maximum frame size agreed at the handshake."""
+
+    def __init__(self, size: int, max_size: int) -> None:
+        self.size = size
+        self.max_size = max_size
+        super().__init__(
+            f"frame of {size} bytes is over the {max_size}-byte limit; send smaller arguments or "
+            "start the gateway with a larger --max-frame-size"
+        )
+
+
+class TransportError(ProxyError):
+    """The connection to the gateway was lost and could not be resumed."""
+
+
+class AuthenticationError(ProxyError):
+    """The gateway rejected (or was not given) the bearer token."""
+
+
+class CallTimeoutError(ProxyError, TimeoutError):
+    """Waiting for a result took longer than the caller's timeout."""
+
+
+class GatewayError(ProxyError):
+    """The gateway could not carry out a request; the session stays usable."""
+
+
+class UnknownHandleError(GatewayError):
+    """A request named a mesh handle that this session does not hold (freed or never made)."""
+
+
+class ArgumentEncodingError(GatewayError, TypeError):
+    """Arguments or results could not be pickled or unpickled."""
+
+
+class ActorImportError(GatewayError, ImportError):
+    """The gateway could not import an actor class that was shipped by reference."""
+
+
+class WorkerLostError(GatewayError):
+    """A worker process died or stopped answering while a call needed it."""
+
+
+class RemoteError(ProxyError):
+    """An actor raised an exception whose type cannot be imported in this process."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}")
+
+
+class RemoteTraceback(Exception):
+    """Carries a remote traceback's text; set as ``__cause__`` of re-raised remote errors."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return f"\n\nRemote traceback:\n{self.text}"
+
+
+# Wire names of the gateway-side failure categories, mapped to the error raised on the client.
+FAILURE_CATEGORIES: dict[str, type[ProxyError]] = {
+    "protocol": ProtocolError,
+    "unknown_handle": UnknownHandleError,
+    "bad_arguments": ArgumentEncodingError,
+    "actor_import": ActorImportError,
+    "worker_lost": WorkerLostError,
+    "gateway": GatewayError,
+}

@@ -1,0 +1,258 @@
+"""Proxies that mirror Monarch's job and mesh API over one gateway connection.
+
+    job = monarch_proxy.connect("wss://gateway:8443", token=...)
+    procs = job.trainers.spawn_procs(per_host={"gpus": 8})
+    actors = procs.spawn("trainer", Trainer, lr=0.1)
+    print(actors.step.call(1).get())              # ValueMesh with coordinates
+    actors.slice(hosts=0, gpus=0).step.call_one(1).get()
+
+Every mesh is a handle held by the gateway; the proxy frees it when it is garbage collected,
+and the gateway frees all of a session's handles when the session ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import cloudpickle
+
+from monarch_proxy import codec
+from monarch_proxy.connection import GatewayConnection
+from monarch_proxy.errors import ActorImportError, ProxyError
+from monarch_proxy.futures import FutureProxy, StreamProxy
+from monarch_proxy.values import Extent, ValueMesh
+
+M = TypeVar("M", bound="MeshProxy")
+Selection = int | slice
+
+
+def _selection_meta(selection: dict[str, Selection]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, sel in selection.items():
+        if isinstance(sel, bool) or not isinstance(sel, int | slice):
+            raise TypeError(f"slice({label}=...) takes an int or a slice, not {type(sel).__name__}")
+        out[label] = sel if isinstance(sel, int) else [sel.start, sel.stop, sel.step]
+    return out
+
+
+class MeshProxy:
+    """A mesh held by the gateway: its handle, extent and the connection it lives on."""
+
+    kind = "mesh"
+
+    def __init__(self, connection: GatewayConnection, handle: int, extent: Extent,
+                 name: str) -> None:
+        self._connection = connection
+        self._handle = handle
+        self.extent = extent
+        self.name = name
+        self._finalizer = weakref.finalize(self, connection.release, handle)
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+    @property
+    def size(self) -> int:
+        return self.extent.nelements
+
+    def __len__(self) -> int:
+        return self.extent.nelements
+
+    def slice(self: M, **selection: Selection) -> M:
+        """A sub-mesh, sliced on the gateway: ``mesh.slice(hosts=0, gpus=slice(0, 4))``."""
+        meta, _ = self._connection.request(
+            "mesh.slice", {"handle": self._handle, "selection": _selection_meta(selection)})
+        return self._derive(type(self), meta)
+
+    def stop(self) -> FutureProxy[None]:
+        """Stop the mesh's actors or processes on the workers."""
+        future = self._connection.submit("mesh.stop", {"handle": self._handle})
+        return FutureProxy(future, lambda _m, _p: None, f"{self.name}.stop()")
+
+    def _derive(self, cls: type[M], meta: dict[str, Any]) -> M:
+        return cls(self._connection, int(meta["handle"]), codec.extent_from_meta(meta["extent"]),
+                   str(meta.get("name", self.name)))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.extent!r}>"
+
+
+class HostMeshProxy(MeshProxy):
+    kind = "host"
+
+    def spawn_procs(self, per_host: dict[str, int] | None = None,
+                    name: str = "procs") -> ProcMeshProxy:
+        """Start processes on every host: ``per_host={"gpus": 8}`` gives 8 per host."""
+        per_host = dict(per_host or {})
+        for label, size in per_host.items():
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"per_host[{label!r}] must be a positive int, got {size!r}")
+        meta, _ = self._connection.request(
+            "host.spawn_procs", {"handle": self._handle, "per_host": per_host, "name": name})
+        return self._derive(ProcMeshProxy, meta)
+
+
+class ProcMeshProxy(MeshProxy):
+    kind = "proc"
+
+    def spawn(self, name: str, actor: type | str, *args: Any,
+              by_value: bool | None = None, **kwargs: Any) -> ActorMeshProxy:
+        """Spawn ``actor`` on every process. ``actor`` is a class or a ``"module:Class"`` name.
+
+        Classes that workers can import travel by reference; classes from ``__main__``, a
+        notebook or a function body travel by value (cloudpickle). If the gateway cannot import
+        a class by reference, it is sent again by value.
+        """
+        if isinstance(actor, str):
+            reference, cls = actor, None
+            if ":" not in reference:
+                raise ValueError(f"actor name {actor!r} must look like 'package.module:Class'")
+        else:
+            reference, cls = codec.class_reference(actor), actor
+        send_value = cls is not None and (by_value or (by_value is None
+                                                       and codec.ships_by_value(cls)))
+        try:
+            return self._spawn(name, reference, cls if send_value else None, args, kwargs)
+        except ActorImportError:
+            if cls is None or send_value or by_value is False:
+                raise
+            return self._spawn(name, reference, cls, args, kwargs)
+
+    def _spawn(self, name: str, reference: str, cls: type | None, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> ActorMeshProxy:
+        class_bytes = cloudpickle.dumps(cls, protocol=codec.PROTOCOL) if cls is not None else b""
+        meta, _ = self._connection.request(
+            "proc.spawn",
+            {"handle": self._handle, "name": name, "actor": reference,
+             "by_value": cls is not None, "class_size": len(class_bytes)},
+            class_bytes + codec.dumps_call(args, kwargs),
+        )
+        return self._derive(ActorMeshProxy, meta)
+
+
+class ActorMeshProxy(MeshProxy):
+    kind = "actor"
+
+    def __getattr__(self, endpoint: str) -> EndpointProxy:
+        if endpoint.startswith("_"):
+            raise AttributeError(endpoint)
+        return EndpointProxy(self, endpoint)
+
+
+class EndpointProxy:
+    """``actors.<endpoint>``: the ways to call one endpoint, as in Monarch."""
+
+    def __init__(self, mesh: ActorMeshProxy, name: str) -> None:
+        self._mesh = mesh
+        self._name = name
+
+    def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                **options: Any) -> Any:
+        meta = {"handle": self._mesh.handle, "endpoint": self._name, "method": method}
+        return self._mesh._connection.submit("endpoint.call", meta,
+                                             codec.dumps_call(args, kwargs), **options)
+
+    def _describe(self, method: str) -> str:
+        return f"{self._mesh.name}.{self._name}.{method}()"
+
+    def call(self, *args: Any, **kwargs: Any) -> FutureProxy[ValueMesh[Any]]:
+        """Call every actor; the result has one value per point of the mesh."""
+        return FutureProxy(self._submit("call", args, kwargs), codec.value_mesh_from,
+                           self._describe("call"))
+
+    def call_one(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
+        """Call the single actor of a size-1 mesh (slice first)."""
+        return FutureProxy(self._submit("call_one", args, kwargs), _decode_value,
+                           self._describe("call_one"))
+
+    def choose(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
+        """Call one actor of the mesh, picked by Monarch."""
+        return FutureProxy(self._submit("choose", args, kwargs), _decode_value,
+                           self._describe("choose"))
+
+    def broadcast(self, *args: Any, **kwargs: Any) -> None:
+        """Send to every actor without waiting for results."""
+        self._submit("broadcast", args, kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any) -> StreamProxy[Any]:
+        """Call every actor; iterate over the results as they arrive."""
+        stream: StreamProxy[Any] = StreamProxy(self._describe("stream"))
+        stream._attach(self._submit("stream", args, kwargs, on_item=stream._on_item))
+        return stream
+
+
+def _decode_value(meta: dict[str, Any], payload: bytes | memoryview) -> Any:
+    return codec.loads(payload, "result")
+
+
+class JobState:
+    """The named host meshes a gateway serves: ``job.trainers`` or ``job["trainers"]``."""
+
+    def __init__(self, connection: GatewayConnection, meshes: dict[str, HostMeshProxy], *,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self._connection = connection
+        self._meshes = meshes
+        self._on_close = on_close
+
+    @classmethod
+    def fetch(cls, connection: GatewayConnection, *,
+              on_close: Callable[[], None] | None = None) -> JobState:
+        """Ask the gateway for its host meshes. ``on_close`` runs after :meth:`close`."""
+        meta, _ = connection.request("job.meshes", {})
+        meshes = {name: HostMeshProxy(connection, int(m["handle"]),
+                                      codec.extent_from_meta(m["extent"]), name)
+                  for name, m in meta["meshes"].items()}
+        return cls(connection, meshes, on_close=on_close)
+
+    @property
+    def connection(self) -> GatewayConnection:
+        return self._connection
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._meshes)
+
+    def __getattr__(self, name: str) -> HostMeshProxy:
+        meshes = self.__dict__.get("_meshes", {})
+        if name in meshes:
+            return meshes[name]
+        raise AttributeError(f"no host mesh named {name!r}; this job has {sorted(meshes)}")
+
+    def __getitem__(self, name: str) -> HostMeshProxy:
+        try:
+            return self._meshes[name]
+        except KeyError:
+            raise KeyError(f"no host mesh named {name!r}; this job has {sorted(self._meshes)}") \
+                from None
+
+    def flush_output(self, timeout: float = 10.0) -> None:
+        """Wait until worker output produced so far has reached this client."""
+        self._connection.request("job.flush_output", {}, timeout=timeout)
+
+    def close(self) -> None:
+        """Flush worker output, end the session (freeing its meshes) and disconnect."""
+        try:
+            with contextlib.suppress(ProxyError, TimeoutError):
+                self.flush_output()
+            self._connection.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def __enter__(self) -> JobState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"JobState({', '.join(f'{n}={m.extent!r}' for n, m in self._meshes.items())})"
+
+
+def connect(url: str, token: str | None = None, **options: Any) -> JobState:
+    """Open a session with a gateway and return its host meshes."""
+    return JobState.fetch(GatewayConnection.open(url, token, **options))

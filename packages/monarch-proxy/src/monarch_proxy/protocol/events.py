@@ -1,0 +1,70 @@
+"""Events the sans-I/O sessions hand to their adapters. Small frozen values; dispatch on type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+# Client-side events.
+@dataclass(frozen=True, slots=True)
+class Welcomed:
+    version: int
+    session_id: str
+    resumed: bool
+    max_frame_size: int
+    replay: list[bytes] = field(default_factory=list)  # requests to send again after a resume
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    id: int
+    meta: dict[str, Any]
+    payload: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    id: int
+    meta: dict[str, Any]
+    payload: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    id: int
+    meta: dict[str, Any]
+    payload: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    stream: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The gateway refused the connection or the session (version, expired session, bad frame)."""
+
+    code: str
+    message: str
+
+
+# Server-side events.
+@dataclass(frozen=True, slots=True)
+class Requested:
+    id: int
+    op: str
+    meta: dict[str, Any]
+    payload: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    handles: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """The client ended its session on purpose (BYE): free everything now."""
