@@ -58,10 +58,23 @@ def all_loopback(addresses: list[str]) -> bool:
     return True
 
 
+def log_mesh_failure(failure: object) -> None:
+    """Monarch's default hook exits the process on an unhandled mesh failure: one client's
+    broken actor would take the gateway down for everyone. The failing calls already get the
+    error; the gateway logs it and keeps serving."""
+    report = getattr(failure, "report", lambda: str(failure))()
+    logger.warning("mesh failure", extra={"mesh": getattr(failure, "mesh_name", "?"),
+                                          "report": report})
+
+
 def configure_monarch(addresses: list[str], stream_output: bool) -> None:
-    """Pick Monarch's client transport: loopback workers need TcpWithLocalhost."""
+    """Pick Monarch's client transport (loopback workers need TcpWithLocalhost), and keep
+    mesh failures from exiting the gateway."""
+    import monarch.actor
     from monarch._rust_bindings.monarch_hyperactor.channel import ChannelTransport
     from monarch.config import configure
+
+    monarch.actor.unhandled_fault_hook = log_mesh_failure  # type: ignore[attr-defined]
 
     transport = (ChannelTransport.TcpWithLocalhost if all_loopback(addresses)
                  else ChannelTransport.TcpWithHostname)

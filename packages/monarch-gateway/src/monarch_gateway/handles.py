@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from monarch_proxy.errors import GatewayError, UnknownHandleError
+from monarch_proxy.errors import UnknownHandleError
 
 
 @dataclass(slots=True)
@@ -29,18 +29,13 @@ class HandleTable:
         self._entries[handle] = entry
         return handle
 
-    def get(self, handle: object, *kinds: str) -> Entry:
+    def get(self, handle: object) -> Entry:
         if not isinstance(handle, int) or isinstance(handle, bool):
             raise UnknownHandleError(f"handle must be an integer, got {handle!r}")
         entry = self._entries.get(handle)
         if entry is None:
             raise UnknownHandleError(
                 f"handle {handle} is not held by this session (already freed, or never created)"
-            )
-        if kinds and entry.kind not in kinds:
-            raise GatewayError(
-                f"handle {handle} is a {entry.kind} mesh; this operation needs a "
-                f"{' or '.join(kinds)} mesh"
             )
         return entry
 

@@ -49,7 +49,7 @@ class LocalCluster:
 
     def __init__(self, hosts: int = 2, *, mesh: str = "hosts", token: str | None = None,
                  log_dir: str | None = None, stream_output: bool = True,
-                 resume_grace_s: float = 30.0) -> None:
+                 resume_grace_s: float = 30.0, gateway_args: list[str] | None = None) -> None:
         if hosts < 1 or hosts > 250:
             raise ValueError(f"hosts must be between 1 and 250, got {hosts}")
         self.hosts = hosts
@@ -58,6 +58,7 @@ class LocalCluster:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="monarch-local-"))
         self.stream_output = stream_output
         self.resume_grace_s = resume_grace_s
+        self.gateway_args = list(gateway_args or [])  # extra `monarch-gateway serve` flags
         self.addresses: list[str] = []
         self.workers: list[subprocess.Popen[bytes]] = []
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -97,6 +98,7 @@ class LocalCluster:
                 "--resume-grace", str(self.resume_grace_s)]
         if not self.stream_output:
             argv.append("--no-stream-output")
+        argv += self.gateway_args
         self.gateway = self._spawn(argv, "gateway", {"MONARCH_GATEWAY_TOKEN": self.token})
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready.exists():
@@ -108,6 +110,10 @@ class LocalCluster:
                                    f"see {self.log_dir / 'gateway.log'}")
             time.sleep(0.05)
         self.url = json.loads(ready.read_text())["url"]
+
+    @property
+    def health_url(self) -> str:
+        return self.url.replace("ws", "http", 1) + "/healthz"
 
     def connect(self, **options: Any) -> JobState:
         return connect(self.url, self.token, **options)

@@ -12,7 +12,7 @@ from typing import Any
 
 from monarch_gateway.handles import Entry, HandleTable, select_hosts
 from monarch_proxy import codec
-from monarch_proxy.errors import ActorImportError, ProtocolError
+from monarch_proxy.errors import ActorImportError, GatewayError, ProtocolError
 from monarch_proxy.values import Extent
 
 Result = tuple[dict[str, Any], bytes]
@@ -27,6 +27,12 @@ def field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError(f"request field {name!r} is missing or not of the right type")
     return value
+
+
+def require(entry: Entry, *kinds: str) -> None:
+    if entry.kind not in kinds:
+        raise GatewayError(f"{entry.name!r} is a {entry.kind} mesh; this operation needs a "
+                           f"{' or '.join(kinds)} mesh")
 
 
 def extent_of(mesh: Any) -> dict[str, list[Any]]:
@@ -63,8 +69,8 @@ class MeshService:
             await asyncio.sleep(OUTPUT_SETTLE_S)  # let the output tee relay what just arrived
         return {}, b""
 
-    async def spawn_procs(self, table: HandleTable, meta: dict[str, Any]) -> Result:
-        entry = table.get(meta.get("handle"), "host")
+    async def spawn_procs(self, table: HandleTable, entry: Entry, meta: dict[str, Any]) -> Result:
+        require(entry, "host")
         per_host = field(meta, "per_host", dict)
         if not all(isinstance(k, str) and isinstance(v, int) and v > 0
                    for k, v in per_host.items()):
@@ -75,9 +81,9 @@ class MeshService:
             await procs.logging_option(stream_to_client=True, aggregate_window_sec=None)
         return handle_reply(table, Entry("proc", procs, name, entry.hosts, entry.mesh))
 
-    async def spawn(self, table: HandleTable, meta: dict[str, Any],
+    async def spawn(self, table: HandleTable, entry: Entry, meta: dict[str, Any],
                     payload: bytes | memoryview) -> Result:
-        entry = table.get(meta.get("handle"), "proc")
+        require(entry, "proc")
         name = field(meta, "name", str)
         reference = field(meta, "actor", str)
         class_size = field(meta, "class_size", int)
@@ -97,8 +103,7 @@ class MeshService:
         await actors.initialized  # surface constructor failures at spawn, not at first call
         return handle_reply(table, Entry("actor", actors, name, entry.hosts, entry.mesh))
 
-    def slice(self, table: HandleTable, meta: dict[str, Any]) -> Result:
-        entry = table.get(meta.get("handle"))
+    def slice(self, table: HandleTable, entry: Entry, meta: dict[str, Any]) -> Result:
         selection = field(meta, "selection", dict)
         arguments: dict[str, int | slice] = {}
         for label, sel in selection.items():
@@ -113,16 +118,14 @@ class MeshService:
         hosts = select_hosts(entry.hosts, selection.get("hosts"))
         return handle_reply(table, Entry(entry.kind, sliced, entry.name, hosts, entry.mesh))
 
-    async def stop(self, table: HandleTable, meta: dict[str, Any]) -> Result:
-        entry = table.get(meta.get("handle"), "proc", "actor")
+    async def stop(self, entry: Entry) -> Result:
+        require(entry, "proc", "actor")
         await entry.obj.stop()
         return {}, b""
 
-    def call_target(self, table: HandleTable, meta: dict[str, Any]) -> Entry:
-        return table.get(meta.get("handle"), "actor")
-
     async def call(self, entry: Entry, meta: dict[str, Any], payload: bytes | memoryview,
                    emit_item: EmitItem) -> Result:
+        require(entry, "actor")
         method = field(meta, "method", str)
         if method not in CALL_METHODS:
             raise ProtocolError(f"unknown call method {method!r}; use one of {sorted(CALL_METHODS)}")

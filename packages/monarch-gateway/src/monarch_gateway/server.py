@@ -33,6 +33,7 @@ from monarch_proxy.errors import (
     ProtocolError,
     ProtocolVersionError,
     ProxyError,
+    UnknownHandleError,
     WorkerLostError,
 )
 from monarch_proxy.protocol.events import Departed, Released, Requested
@@ -59,6 +60,7 @@ def failure_for(exc: BaseException) -> tuple[dict[str, Any], bytes]:
 class Call:
     task: asyncio.Task[None]
     entry: Entry | None = None
+    error: Exception | None = None  # the request was invalid when it arrived
     lost: Worker | None = None
 
 
@@ -102,8 +104,15 @@ class GatewaySession:
 
     def handle(self, event: object) -> None:
         if isinstance(event, Requested):
-            task = asyncio.get_running_loop().create_task(self._serve(event))
-            self.calls[event.id] = Call(task)
+            call = Call(asyncio.get_running_loop().create_task(self._serve(event)))
+            # Resolve the handle now, in frame order: a RELEASE that follows this request must
+            # not free the mesh before the request's task gets to run.
+            if "handle" in event.meta:
+                try:
+                    call.entry = self.table.get(event.meta["handle"])
+                except UnknownHandleError as exc:
+                    call.error = exc
+            self.calls[event.id] = call
         elif isinstance(event, Released):
             self.table.release(event.handles)
         elif isinstance(event, Departed):
@@ -138,32 +147,34 @@ class GatewaySession:
             await self.send(data)
 
     async def _execute(self, request: Requested, call: Call) -> tuple[dict[str, Any], bytes]:
-        service = self.gateway.service
-        table, meta, op = self.table, request.meta, request.op
+        service, table, meta, op = self.gateway.service, self.table, request.meta, request.op
+        if call.error is not None:
+            raise call.error
         if op == "job.meshes":
             return service.meshes(table)
-        if op == "mesh.slice":
-            return service.slice(table, meta)
         if op == "job.flush_output":
             return await service.flush_output()
-        # Operations that reach workers: fail fast if one they need is already dead.
-        call.entry = table.get(meta.get("handle"))
-        dead = self.gateway.dead_worker_of(call.entry)
+        entry = call.entry
+        if entry is None:
+            raise ProtocolError(f"operation {op!r} needs a handle")
+        if op == "mesh.slice":
+            return service.slice(table, entry, meta)
+        # The rest reach workers: fail fast if one they need is already dead.
+        dead = self.gateway.dead_worker_of(entry)
         if dead is not None:
             raise WorkerLostError(f"{dead.describe()} is dead; this mesh cannot be used")
         if op == "endpoint.call":
-            entry = service.call_target(table, meta)
 
             async def emit(payload: bytes) -> None:
                 await self.send(self.proto.item(request.id, {}, payload))
 
             return await service.call(entry, meta, request.payload, emit)
         if op == "host.spawn_procs":
-            return await service.spawn_procs(table, meta)
+            return await service.spawn_procs(table, entry, meta)
         if op == "proc.spawn":
-            return await service.spawn(table, meta, request.payload)
+            return await service.spawn(table, entry, meta, request.payload)
         if op == "mesh.stop":
-            return await service.stop(table, meta)
+            return await service.stop(entry)
         raise GatewayError(f"unknown operation {op!r}; the client may be newer than the gateway")
 
 
@@ -245,6 +256,7 @@ class Gateway:
         if request.path == "/healthz":
             dead = sorted(w.address for w in self.monitor.liveness.dead)
             body = {"status": "degraded" if dead else "ok", "sessions": len(self.sessions),
+                    "handles": sum(len(s.table) for s in self.sessions.values()),
                     "workers": len(self.monitor.workers), "dead_workers": dead}
             return connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
         if self.token is None:

@@ -71,6 +71,19 @@ def ships_by_value(cls: type) -> bool:
     return cls.__module__ == "__main__" or "<locals>" in cls.__qualname__
 
 
+def dumps_class(cls: type) -> bytes:
+    """Pickle a class by value, even one from an importable module that workers lack."""
+    module = sys.modules.get(cls.__module__)
+    by_reference_normally = module is not None and cls.__module__ != "__main__"
+    if by_reference_normally:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(cls, protocol=PROTOCOL)
+    finally:
+        if by_reference_normally:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
 def import_reference(reference: str) -> Any:
     module_name, _, qualname = reference.partition(":")
     obj: Any = importlib.import_module(module_name)

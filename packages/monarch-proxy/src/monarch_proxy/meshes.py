@@ -17,8 +17,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import cloudpickle
-
 from monarch_proxy import codec
 from monarch_proxy.connection import GatewayConnection
 from monarch_proxy.errors import ActorImportError, ProxyError
@@ -124,7 +122,7 @@ class ProcMeshProxy(MeshProxy):
 
     def _spawn(self, name: str, reference: str, cls: type | None, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> ActorMeshProxy:
-        class_bytes = cloudpickle.dumps(cls, protocol=codec.PROTOCOL) if cls is not None else b""
+        class_bytes = codec.dumps_class(cls) if cls is not None else b""
         meta, _ = self._connection.request(
             "proc.spawn",
             {"handle": self._handle, "name": name, "actor": reference,

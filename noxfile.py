@@ -1,0 +1,100 @@
+"""The cross-package test matrix. `python3 -m nox -l` lists the sessions.
+
+- tests(package=...): each workspace member's own tests, in a venv holding only that member and
+  its declared dependencies (so an undeclared import of a sibling fails here);
+- integration: every package together, plus the quickstart end to end;
+- lint, typecheck: ruff and mypy over the whole tree;
+- wheels: build each package's wheel and install it alone in a fresh venv.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
+REPORTS = ROOT / ".nox" / "reports"
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+
+try:  # nox finds uv on PATH; a pip-installed uv may live outside it (e.g. under pyenv)
+    from uv import find_uv_bin
+
+    os.environ["PATH"] = f"{Path(find_uv_bin()).parent}{os.pathsep}{os.environ['PATH']}"
+except ImportError:
+    pass
+
+
+def sync(session: nox.Session, *args: str) -> None:
+    """Install exactly what uv.lock says into this session's venv."""
+    session.run_install(
+        "uv", "sync", "--locked", "--inexact", *args,
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )
+
+
+def pytest(session: nox.Session, name: str, *paths: str) -> None:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    session.run("python", "-m", "pytest", *paths, f"--junitxml={REPORTS / f'{name}.xml'}",
+                *session.posargs)
+
+
+def import_name(package: str) -> str:
+    meta = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
+    return str(meta["tool"]["uv"]["build-backend"]["module-name"])
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    sync(session, "--package", package, "--group", "dev")
+    pytest(session, package, f"packages/{package}/tests")
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    sync(session, "--all-packages")
+    session.run("python", "examples/quickstart.py", "--hosts", "2")
+    pytest(session, "integration", "tests/integration")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    sync(session, "--all-packages")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", "packages/monarch-proxy", "packages/monarch-gateway",
+                "tests", "benchmarks/gateway.py", "examples", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    sync(session, "--all-packages")
+    for package in PACKAGES:
+        session.run("mypy", f"packages/{package}/src")
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """Each layer installs and imports on its own, with only its declared dependencies."""
+    dist = Path(session.create_tmp()) / "dist"
+    session.run("uv", "build", "--all-packages", "--no-sources", "--out-dir", str(dist))
+    for package in PACKAGES:
+        wheel = next(dist.glob(f"{package.replace('-', '_')}-*.whl"))
+        venv = Path(session.create_tmp()) / f"venv-{package}"
+        session.run("uv", "venv", "--quiet", "--clear", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run("uv", "pip", "install", "--quiet", "--python", python,
+                    "--find-links", str(dist), str(wheel))
+        module = import_name(package)
+        session.run(python, "-c", f"import {module}, sys; print({module}.__name__, "
+                    f"{module}.__version__)")
+        if package == "monarch-proxy":  # the laptop layer must not drag in Monarch
+            session.run(python, "-c", "import importlib.util, sys; "
+                        "sys.exit(importlib.util.find_spec('monarch') is not None)")

@@ -1,0 +1,49 @@
+"""Actor classes importable by name on the workers (tests ship them by reference)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from monarch.actor import Actor, current_rank, endpoint
+
+
+class NotPicklable(Exception):
+    """Carries a lock, so it cannot cross a process boundary as itself."""
+
+
+class Worker(Actor):
+    def __init__(self, label: str = "w") -> None:
+        self.label = label
+
+    @endpoint
+    def whoami(self) -> dict[str, object]:
+        return {"label": self.label, "rank": dict(current_rank()), "pid": os.getpid()}
+
+    @endpoint
+    def echo(self, value: object) -> object:
+        return value
+
+    @endpoint
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    @endpoint
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    @endpoint
+    def speak(self, text: str) -> None:
+        print(f"stdout:{text}", flush=True)
+        print(f"stderr:{text}", file=sys.stderr, flush=True)
+
+
+class BrokenInit(Actor):
+    def __init__(self) -> None:
+        raise RuntimeError("constructor failed on purpose")
+
+    @endpoint
+    def never(self) -> None:
+        pass

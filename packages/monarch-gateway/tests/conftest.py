@@ -1,0 +1,31 @@
+"""Fixtures: real torchmonarch worker processes and a real gateway process on loopback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Workers and the gateway inherit this process's sys.path (see local.child_env), so the actor
+# classes in tests/actors.py can be shipped by reference.
+TESTS = str(Path(__file__).parent)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+from monarch_gateway.local import LocalCluster  # noqa: E402
+from monarch_proxy import JobState  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(2).start() as c:
+        yield c
+
+
+@pytest.fixture
+def job(cluster: LocalCluster) -> Iterator[JobState]:
+    state = cluster.connect()
+    yield state
+    state.close()

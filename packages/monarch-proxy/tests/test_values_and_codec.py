@@ -1,0 +1,93 @@
+"""ValueMesh coordinates, and how arguments, results and exceptions are encoded."""
+
+import threading
+
+import pytest
+
+from monarch_proxy import codec
+from monarch_proxy.errors import (
+    ActorImportError,
+    ArgumentEncodingError,
+    RemoteError,
+    RemoteTraceback,
+    UnknownHandleError,
+)
+from monarch_proxy.values import Extent, ValueMesh
+
+
+def test_value_mesh_coordinates_are_row_major():
+    mesh = ValueMesh(Extent(("hosts", "gpus"), (2, 3)), list(range(6)))
+    assert [p.coords for p, _ in mesh.items()][:4] == [
+        {"hosts": 0, "gpus": 0}, {"hosts": 0, "gpus": 1}, {"hosts": 0, "gpus": 2},
+        {"hosts": 1, "gpus": 0}]
+    assert mesh.item(hosts=1, gpus=2) == 5
+    assert [p.rank for p, _ in mesh.items()] == list(range(6))
+    with pytest.raises(KeyError, match="gpus"):
+        mesh.item(hosts=1)
+    with pytest.raises(IndexError, match="hosts=2"):
+        mesh.item(hosts=2, gpus=0)
+    with pytest.raises(KeyError, match="nodes"):
+        mesh.item(nodes=0, hosts=0, gpus=0)
+    with pytest.raises(ValueError, match="5 values"):
+        ValueMesh(Extent(("hosts",), (4,)), [1, 2, 3, 4, 5])
+
+
+def test_size_one_labels_may_be_omitted():
+    mesh = ValueMesh(Extent(("hosts", "gpus"), (1, 2)), ["a", "b"])
+    assert mesh.item(gpus=1) == "b"
+
+
+def test_unpicklable_argument_is_named():
+    with pytest.raises(ArgumentEncodingError, match="keyword argument 'lock'"):
+        codec.dumps_call((1, 2), {"lock": threading.Lock()})
+    with pytest.raises(ArgumentEncodingError, match="argument 1"):
+        codec.dumps_call((1, threading.Lock()), {})
+
+
+def test_lambdas_travel_by_value():
+    args, _ = codec.loads(codec.dumps_call((lambda x: x + 1,), {}), "args")
+    assert args[0](1) == 2
+
+
+class Local(Exception):
+    pass
+
+
+def test_remote_exception_keeps_its_type_and_traceback():
+    try:
+        raise Local("bad input")
+    except Local as exc:
+        meta, payload = codec.encode_exception(exc)
+    error = codec.decode_failure(meta, payload)
+    assert type(error) is Local and str(error) == "bad input"
+    assert isinstance(error.__cause__, RemoteTraceback)
+    assert "raise Local" in error.__cause__.text
+
+
+def test_unknown_remote_exception_type_becomes_remote_error():
+    meta = {"category": "remote", "type": "workeronly.Boom", "message": "kaboom",
+            "traceback": "Traceback ...\nworkeronly.Boom: kaboom"}
+    # A pickle that names a module this process cannot import.
+    payload = b"\x80\x05cworkeronly\nBoom\n)\x81."
+    error = codec.decode_failure(meta, payload)
+    assert isinstance(error, RemoteError)
+    assert error.type_name == "workeronly.Boom" and "workeronly.Boom" in error.remote_traceback
+
+
+@pytest.mark.parametrize(("category", "error_type"), [
+    ("unknown_handle", UnknownHandleError), ("actor_import", ActorImportError),
+    ("bad_arguments", ArgumentEncodingError)])
+def test_gateway_failures_map_to_typed_errors(category, error_type):
+    error = codec.decode_failure({"category": category, "message": "why"}, b"")
+    assert type(error) is error_type and str(error) == "why"
+
+
+def test_class_shipping_rules():
+    def make():
+        class Inner:
+            pass
+        return Inner
+
+    assert codec.ships_by_value(make())
+    assert not codec.ships_by_value(Local)
+    assert codec.import_reference(codec.class_reference(ValueMesh)) is ValueMesh
