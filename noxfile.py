@@ -35,15 +35,20 @@ except ImportError:
 def sync(session: nox.Session, *args: str) -> None:
     """Install exactly what uv.lock says into this session's venv."""
     session.run_install(
-        "uv", "sync", "--locked", "--inexact", *args,
+        "uv",
+        "sync",
+        "--locked",
+        "--inexact",
+        *args,
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
     )
 
 
 def pytest(session: nox.Session, name: str, *paths: str) -> None:
     REPORTS.mkdir(parents=True, exist_ok=True)
-    session.run("python", "-m", "pytest", *paths, f"--junitxml={REPORTS / f'{name}.xml'}",
-                *session.posargs)
+    session.run(
+        "python", "-m", "pytest", *paths, f"--junitxml={REPORTS / f'{name}.xml'}", *session.posargs
+    )
 
 
 def import_name(package: str) -> str:
@@ -69,8 +74,17 @@ def integration(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     sync(session, "--all-packages")
     session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", "packages/monarch-proxy", "packages/monarch-gateway",
-                "tests", "benchmarks/gateway.py", "examples", "noxfile.py")
+    session.run(
+        "ruff",
+        "format",
+        "--check",
+        "packages/monarch-proxy",
+        "packages/monarch-gateway",
+        "tests",
+        "benchmarks/gateway.py",
+        "examples",
+        "noxfile.py",
+    )
 
 
 @nox.session
@@ -90,11 +104,25 @@ def wheels(session: nox.Session) -> None:
         venv = Path(session.create_tmp()) / f"venv-{package}"
         session.run("uv", "venv", "--quiet", "--clear", str(venv))
         python = str(venv / "bin" / "python")
-        session.run("uv", "pip", "install", "--quiet", "--python", python,
-                    "--find-links", str(dist), str(wheel))
+        session.run(
+            "uv",
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            python,
+            "--find-links",
+            str(dist),
+            str(wheel),
+        )
         module = import_name(package)
-        session.run(python, "-c", f"import {module}, sys; print({module}.__name__, "
-                    f"{module}.__version__)")
+        session.run(
+            python, "-c", f"import {module}, sys; print({module}.__name__, {module}.__version__)"
+        )
         if package == "monarch-proxy":  # the laptop layer must not drag in Monarch
-            session.run(python, "-c", "import importlib.util, sys; "
-                        "sys.exit(importlib.util.find_spec('monarch') is not None)")
+            session.run(
+                python,
+                "-c",
+                "import importlib.util, sys; "
+                "sys.exit(importlib.util.find_spec('monarch') is not None)",
+            )

@@ -13,6 +13,7 @@ import os
 import socket
 
 from monarch.actor import Actor, current_rank, endpoint
+
 from monarch_gateway.local import start_local
 
 
@@ -26,7 +27,9 @@ class Greeter(Actor):
     def hello(self, name: str) -> str:
         rank = current_rank()
         print(f"worker pid {os.getpid()} greeting {name}", flush=True)
-        return f"{self.greeting} {name} from {dict(rank)} (pid {os.getpid()}, {socket.gethostname()})"
+        return (
+            f"{self.greeting} {name} from {dict(rank)} (pid {os.getpid()}, {socket.gethostname()})"
+        )
 
     @endpoint
     def square(self, x: int) -> int:

@@ -40,7 +40,7 @@ def workers(cluster: LocalCluster):
 
 
 def test_call_returns_a_value_mesh_with_coordinates(workers):
-    _, procs, mesh = workers
+    _, _procs, mesh = workers
     result = mesh.whoami.call().get(timeout=60)
     assert isinstance(result, ValueMesh)
     assert result.extent.as_dict() == {"hosts": 2, "gpus": 2}
@@ -80,8 +80,9 @@ def test_futures_can_be_awaited(workers):
     _, _, mesh = workers
 
     async def main() -> list[object]:
-        return await asyncio.gather(*(mesh.slice(hosts=0, gpus=0).echo.call_one(i)
-                                      for i in range(10)))
+        return await asyncio.gather(
+            *(mesh.slice(hosts=0, gpus=0).echo.call_one(i) for i in range(10))
+        )
 
     assert asyncio.run(main()) == list(range(10))
 
@@ -131,7 +132,8 @@ def test_class_the_gateway_cannot_import_is_resent_by_value(workers, tmp_path, m
         "class Local(Actor):\n"
         "    @endpoint\n"
         "    def hi(self):\n"
-        "        return 'from a laptop-only module'\n")
+        "        return 'from a laptop-only module'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import laptop_only
 
@@ -145,8 +147,9 @@ def test_a_blocking_get_does_not_stall_other_calls(workers):
     fast_results = []
 
     def fast() -> None:
-        fast_results.extend(mesh.slice(hosts=1, gpus=1).echo.call_one(i).get(timeout=30)
-                            for i in range(20))
+        fast_results.extend(
+            mesh.slice(hosts=1, gpus=1).echo.call_one(i).get(timeout=30) for i in range(20)
+        )
 
     thread = threading.Thread(target=fast)
     thread.start()
@@ -182,8 +185,9 @@ def test_unknown_handle_gets_a_typed_error(job: JobState):
     with pytest.raises(UnknownHandleError, match="handle 987654"):
         job.connection.request("mesh.slice", {"handle": 987654, "selection": {}}, timeout=30)
     with pytest.raises(UnknownHandleError):
-        job.connection.request("endpoint.call", {"handle": 987654, "endpoint": "x",
-                                                 "method": "call"}, b"", timeout=30)
+        job.connection.request(
+            "endpoint.call", {"handle": 987654, "endpoint": "x", "method": "call"}, b"", timeout=30
+        )
     # The session keeps working.
     assert job.hosts.extent.as_dict() == {"hosts": 2}
 
@@ -216,8 +220,9 @@ def test_stop_stops_the_actors(job: JobState):
 
 def test_worker_output_streams_to_the_client(cluster):
     lines: list[tuple[str, str]] = []
-    conn = GatewayConnection.open(cluster.url, cluster.token,
-                                  on_log=lambda stream, text: lines.append((stream, text)))
+    conn = GatewayConnection.open(
+        cluster.url, cluster.token, on_log=lambda stream, text: lines.append((stream, text))
+    )
     job = JobState.fetch(conn)
     mesh = job.hosts.spawn_procs(per_host={"gpus": 1}).spawn("talkers", actors.Worker)
     mesh.speak.call("marker-42").get(timeout=30)
@@ -235,8 +240,9 @@ def test_many_clients_at_once(cluster):
     def client(n: int) -> None:
         try:
             with cluster.connect() as job:
-                mesh = job.hosts.spawn_procs(per_host={"gpus": 1}).spawn(f"c{n}", actors.Worker,
-                                                                         str(n))
+                mesh = job.hosts.spawn_procs(per_host={"gpus": 1}).spawn(
+                    f"c{n}", actors.Worker, str(n)
+                )
                 futures = [mesh.echo.call((n, i)) for i in range(20)]
                 for i, future in enumerate(futures):
                     assert list(future.get(timeout=60).values()) == [(n, i)] * 2

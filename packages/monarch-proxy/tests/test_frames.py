@@ -11,8 +11,9 @@ from monarch_proxy.protocol.frames import HEADER, Frame, FrameKind, decode
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 
@@ -47,7 +48,7 @@ def test_payload_is_not_copied_on_decode():
         (b"", "shorter than"),
         (b"\x02" * 10, "shorter than"),
         (HEADER.pack(99, 0, 0, 0, 0, 0), "unknown frame kind 99"),
-        (HEADER.pack(2, 1, 0, 0, 0, 0), "reserved header bits"),
+        (HEADER.pack(2, 2, 0, 0, 0, 0), "reserved header bits"),
         (HEADER.pack(2, 0, 0, 50, 0, 0) + b"{}", "declares 50 bytes of meta"),
         (HEADER.pack(2, 0, 0, 3, 0, 0) + b"{x}", "not valid JSON"),
         (HEADER.pack(2, 0, 0, 2, 0, 0) + b"[]", "must be a JSON object"),

@@ -15,15 +15,22 @@ from monarch_proxy.protocol.events import (
     Streamed,
     Welcomed,
 )
-from monarch_proxy.protocol.frames import Frame, FrameKind, decode
+from monarch_proxy.protocol.frames import FLAG_MORE, PIECE_SIZE, SIZE_KEY, Frame, FrameKind, decode
 from monarch_proxy.protocol.server import ServerSession, error_frame, negotiate
+
+
+def feed(session, messages):
+    """Deliver one message (bytes) or several (a list) and collect the events."""
+    if isinstance(messages, bytes):
+        messages = [messages]
+    return [event for message in messages for event in session.receive(message)]
 
 
 def open_pair(max_frame_size=1 << 20):
     client = ClientSession()
     hello = decode(client.hello())
     server = ServerSession("s1", negotiate(hello), max_frame_size=max_frame_size)
-    [welcome] = client.receive(server.welcome(resumed=False))
+    [welcome] = feed(client, server.welcome(resumed=False))
     assert isinstance(welcome, Welcomed)
     return client, server
 
@@ -31,7 +38,7 @@ def open_pair(max_frame_size=1 << 20):
 def test_handshake_negotiates_the_highest_common_version():
     hello = Frame(FrameKind.HELLO, meta={"versions": [1, 5]})
     assert negotiate(hello, supported=(1, 3)) == 3
-    with pytest.raises(ProtocolVersionError, match="2..3"):
+    with pytest.raises(ProtocolVersionError, match=r"2\.\.3"):
         negotiate(Frame(FrameKind.HELLO, meta={"versions": [2, 3]}), supported=(1, 1))
     with pytest.raises(ProtocolError, match="versions"):
         negotiate(Frame(FrameKind.HELLO, meta={}))
@@ -40,7 +47,7 @@ def test_handshake_negotiates_the_highest_common_version():
 
 
 def test_welcome_sets_session_and_size_limit():
-    client, server = open_pair(max_frame_size=4096)
+    client, _server = open_pair(max_frame_size=4096)
     assert client.session_id == "s1" and client.version == 1 and client.max_frame_size == 4096
     with pytest.raises(FrameTooLargeError):
         client.request("endpoint.call", {}, b"x" * 5000)
@@ -54,13 +61,13 @@ def test_requests_are_multiplexed_and_replies_match_by_id():
     ids = []
     for op in ("a", "b", "c"):
         rid, data = client.request(op, {"k": op}, op.encode())
-        [event] = server.receive(data)
+        [event] = feed(server, data)
         assert event == Requested(rid, op, {"op": op, "k": op}, event.payload)
         assert bytes(event.payload) == op.encode()
         ids.append(rid)
     # Replies may come back in any order.
-    [r3] = client.receive(server.reply(ids[2], {"v": 3}, b"three"))
-    [r1] = client.receive(server.failure(ids[0], {"category": "gateway", "message": "no"}))
+    [r3] = feed(client, server.reply(ids[2], {"v": 3}, b"three"))
+    [r1] = feed(client, server.failure(ids[0], {"category": "gateway", "message": "no"}))
     assert isinstance(r3, Replied) and r3.id == ids[2] and bytes(r3.payload) == b"three"
     assert isinstance(r1, Failed) and r1.id == ids[0]
     assert client.pending_ids == [ids[1]]
@@ -69,33 +76,35 @@ def test_requests_are_multiplexed_and_replies_match_by_id():
 def test_stream_items_then_final_reply():
     client, server = open_pair()
     rid, data = client.request("endpoint.call", {"method": "stream"})
-    server.receive(data)
-    events = [*client.receive(server.item(rid, {}, b"1")),
-              *client.receive(server.item(rid, {}, b"2")),
-              *client.receive(server.reply(rid, {}))]
+    feed(server, data)
+    events = [
+        *feed(client, server.item(rid, {}, b"1")),
+        *feed(client, server.item(rid, {}, b"2")),
+        *feed(client, server.reply(rid, {})),
+    ]
     assert [type(e) for e in events] == [Streamed, Streamed, Replied]
 
 
 def test_acks_free_the_replay_buffer():
     client, server = open_pair()
     rid, data = client.request("x", {})
-    server.receive(data)
-    client.receive(server.reply(rid, {}, b"r" * 100))
+    feed(server, data)
+    feed(client, server.reply(rid, {}, b"r" * 100))
     assert server.unacked_bytes > 100
     ack = client.ack()
     assert ack is not None and client.ack() is None  # nothing new to acknowledge
-    server.receive(ack)
+    feed(server, ack)
     assert server.unacked_bytes == 0
 
 
 def test_acks_ride_on_requests():
     client, server = open_pair()
     rid, data = client.request("x", {})
-    server.receive(data)
-    client.receive(server.reply(rid, {}))
+    feed(server, data)
+    feed(client, server.reply(rid, {}))
     _, data = client.request("y", {})
-    assert decode(data).seq == 1
-    server.receive(data)
+    assert decode(data[0]).seq == 1
+    feed(server, data)
     assert server.unacked_bytes == 0
 
 
@@ -103,7 +112,7 @@ def test_resume_replays_missed_replies_and_unreceived_requests():
     client, server = open_pair()
     r1, d1 = client.request("one", {})
     r2, d2 = client.request("two", {})
-    server.receive(d1)  # d2 was lost with the connection
+    feed(server, d1)  # d2 was lost with the connection
     lost_reply = server.reply(r1, {"v": 1})  # never reached the client
     del lost_reply
 
@@ -111,25 +120,25 @@ def test_resume_replays_missed_replies_and_unreceived_requests():
     hello = decode(client.hello())
     assert hello.meta["session"] == "s1" and hello.meta["last_seq"] == 0
     missed = server.resume(hello)
-    [welcome] = client.receive(server.welcome(resumed=True))
-    assert welcome.resumed and welcome.replay == [d2]
-    [replied] = client.receive(missed[0])
+    [welcome] = feed(client, server.welcome(resumed=True))
+    assert welcome.resumed and welcome.replay == d2
+    [replied] = feed(client, missed[0])
     assert isinstance(replied, Replied) and replied.id == r1
-    [requested] = server.receive(d2)
+    [requested] = feed(server, d2)
     assert requested.id == r2
     # A request sent twice (before and after the drop) is only served once.
-    assert server.receive(d2) == []
+    assert feed(server, d2) == []
 
 
 def test_duplicate_and_out_of_order_reliable_frames():
     client, server = open_pair()
     ids = [client.request(str(i), {})[0] for i in range(3)]
     frames = [server.reply(i, {}) for i in ids]
-    assert client.receive(frames[1])  # seq 2 arrives before seq 1
-    assert client.receive(frames[0])
-    assert client.receive(frames[0]) == []  # replayed duplicate is dropped
+    assert feed(client, frames[1])  # seq 2 arrives before seq 1
+    assert feed(client, frames[0])
+    assert feed(client, frames[0]) == []  # replayed duplicate is dropped
     assert decode(client.ack()).seq == 2
-    assert client.receive(frames[2])
+    assert feed(client, frames[2])
     assert decode(client.ack()).seq == 3
 
 
@@ -137,39 +146,91 @@ def test_resume_without_the_session_reports_not_resumed():
     client, _ = open_pair()
     client.request("x", {})
     fresh = ServerSession("s2", 1)
-    [welcome] = client.receive(fresh.welcome(resumed=False))
+    [welcome] = feed(client, fresh.welcome(resumed=False))
     assert not welcome.resumed and welcome.replay == []
 
 
 def test_server_rejects_protocol_violations():
     _, server = open_pair()
     with pytest.raises(ProtocolError, match="unexpected HELLO"):
-        server.receive(Frame(FrameKind.HELLO, meta={"versions": [1, 1]}).encode())
+        feed(server, Frame(FrameKind.HELLO, meta={"versions": [1, 1]}).encode())
     with pytest.raises(ProtocolError, match="unexpected REPLY"):
-        server.receive(Frame(FrameKind.REPLY, 1).encode())
-    with pytest.raises(ProtocolError, match="skips ahead"):
-        server.receive(Frame(FrameKind.REQUEST, 5, meta={"op": "x"}).encode())
+        feed(server, Frame(FrameKind.REPLY, 1).encode())
+    with pytest.raises(ProtocolError, match="far ahead"):
+        feed(server, Frame(FrameKind.REQUEST, 1 << 20, meta={"op": "x"}).encode())
     with pytest.raises(ProtocolError, match="no op"):
-        server.receive(Frame(FrameKind.REQUEST, 1).encode())
+        feed(server, Frame(FrameKind.REQUEST, 1).encode())
     with pytest.raises(ProtocolError, match="acknowledged seq 9"):
-        server.receive(Frame(FrameKind.ACK, seq=9).encode())
+        feed(server, Frame(FrameKind.ACK, seq=9).encode())
     with pytest.raises(ProtocolError, match="handles"):
-        server.receive(Frame(FrameKind.RELEASE, meta={"handles": ["a"]}).encode())
+        feed(server, Frame(FrameKind.RELEASE, meta={"handles": ["a"]}).encode())
 
 
 def test_release_and_bye_events():
     client, server = open_pair()
-    assert server.receive(client.release([3, 4])) == [Released([3, 4])]
-    assert server.receive(client.bye()) == [Departed()]
+    assert feed(server, client.release([3, 4])) == [Released([3, 4])]
+    assert feed(server, client.bye()) == [Departed()]
 
 
 def test_client_rejects_answers_to_unknown_requests_and_surfaces_errors():
     client, server = open_pair()
     with pytest.raises(ProtocolError, match="not pending"):
-        client.receive(server.reply(42, {}))
-    [rejected] = client.receive(error_frame("version_mismatch", "nope"))
+        feed(client, server.reply(42, {}))
+    [rejected] = feed(client, error_frame("version_mismatch", "nope"))
     assert rejected == Rejected("version_mismatch", "nope")
-    [logged] = client.receive(ServerSession.log("stderr", "boom\n"))
+    [logged] = feed(client, ServerSession.log("stderr", "boom\n"))
     assert logged == Logged("stderr", "boom\n")
     with pytest.raises(ProtocolError, match="client-only"):
-        client.receive(Frame(FrameKind.REQUEST, 1).encode())
+        feed(client, Frame(FrameKind.REQUEST, 1).encode())
+
+
+def test_large_frames_travel_in_pieces_and_interleave():
+    client, server = open_pair(max_frame_size=64 << 20)
+    big_payload = bytes(range(256)) * (14 * 1024)  # 3.5 MiB: four pieces
+    big_id, big = client.request("big", {}, big_payload)
+    small_id, small = client.request("small", {}, b"s")
+    assert len(big) == 4 and len(small) == 1
+    assert all(len(piece) <= PIECE_SIZE + 100 for piece in big)
+    # The small request overtakes the big one's last pieces.
+    events = feed(server, [big[0], big[1], *small, big[2], big[3]])
+    assert [e.id for e in events] == [small_id, big_id]
+    assert bytes(events[1].payload) == big_payload and SIZE_KEY not in events[1].meta
+    assert server.last_request == 2
+    # And replies come back the same way.
+    [reply] = feed(client, server.reply(big_id, {"ok": 1}, big_payload))
+    assert bytes(reply.payload) == big_payload and reply.meta == {"ok": 1}
+
+
+def test_half_received_frames_are_dropped_when_the_connection_is_lost():
+    client, server = open_pair(max_frame_size=64 << 20)
+    _rid, pieces = client.request("x", {}, b"y" * (3 << 20))
+    feed(server, pieces[:2])
+    server.resume(decode(client.hello()))  # a new connection: the pieces so far are gone
+    assert feed(server, pieces) != []  # the replay assembles from the start
+
+
+@pytest.mark.parametrize("bad", ["orphan", "overflow", "short", "oversize"])
+def test_malformed_pieces_are_protocol_errors(bad):
+    _, server = open_pair(max_frame_size=2 << 20)
+    pieces = Frame(FrameKind.REQUEST, 1, 0, {"op": "x"}, b"z" * (3 << 19)).pieces()
+    first, last = decode(pieces[0]), pieces[1]
+    if bad == "orphan":
+        messages, error = [last], "without a first piece"
+    elif bad == "overflow":
+        messages, error = [pieces[0], last, last], "without a first piece|do not add up"
+    elif bad == "short":
+        cut = last[:-10]
+        messages, error = [pieces[0], cut], "do not add up"
+    else:
+        huge = Frame(
+            FrameKind.REQUEST,
+            1,
+            0,
+            {"op": "x", SIZE_KEY: 9 << 20},
+            b"z",
+        ).encode()
+        huge = huge[:1] + bytes([FLAG_MORE]) + huge[2:]
+        messages, error = [huge], "over the"
+    del first
+    with pytest.raises(ProtocolError, match=error):
+        feed(server, messages)

@@ -18,8 +18,11 @@ from monarch_proxy.values import Extent, ValueMesh
 def test_value_mesh_coordinates_are_row_major():
     mesh = ValueMesh(Extent(("hosts", "gpus"), (2, 3)), list(range(6)))
     assert [p.coords for p, _ in mesh.items()][:4] == [
-        {"hosts": 0, "gpus": 0}, {"hosts": 0, "gpus": 1}, {"hosts": 0, "gpus": 2},
-        {"hosts": 1, "gpus": 0}]
+        {"hosts": 0, "gpus": 0},
+        {"hosts": 0, "gpus": 1},
+        {"hosts": 0, "gpus": 2},
+        {"hosts": 1, "gpus": 0},
+    ]
     assert mesh.item(hosts=1, gpus=2) == 5
     assert [p.rank for p, _ in mesh.items()] == list(range(6))
     with pytest.raises(KeyError, match="gpus"):
@@ -65,8 +68,12 @@ def test_remote_exception_keeps_its_type_and_traceback():
 
 
 def test_unknown_remote_exception_type_becomes_remote_error():
-    meta = {"category": "remote", "type": "workeronly.Boom", "message": "kaboom",
-            "traceback": "Traceback ...\nworkeronly.Boom: kaboom"}
+    meta = {
+        "category": "remote",
+        "type": "workeronly.Boom",
+        "message": "kaboom",
+        "traceback": "Traceback ...\nworkeronly.Boom: kaboom",
+    }
     # A pickle that names a module this process cannot import.
     payload = b"\x80\x05cworkeronly\nBoom\n)\x81."
     error = codec.decode_failure(meta, payload)
@@ -74,9 +81,14 @@ def test_unknown_remote_exception_type_becomes_remote_error():
     assert error.type_name == "workeronly.Boom" and "workeronly.Boom" in error.remote_traceback
 
 
-@pytest.mark.parametrize(("category", "error_type"), [
-    ("unknown_handle", UnknownHandleError), ("actor_import", ActorImportError),
-    ("bad_arguments", ArgumentEncodingError)])
+@pytest.mark.parametrize(
+    ("category", "error_type"),
+    [
+        ("unknown_handle", UnknownHandleError),
+        ("actor_import", ActorImportError),
+        ("bad_arguments", ArgumentEncodingError),
+    ],
+)
 def test_gateway_failures_map_to_typed_errors(category, error_type):
     error = codec.decode_failure({"category": category, "message": "why"}, b"")
     assert type(error) is error_type and str(error) == "why"
@@ -86,6 +98,7 @@ def test_class_shipping_rules():
     def make():
         class Inner:
             pass
+
         return Inner
 
     assert codec.ships_by_value(make())

@@ -63,8 +63,9 @@ def log_mesh_failure(failure: object) -> None:
     broken actor would take the gateway down for everyone. The failing calls already get the
     error; the gateway logs it and keeps serving."""
     report = getattr(failure, "report", lambda: str(failure))()
-    logger.warning("mesh failure", extra={"mesh": getattr(failure, "mesh_name", "?"),
-                                          "report": report})
+    logger.warning(
+        "mesh failure", extra={"mesh": getattr(failure, "mesh_name", "?"), "report": report}
+    )
 
 
 def configure_monarch(addresses: list[str], stream_output: bool) -> None:
@@ -74,21 +75,27 @@ def configure_monarch(addresses: list[str], stream_output: bool) -> None:
     from monarch._rust_bindings.monarch_hyperactor.channel import ChannelTransport
     from monarch.config import configure
 
-    monarch.actor.unhandled_fault_hook = log_mesh_failure  # type: ignore[attr-defined]
+    monarch.actor.unhandled_fault_hook = log_mesh_failure
 
-    transport = (ChannelTransport.TcpWithLocalhost if all_loopback(addresses)
-                 else ChannelTransport.TcpWithHostname)
+    transport = (
+        ChannelTransport.TcpWithLocalhost
+        if all_loopback(addresses)
+        else ChannelTransport.TcpWithHostname
+    )
     configure(default_transport=transport, enable_log_forwarding=stream_output)
 
 
 async def attach(meshes: dict[str, list[str]], timeout_s: float) -> dict[str, object]:
     from monarch.actor import attach_to_workers
 
-    host_meshes = {name: attach_to_workers(workers=addrs, ca="trust_all_connections", name=name)
-                   for name, addrs in meshes.items()}
+    host_meshes = {
+        name: attach_to_workers(workers=addrs, ca="trust_all_connections", name=name)
+        for name, addrs in meshes.items()
+    }
     try:
         await asyncio.wait_for(
-            asyncio.gather(*(mesh.initialized for mesh in host_meshes.values())), timeout_s)
+            asyncio.gather(*(mesh.initialized for mesh in host_meshes.values())), timeout_s
+        )
     except TimeoutError:
         raise RuntimeError(
             f"workers did not all answer within {timeout_s:.0f}s: {meshes}; check that each "
@@ -102,18 +109,28 @@ async def run_gateway(options: GatewayOptions) -> None:
     tee: OutputTee | None = None
     gateway: Gateway | None = None
     if options.stream_output:
-        tee = OutputTee(lambda stream, text: gateway.publish_output(stream, text)
-                        if gateway is not None else None)
+        tee = OutputTee(
+            lambda stream, text: (
+                gateway.publish_output(stream, text) if gateway is not None else None
+            )
+        )
         tee.start()
     configure_monarch(addresses, options.stream_output)
     host_meshes = await attach(options.meshes, options.attach_timeout_s)
-    workers = [Worker(name, i, addr) for name, addrs in options.meshes.items()
-               for i, addr in enumerate(addrs)]
+    workers = [
+        Worker(name, i, addr)
+        for name, addrs in options.meshes.items()
+        for i, addr in enumerate(addrs)
+    ]
     gateway = Gateway(
-        MeshService(host_meshes, stream_logs=options.stream_output), workers,
-        token=options.token, host=options.host, port=options.port,
+        MeshService(host_meshes, stream_logs=options.stream_output),
+        workers,
+        token=options.token,
+        host=options.host,
+        port=options.port,
         ssl=server_ssl_context(options.certfile, options.keyfile),
-        max_frame_size=options.max_frame_size, resume_grace_s=options.resume_grace_s,
+        max_frame_size=options.max_frame_size,
+        resume_grace_s=options.resume_grace_s,
     )
     await gateway.start()
     if options.ready_file:

@@ -23,47 +23,79 @@ def parse_mesh(value: str) -> tuple[str, list[str]]:
     workers = [a for a in addresses.split(",") if a]
     if not sep or not name or not workers:
         raise argparse.ArgumentTypeError(
-            f"expected NAME=ADDR[,ADDR...] (e.g. trainers=tcp://10.0.0.5:26600), got {value!r}")
+            f"expected NAME=ADDR[,ADDR...] (e.g. trainers=tcp://10.0.0.5:26600), got {value!r}"
+        )
     return name, workers
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="monarch-gateway",
-        description="Serve real Monarch host meshes to monarch-proxy clients over one WebSocket.")
+        description="Serve real Monarch host meshes to monarch-proxy clients over one WebSocket.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="attach to running workers and serve them",
-                           description="Attach to workers running run_worker_loop_forever and "
-                                       "serve them. The bearer token comes from --token-file or "
-                                       "MONARCH_GATEWAY_TOKEN.")
-    serve.add_argument("--mesh", action="append", type=parse_mesh, default=[],
-                       metavar="NAME=ADDR,...", help="a named host mesh and its worker addresses "
-                       "(repeatable)")
+    serve = sub.add_parser(
+        "serve",
+        help="attach to running workers and serve them",
+        description="Attach to workers running run_worker_loop_forever and "
+        "serve them. The bearer token comes from --token-file or "
+        "MONARCH_GATEWAY_TOKEN.",
+    )
+    serve.add_argument(
+        "--mesh",
+        action="append",
+        type=parse_mesh,
+        default=[],
+        metavar="NAME=ADDR,...",
+        help="a named host mesh and its worker addresses (repeatable)",
+    )
     serve.add_argument("--workers", help="shorthand for --mesh hosts=ADDR,...")
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="listen port; 0 picks a free one")
     serve.add_argument("--token-file", type=Path, help="file holding the bearer token")
-    serve.add_argument("--generate-token", action="store_true",
-                       help="make up a token and print it to stderr")
-    serve.add_argument("--insecure-no-token", action="store_true",
-                       help="accept clients without a token (only behind another auth layer)")
+    serve.add_argument(
+        "--generate-token", action="store_true", help="make up a token and print it to stderr"
+    )
+    serve.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="accept clients without a token (only behind another auth layer)",
+    )
     serve.add_argument("--tls-cert", help="TLS certificate (PEM); serves wss://")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
-    serve.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE,
-                       help=f"largest message in bytes (default {DEFAULT_MAX_FRAME_SIZE})")
-    serve.add_argument("--resume-grace", type=float, default=30.0,
-                       help="seconds a dropped client may take to reconnect and resume")
-    serve.add_argument("--attach-timeout", type=float, default=120.0,
-                       help="seconds to wait for all workers to answer")
-    serve.add_argument("--no-stream-output", action="store_true",
-                       help="do not stream worker stdout/stderr to clients")
+    serve.add_argument(
+        "--max-frame-size",
+        type=int,
+        default=DEFAULT_MAX_FRAME_SIZE,
+        help=f"largest message in bytes (default {DEFAULT_MAX_FRAME_SIZE})",
+    )
+    serve.add_argument(
+        "--resume-grace",
+        type=float,
+        default=30.0,
+        help="seconds a dropped client may take to reconnect and resume",
+    )
+    serve.add_argument(
+        "--attach-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for all workers to answer",
+    )
+    serve.add_argument(
+        "--no-stream-output",
+        action="store_true",
+        help="do not stream worker stdout/stderr to clients",
+    )
     serve.add_argument("--ready-file", help="write {url, port, pid} as JSON here once serving")
     serve.add_argument("--log-level", default="info")
 
-    local = sub.add_parser("local", help="start N local workers and a gateway, in the foreground",
-                           description="The embedded local default: workers on 127.0.0.x and a "
-                                       "gateway; prints the URL and token to connect with.")
+    local = sub.add_parser(
+        "local",
+        help="start N local workers and a gateway, in the foreground",
+        description="The embedded local default: workers on 127.0.0.x and a "
+        "gateway; prints the URL and token to connect with.",
+    )
     local.add_argument("--hosts", type=int, default=2, help="number of worker hosts")
     local.add_argument("--mesh", default="hosts", help="name of the host mesh")
     return parser
@@ -83,8 +115,10 @@ def resolve_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         token = secrets.token_urlsafe(24)
         print(f"monarch-gateway token: {token}", file=sys.stderr, flush=True)
     if not token:
-        parser.error("a bearer token is required: pass --token-file, set MONARCH_GATEWAY_TOKEN, "
-                     "use --generate-token, or --insecure-no-token")
+        parser.error(
+            "a bearer token is required: pass --token-file, set MONARCH_GATEWAY_TOKEN, "
+            "use --generate-token, or --insecure-no-token"
+        )
     return token
 
 
@@ -101,10 +135,17 @@ def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     token = resolve_token(args, parser)
     configure_logging(args.log_level)
     options = GatewayOptions(
-        meshes=meshes, token=token, host=args.host, port=args.port, certfile=args.tls_cert,
-        keyfile=args.tls_key, max_frame_size=args.max_frame_size,
-        resume_grace_s=args.resume_grace, attach_timeout_s=args.attach_timeout,
-        stream_output=not args.no_stream_output, ready_file=args.ready_file,
+        meshes=meshes,
+        token=token,
+        host=args.host,
+        port=args.port,
+        certfile=args.tls_cert,
+        keyfile=args.tls_key,
+        max_frame_size=args.max_frame_size,
+        resume_grace_s=args.resume_grace,
+        attach_timeout_s=args.attach_timeout,
+        stream_output=not args.no_stream_output,
+        ready_file=args.ready_file,
     )
     try:
         asyncio.run(run_gateway(options))
@@ -118,9 +159,11 @@ def local_command(args: argparse.Namespace) -> int:
     from monarch_gateway.local import LocalCluster
 
     with LocalCluster(args.hosts, mesh=args.mesh).start() as cluster:
-        print(f"gateway: {cluster.url}\ntoken:   {cluster.token}\nlogs:    {cluster.log_dir}\n"
-              f"connect: monarch_proxy.connect({cluster.url!r}, token=...)\nCtrl-C stops.",
-              flush=True)
+        print(
+            f"gateway: {cluster.url}\ntoken:   {cluster.token}\nlogs:    {cluster.log_dir}\n"
+            f"connect: monarch_proxy.connect({cluster.url!r}, token=...)\nCtrl-C stops.",
+            flush=True,
+        )
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

@@ -50,7 +50,9 @@ class HandleTable:
         return len(self._entries)
 
 
-def select_hosts(hosts: tuple[int, ...], selection: int | list[int | None] | None) -> tuple[int, ...]:
+def select_hosts(
+    hosts: tuple[int, ...], selection: int | list[int | None] | None
+) -> tuple[int, ...]:
     """The hosts left after slicing the ``hosts`` dimension with an int or [start, stop, step]."""
     if selection is None:
         return hosts

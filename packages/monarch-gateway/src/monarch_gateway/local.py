@@ -47,9 +47,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class LocalCluster:
     """Worker processes and a gateway process on loopback; stop them with :meth:`close`."""
 
-    def __init__(self, hosts: int = 2, *, mesh: str = "hosts", token: str | None = None,
-                 log_dir: str | None = None, stream_output: bool = True,
-                 resume_grace_s: float = 30.0, gateway_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        hosts: int = 2,
+        *,
+        mesh: str = "hosts",
+        token: str | None = None,
+        log_dir: str | None = None,
+        stream_output: bool = True,
+        resume_grace_s: float = 30.0,
+        gateway_args: list[str] | None = None,
+    ) -> None:
         if hosts < 1 or hosts > 250:
             raise ValueError(f"hosts must be between 1 and 250, got {hosts}")
         self.hosts = hosts
@@ -74,28 +82,50 @@ class LocalCluster:
             raise
         return self
 
-    def _spawn(self, argv: list[str], name: str,
-               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, argv: list[str], name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         # Log files, never pipes: a child blocks once a pipe nobody reads fills up.
-        with open(self.log_dir / f"{name}.out", "wb") as out, \
-                open(self.log_dir / f"{name}.log", "wb") as err:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    env=child_env(env), start_new_session=True)
+        with (
+            open(self.log_dir / f"{name}.out", "wb") as out,
+            open(self.log_dir / f"{name}.log", "wb") as err,
+        ):
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=child_env(env),
+                start_new_session=True,
+            )
 
     def _start_workers(self) -> None:
         for i in range(self.hosts):
             host = f"127.0.0.{i + 2}"
             address = f"tcp://{host}:{free_port(host)}"
             self.addresses.append(address)
-            self.workers.append(self._spawn(
-                [sys.executable, "-m", "monarch_gateway.worker", address], f"worker-{i}"))
+            self.workers.append(
+                self._spawn(
+                    [sys.executable, "-m", "monarch_gateway.worker", address], f"worker-{i}"
+                )
+            )
 
     def _start_gateway(self) -> None:
         ready = self.log_dir / "gateway.ready"
-        argv = [sys.executable, "-m", "monarch_gateway", "serve",
-                "--mesh", f"{self.mesh}={','.join(self.addresses)}",
-                "--port", "0", "--ready-file", str(ready),
-                "--resume-grace", str(self.resume_grace_s)]
+        argv = [
+            sys.executable,
+            "-m",
+            "monarch_gateway",
+            "serve",
+            "--mesh",
+            f"{self.mesh}={','.join(self.addresses)}",
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            "--resume-grace",
+            str(self.resume_grace_s),
+        ]
         if not self.stream_output:
             argv.append("--no-stream-output")
         argv += self.gateway_args
@@ -103,11 +133,15 @@ class LocalCluster:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready.exists():
             if self.gateway.poll() is not None:
-                raise RuntimeError(f"the gateway exited with status {self.gateway.returncode}; "
-                                   f"see {self.log_dir / 'gateway.log'}")
+                raise RuntimeError(
+                    f"the gateway exited with status {self.gateway.returncode}; "
+                    f"see {self.log_dir / 'gateway.log'}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the gateway was not ready within {READY_TIMEOUT_S:.0f}s; "
-                                   f"see {self.log_dir / 'gateway.log'}")
+                raise TimeoutError(
+                    f"the gateway was not ready within {READY_TIMEOUT_S:.0f}s; "
+                    f"see {self.log_dir / 'gateway.log'}"
+                )
             time.sleep(0.05)
         self.url = json.loads(ready.read_text())["url"]
 
@@ -158,8 +192,9 @@ def start_local(hosts: int = 2, **options: Any) -> JobState:
     """
     cluster = LocalCluster(hosts, **options).start()
     try:
-        return JobState.fetch(GatewayConnection.open(cluster.url, cluster.token),
-                              on_close=cluster.close)
+        return JobState.fetch(
+            GatewayConnection.open(cluster.url, cluster.token), on_close=cluster.close
+        )
     except BaseException:
         cluster.close()
         raise

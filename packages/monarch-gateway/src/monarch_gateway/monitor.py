@@ -62,8 +62,15 @@ class Liveness:
 
 
 class WorkerMonitor:
-    def __init__(self, workers: list[Worker], on_dead: Callable[[Worker], None], *,
-                 interval_s: float = 0.25, timeout_s: float = 1.0, threshold: int = 2) -> None:
+    def __init__(
+        self,
+        workers: list[Worker],
+        on_dead: Callable[[Worker], None],
+        *,
+        interval_s: float = 0.25,
+        timeout_s: float = 1.0,
+        threshold: int = 2,
+    ) -> None:
         self.workers = workers
         self.liveness = Liveness(threshold)
         self._on_dead = on_dead
@@ -99,8 +106,7 @@ class WorkerMonitor:
 
     async def _probe(self, host: str, port: int) -> bool:
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                               self._timeout_s)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self._timeout_s)
         except (OSError, TimeoutError):
             return False
         writer.close()

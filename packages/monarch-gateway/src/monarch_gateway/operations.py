@@ -7,6 +7,7 @@ returns the reply's meta and payload; it raises to fail just that request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ Result = tuple[dict[str, Any], bytes]
 EmitItem = Callable[[bytes], Awaitable[None]]
 
 OUTPUT_SETTLE_S = 0.05
+FLUSH_TIMEOUT_S = 1.0
 CALL_METHODS = frozenset({"call", "call_one", "choose", "broadcast", "stream"})
 
 
@@ -31,8 +33,10 @@ def field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
 
 def require(entry: Entry, *kinds: str) -> None:
     if entry.kind not in kinds:
-        raise GatewayError(f"{entry.name!r} is a {entry.kind} mesh; this operation needs a "
-                           f"{' or '.join(kinds)} mesh")
+        raise GatewayError(
+            f"{entry.name!r} is a {entry.kind} mesh; this operation needs a "
+            f"{' or '.join(kinds)} mesh"
+        )
 
 
 def extent_of(mesh: Any) -> dict[str, list[Any]]:
@@ -65,15 +69,18 @@ class MeshService:
         if self.stream_logs:
             from monarch._src.actor.logging import _flush_all_proc_mesh_logs_async
 
-            await _flush_all_proc_mesh_logs_async()
+            # Bounded: a mesh with a dead or broken process never answers the flush.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_flush_all_proc_mesh_logs_async(), FLUSH_TIMEOUT_S)
             await asyncio.sleep(OUTPUT_SETTLE_S)  # let the output tee relay what just arrived
         return {}, b""
 
     async def spawn_procs(self, table: HandleTable, entry: Entry, meta: dict[str, Any]) -> Result:
         require(entry, "host")
         per_host = field(meta, "per_host", dict)
-        if not all(isinstance(k, str) and isinstance(v, int) and v > 0
-                   for k, v in per_host.items()):
+        if not all(
+            isinstance(k, str) and isinstance(v, int) and v > 0 for k, v in per_host.items()
+        ):
             raise ProtocolError("per_host must map labels to positive integers")
         name = field(meta, "name", str)
         procs = entry.obj.spawn_procs(per_host=per_host, name=name)
@@ -81,8 +88,9 @@ class MeshService:
             await procs.logging_option(stream_to_client=True, aggregate_window_sec=None)
         return handle_reply(table, Entry("proc", procs, name, entry.hosts, entry.mesh))
 
-    async def spawn(self, table: HandleTable, entry: Entry, meta: dict[str, Any],
-                    payload: bytes | memoryview) -> Result:
+    async def spawn(
+        self, table: HandleTable, entry: Entry, meta: dict[str, Any], payload: bytes | memoryview
+    ) -> Result:
         require(entry, "proc")
         name = field(meta, "name", str)
         reference = field(meta, "actor", str)
@@ -109,11 +117,16 @@ class MeshService:
         for label, sel in selection.items():
             if isinstance(sel, int) and not isinstance(sel, bool):
                 arguments[label] = sel
-            elif isinstance(sel, list) and len(sel) == 3 and all(
-                    s is None or isinstance(s, int) for s in sel):
+            elif (
+                isinstance(sel, list)
+                and len(sel) == 3
+                and all(s is None or isinstance(s, int) for s in sel)
+            ):
                 arguments[label] = slice(*sel)
             else:
-                raise ProtocolError(f"selection for {label!r} must be an int or [start, stop, step]")
+                raise ProtocolError(
+                    f"selection for {label!r} must be an int or [start, stop, step]"
+                )
         sliced = entry.obj.slice(**arguments)
         hosts = select_hosts(entry.hosts, selection.get("hosts"))
         return handle_reply(table, Entry(entry.kind, sliced, entry.name, hosts, entry.mesh))
@@ -123,12 +136,15 @@ class MeshService:
         await entry.obj.stop()
         return {}, b""
 
-    async def call(self, entry: Entry, meta: dict[str, Any], payload: bytes | memoryview,
-                   emit_item: EmitItem) -> Result:
+    async def call(
+        self, entry: Entry, meta: dict[str, Any], payload: bytes | memoryview, emit_item: EmitItem
+    ) -> Result:
         require(entry, "actor")
         method = field(meta, "method", str)
         if method not in CALL_METHODS:
-            raise ProtocolError(f"unknown call method {method!r}; use one of {sorted(CALL_METHODS)}")
+            raise ProtocolError(
+                f"unknown call method {method!r}; use one of {sorted(CALL_METHODS)}"
+            )
         endpoint_name = field(meta, "endpoint", str)
         args, kwargs = codec.loads(payload, "call arguments")
         endpoint = getattr(entry.obj, endpoint_name)

@@ -32,8 +32,9 @@ class OutputTee:
             os.dup2(write_end, fd)
             os.close(write_end)
             self._saved[fd] = saved
-            thread = threading.Thread(target=self._pump, args=(read_end, saved, name),
-                                      name=f"tee-{name}", daemon=True)
+            thread = threading.Thread(
+                target=self._pump, args=(read_end, saved, name), name=f"tee-{name}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 

@@ -37,7 +37,13 @@ from monarch_proxy.errors import (
     WorkerLostError,
 )
 from monarch_proxy.protocol.events import Departed, Released, Requested
-from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE, decode
+from monarch_proxy.protocol.frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER,
+    MAX_META_SIZE,
+    PIECE_SIZE,
+    decode,
+)
 from monarch_proxy.protocol.server import ServerSession, error_frame, negotiate
 
 logger = logging.getLogger("monarch_gateway")
@@ -46,11 +52,15 @@ CATEGORY_OF = {error: name for name, error in FAILURE_CATEGORIES.items()}
 HELLO_TIMEOUT_S = 10.0
 
 
+def message_limit(max_frame_size: int) -> int:
+    """Largest WebSocket message a client may send: one piece of a frame plus its meta."""
+    return HEADER.size + MAX_META_SIZE + min(max_frame_size, PIECE_SIZE)
+
+
 def failure_for(exc: BaseException) -> tuple[dict[str, Any], bytes]:
     """FAILURE meta and payload for an exception raised while serving a request."""
     if isinstance(exc, ProxyError):
-        category = next((CATEGORY_OF[t] for t in type(exc).__mro__ if t in CATEGORY_OF),
-                        "gateway")
+        category = next((CATEGORY_OF[t] for t in type(exc).__mro__ if t in CATEGORY_OF), "gateway")
         return codec.encode_exception(exc, category=category)
     original, remote_traceback = unwrap_actor_error(exc)
     return codec.encode_exception(original, remote_traceback)
@@ -118,14 +128,15 @@ class GatewaySession:
         elif isinstance(event, Departed):
             self.end("client said goodbye")
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, pieces: list[bytes]) -> None:
         # Reliable frames stay buffered in ``proto`` until acked, so a frame that cannot be sent
         # now reaches the client when it resumes.
         ws = self.ws
         if ws is None:
             return
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(data)
+            for piece in pieces:
+                await ws.send(piece)
 
     async def _serve(self, request: Requested) -> None:
         call = self.calls[request.id]
@@ -135,8 +146,11 @@ class GatewaySession:
         except asyncio.CancelledError:
             if call.lost is None:
                 raise
-            meta, payload = failure_for(WorkerLostError(
-                f"{call.lost.describe()} died or stopped answering during this call"))
+            meta, payload = failure_for(
+                WorkerLostError(
+                    f"{call.lost.describe()} died or stopped answering during this call"
+                )
+            )
             data = self.proto.failure(request.id, meta, payload)
         except Exception as exc:
             meta, payload = failure_for(exc)
@@ -208,9 +222,15 @@ class Gateway:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._server = await serve(
-            self._connection, self.host, self.requested_port, ssl=self.ssl,
-            process_request=self._process_request, max_size=self.max_frame_size,
-            compression=None, ping_interval=20, ping_timeout=60,
+            self._connection,
+            self.host,
+            self.requested_port,
+            ssl=self.ssl,
+            process_request=self._process_request,
+            max_size=message_limit(self.max_frame_size),
+            compression=None,
+            ping_interval=20,
+            ping_timeout=60,
         )
         self.monitor.start()
         logger.info("gateway listening", extra={"url": self.url})
@@ -232,7 +252,7 @@ class Gateway:
                 self._loop.call_soon_threadsafe(self._publish, stream, text)
 
     def _publish(self, stream: str, text: str) -> None:
-        data = ServerSession.log(stream, text)
+        data = [ServerSession.log(stream, text)]
         for session in list(self.sessions.values()):
             if session.ws is not None:
                 self._loop.create_task(session.send(data))  # type: ignore[union-attr]
@@ -255,17 +275,24 @@ class Gateway:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
             dead = sorted(w.address for w in self.monitor.liveness.dead)
-            body = {"status": "degraded" if dead else "ok", "sessions": len(self.sessions),
-                    "handles": sum(len(s.table) for s in self.sessions.values()),
-                    "workers": len(self.monitor.workers), "dead_workers": dead}
+            body = {
+                "status": "degraded" if dead else "ok",
+                "sessions": len(self.sessions),
+                "handles": sum(len(s.table) for s in self.sessions.values()),
+                "workers": len(self.monitor.workers),
+                "dead_workers": dead,
+            }
             return connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
         if self.token is None:
             return None
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(),
-                                                                 self.token.encode()):
-            logger.warning("rejected connection: missing or wrong bearer token",
-                           extra={"peer": str(connection.remote_address)})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.encode(), self.token.encode()
+        ):
+            logger.warning(
+                "rejected connection: missing or wrong bearer token",
+                extra={"peer": str(connection.remote_address)},
+            )
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
         return None
 
@@ -282,8 +309,9 @@ class Gateway:
                 try:
                     events = session.proto.receive(message)
                 except ProtocolError as exc:
-                    logger.warning("protocol error", extra={"session": session.id,
-                                                            "error": str(exc)})
+                    logger.warning(
+                        "protocol error", extra={"session": session.id, "error": str(exc)}
+                    )
                     await self._refuse(ws, "protocol", str(exc))
                     session.end("protocol error")
                     return
@@ -317,19 +345,17 @@ class Gateway:
                 await self._refuse(ws, "protocol", str(exc))
                 return None
             session.attach(ws)
-            await session.send(session.proto.welcome(resumed=True))
-            for data in missed:
-                await session.send(data)
+            await session.send([session.proto.welcome(resumed=True), *missed])
             logger.info("session resumed", extra={"session": session.id, "replayed": len(missed)})
             return session
-        proto = ServerSession(secrets.token_urlsafe(18), version,
-                              max_frame_size=self.max_frame_size)
+        proto = ServerSession(
+            secrets.token_urlsafe(18), version, max_frame_size=self.max_frame_size
+        )
         session = GatewaySession(self, proto)
         self.sessions[session.id] = session
         session.attach(ws)
-        await session.send(proto.welcome(resumed=False))
-        logger.info("session opened", extra={"session": session.id,
-                                             "peer": str(ws.remote_address)})
+        await session.send([proto.welcome(resumed=False)])
+        logger.info("session opened", extra={"session": session.id, "peer": str(ws.remote_address)})
         return session
 
     @staticmethod

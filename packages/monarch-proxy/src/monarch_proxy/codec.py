@@ -34,8 +34,10 @@ def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     try:
         return cloudpickle.dumps((args, kwargs), protocol=PROTOCOL)
     except Exception as exc:
-        for where, value in [*((f"argument {i}", a) for i, a in enumerate(args)),
-                             *((f"keyword argument {k!r}", v) for k, v in kwargs.items())]:
+        for where, value in [
+            *((f"argument {i}", a) for i, a in enumerate(args)),
+            *((f"keyword argument {k!r}", v) for k, v in kwargs.items()),
+        ]:
             try:
                 cloudpickle.dumps(value, protocol=PROTOCOL)
             except Exception:
@@ -61,6 +63,7 @@ def loads(payload: bytes | memoryview, what: str) -> Any:
 
 
 # Actor classes -----------------------------------------------------------------------------
+
 
 def class_reference(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
@@ -94,6 +97,7 @@ def import_reference(reference: str) -> Any:
 
 # Value meshes ------------------------------------------------------------------------------
 
+
 def extent_meta(extent: Extent) -> dict[str, list[Any]]:
     return {"labels": list(extent.labels), "sizes": list(extent.sizes)}
 
@@ -108,8 +112,10 @@ def value_mesh_from(meta: dict[str, Any], payload: bytes | memoryview) -> ValueM
 
 # Exceptions --------------------------------------------------------------------------------
 
-def encode_exception(exc: BaseException, remote_traceback: str | None = None,
-                     category: str = "remote") -> tuple[dict[str, Any], bytes]:
+
+def encode_exception(
+    exc: BaseException, remote_traceback: str | None = None, category: str = "remote"
+) -> tuple[dict[str, Any], bytes]:
     """Meta and payload of a FAILURE frame for ``exc``."""
     text = remote_traceback or "".join(traceback.format_exception(exc))
     meta = {

@@ -84,12 +84,15 @@ class GatewayConnection:
         self._futures: dict[int, concurrent.futures.Future[Reply]] = {}
         self._item_callbacks: dict[int, ItemCallback] = {}
         self._releases: list[int] = []
+        self._outbox: list[bytes] = []  # small requests waiting for the writer task
+        self._outbox_scheduled = False
         self._ack_scheduled = False
         self._closing = False
         self._ws: ClientConnection | None = None
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="monarch-proxy-io",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="monarch-proxy-io", daemon=True
+        )
         self._runner: concurrent.futures.Future[None] | None = None
 
     @classmethod
@@ -114,21 +117,37 @@ class GatewayConnection:
 
     # Called from any thread ---------------------------------------------------------------
 
-    def submit(self, op: str, meta: dict[str, Any], payload: bytes = b"", *,
-               on_item: ItemCallback | None = None) -> concurrent.futures.Future[Reply]:
+    def submit(
+        self,
+        op: str,
+        meta: dict[str, Any],
+        payload: bytes = b"",
+        *,
+        on_item: ItemCallback | None = None,
+    ) -> concurrent.futures.Future[Reply]:
         future: concurrent.futures.Future[Reply] = concurrent.futures.Future()
         with self._lock:
             if self._closing:
                 raise TransportError("the connection to the gateway is closed")
-            request_id, data = self._session.request(op, meta, payload)
+            request_id, pieces = self._session.request(op, meta, payload)
             self._futures[request_id] = future
             if on_item is not None:
                 self._item_callbacks[request_id] = on_item
-        self._loop.call_soon_threadsafe(self._send_nowait, data)
+            if len(pieces) > 1:
+                big = pieces  # its own writer, so small calls keep flowing beside it
+            else:
+                big = None
+                self._outbox.extend(pieces)
+                wake, self._outbox_scheduled = not self._outbox_scheduled, True
+        if big is not None:
+            self._loop.call_soon_threadsafe(self._send_nowait, big)
+        elif wake:  # one wake-up of the event loop carries every request queued until it runs
+            self._loop.call_soon_threadsafe(self._start_outbox_writer)
         return future
 
-    def request(self, op: str, meta: dict[str, Any], payload: bytes = b"",
-                timeout: float | None = None) -> Reply:
+    def request(
+        self, op: str, meta: dict[str, Any], payload: bytes = b"", timeout: float | None = None
+    ) -> Reply:
         """Submit and wait: for short control operations (spawn, slice)."""
         return self.submit(op, meta, payload).result(timeout)
 
@@ -195,11 +214,19 @@ class GatewayConnection:
 
     async def _connect(self, *, resuming: bool) -> None:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        tls: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None else {}  # wss: verify
         try:
             ws = await asyncio.wait_for(
-                connect(self.url, additional_headers=headers, ssl=self._ssl, max_size=None,
-                        compression=None, ping_interval=20, ping_timeout=60,
-                        open_timeout=self._connect_timeout_s),
+                connect(
+                    self.url,
+                    additional_headers=headers,
+                    max_size=None,
+                    compression=None,
+                    ping_interval=20,
+                    ping_timeout=60,
+                    open_timeout=self._connect_timeout_s,
+                    **tls,
+                ),
                 self._connect_timeout_s,
             )
         except InvalidStatus as exc:
@@ -218,8 +245,9 @@ class GatewayConnection:
         try:
             first = await asyncio.wait_for(ws.recv(), self._connect_timeout_s)
         except ConnectionClosed as exc:
-            raise TransportError(f"gateway closed the connection during the handshake: {exc}") \
-                from None
+            raise TransportError(
+                f"gateway closed the connection during the handshake: {exc}"
+            ) from None
         with self._lock:
             events = self._session.receive(first)  # type: ignore[arg-type]
         event = events[0] if events else None
@@ -232,12 +260,15 @@ class GatewayConnection:
             raise ProtocolError(f"expected WELCOME from the gateway, got {event!r}")
         self._ws = ws
         if resuming and not event.resumed:
-            self._fail_all(TransportError(
-                "the gateway no longer holds this session (its grace period ran out or it "
-                "restarted); in-flight calls are lost and mesh handles must be recreated"),
-                keep_open=True)
-        for data in event.replay:
-            await ws.send(data)
+            self._fail_all(
+                TransportError(
+                    "the gateway no longer holds this session (its grace period ran out or it "
+                    "restarted); in-flight calls are lost and mesh handles must be recreated"
+                ),
+                keep_open=True,
+            )
+        for piece in event.replay:
+            await ws.send(piece)
         self._flush_releases()
 
     async def _reconnect(self) -> None:
@@ -274,6 +305,8 @@ class GatewayConnection:
             pass
         finally:
             self._ws = None
+            with self._lock:
+                self._session.connection_lost()
         return ws.close_code
 
     def _dispatch(self, event: object) -> None:
@@ -297,17 +330,32 @@ class GatewayConnection:
         elif isinstance(event, Rejected):
             raise ProtocolError(f"gateway closed the session ({event.code}): {event.message}")
 
-    def _send_nowait(self, data: bytes) -> None:
+    def _start_outbox_writer(self) -> None:
+        self._loop.create_task(self._write_outbox())
+
+    async def _write_outbox(self) -> None:
+        while True:
+            with self._lock:
+                messages, self._outbox = self._outbox, []
+                if not messages:
+                    self._outbox_scheduled = False
+                    return
+            # While disconnected, dropping these is safe: they are pending requests, which the
+            # session replays after it resumes.
+            await self._send(messages)
+
+    def _send_nowait(self, pieces: list[bytes]) -> None:
         # While disconnected the request stays pending in the session and is replayed on resume.
         if self._ws is not None:
-            self._loop.create_task(self._send(data))
+            self._loop.create_task(self._send(pieces))
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, pieces: list[bytes]) -> None:
         ws = self._ws
         if ws is None:
             return
         try:
-            await ws.send(data)
+            for piece in pieces:
+                await ws.send(piece)
         except ConnectionClosed:
             pass  # the reader notices and resumes; pending requests are replayed
 
@@ -321,7 +369,7 @@ class GatewayConnection:
         with self._lock:
             data = self._session.ack() if self._ws is not None else None
         if data is not None:
-            self._send_nowait(data)
+            self._send_nowait([data])
 
     def _flush_releases(self) -> None:
         if self._ws is None:
@@ -330,7 +378,7 @@ class GatewayConnection:
             handles, self._releases = self._releases, []
             data = self._session.release(handles) if handles else None
         if data is not None:
-            self._send_nowait(data)
+            self._send_nowait([data])
 
     async def _goodbye(self) -> None:
         ws = self._ws

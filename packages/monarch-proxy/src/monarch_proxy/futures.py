@@ -22,8 +22,12 @@ class FutureProxy(Generic[T]):
     connection's event loop.
     """
 
-    def __init__(self, future: concurrent.futures.Future[Reply],
-                 decode: Callable[[dict[str, Any], bytes | memoryview], T], description: str) -> None:
+    def __init__(
+        self,
+        future: concurrent.futures.Future[Reply],
+        decode: Callable[[dict[str, Any], bytes | memoryview], T],
+        description: str,
+    ) -> None:
         self._future = future
         self._decode = decode
         self._description = description
@@ -87,8 +91,9 @@ class StreamProxy(Generic[T]):
                 return
             resolved: concurrent.futures.Future[Reply] = concurrent.futures.Future()
             resolved.set_result(({}, item))
-            yield FutureProxy(resolved, lambda _m, p: codec.loads(p, "stream item"),
-                              self._description)
+            yield FutureProxy(
+                resolved, lambda _m, p: codec.loads(p, "stream item"), self._description
+            )
 
     async def __aiter__(self) -> AsyncIterator[T]:
         iterator = iter(self)

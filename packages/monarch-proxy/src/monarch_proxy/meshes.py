@@ -41,8 +41,9 @@ class MeshProxy:
 
     kind = "mesh"
 
-    def __init__(self, connection: GatewayConnection, handle: int, extent: Extent,
-                 name: str) -> None:
+    def __init__(
+        self, connection: GatewayConnection, handle: int, extent: Extent, name: str
+    ) -> None:
         self._connection = connection
         self._handle = handle
         self.extent = extent
@@ -63,7 +64,8 @@ class MeshProxy:
     def slice(self: M, **selection: Selection) -> M:
         """A sub-mesh, sliced on the gateway: ``mesh.slice(hosts=0, gpus=slice(0, 4))``."""
         meta, _ = self._connection.request(
-            "mesh.slice", {"handle": self._handle, "selection": _selection_meta(selection)})
+            "mesh.slice", {"handle": self._handle, "selection": _selection_meta(selection)}
+        )
         return self._derive(type(self), meta)
 
     def stop(self) -> FutureProxy[None]:
@@ -72,8 +74,12 @@ class MeshProxy:
         return FutureProxy(future, lambda _m, _p: None, f"{self.name}.stop()")
 
     def _derive(self, cls: type[M], meta: dict[str, Any]) -> M:
-        return cls(self._connection, int(meta["handle"]), codec.extent_from_meta(meta["extent"]),
-                   str(meta.get("name", self.name)))
+        return cls(
+            self._connection,
+            int(meta["handle"]),
+            codec.extent_from_meta(meta["extent"]),
+            str(meta.get("name", self.name)),
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.extent!r}>"
@@ -82,23 +88,26 @@ class MeshProxy:
 class HostMeshProxy(MeshProxy):
     kind = "host"
 
-    def spawn_procs(self, per_host: dict[str, int] | None = None,
-                    name: str = "procs") -> ProcMeshProxy:
+    def spawn_procs(
+        self, per_host: dict[str, int] | None = None, name: str = "procs"
+    ) -> ProcMeshProxy:
         """Start processes on every host: ``per_host={"gpus": 8}`` gives 8 per host."""
         per_host = dict(per_host or {})
         for label, size in per_host.items():
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"per_host[{label!r}] must be a positive int, got {size!r}")
         meta, _ = self._connection.request(
-            "host.spawn_procs", {"handle": self._handle, "per_host": per_host, "name": name})
+            "host.spawn_procs", {"handle": self._handle, "per_host": per_host, "name": name}
+        )
         return self._derive(ProcMeshProxy, meta)
 
 
 class ProcMeshProxy(MeshProxy):
     kind = "proc"
 
-    def spawn(self, name: str, actor: type | str, *args: Any,
-              by_value: bool | None = None, **kwargs: Any) -> ActorMeshProxy:
+    def spawn(
+        self, name: str, actor: type | str, *args: Any, by_value: bool | None = None, **kwargs: Any
+    ) -> ActorMeshProxy:
         """Spawn ``actor`` on every process. ``actor`` is a class or a ``"module:Class"`` name.
 
         Classes that workers can import travel by reference; classes from ``__main__``, a
@@ -111,8 +120,9 @@ class ProcMeshProxy(MeshProxy):
                 raise ValueError(f"actor name {actor!r} must look like 'package.module:Class'")
         else:
             reference, cls = codec.class_reference(actor), actor
-        send_value = cls is not None and (by_value or (by_value is None
-                                                       and codec.ships_by_value(cls)))
+        send_value = cls is not None and (
+            by_value or (by_value is None and codec.ships_by_value(cls))
+        )
         try:
             return self._spawn(name, reference, cls if send_value else None, args, kwargs)
         except ActorImportError:
@@ -120,13 +130,24 @@ class ProcMeshProxy(MeshProxy):
                 raise
             return self._spawn(name, reference, cls, args, kwargs)
 
-    def _spawn(self, name: str, reference: str, cls: type | None, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> ActorMeshProxy:
+    def _spawn(
+        self,
+        name: str,
+        reference: str,
+        cls: type | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> ActorMeshProxy:
         class_bytes = codec.dumps_class(cls) if cls is not None else b""
         meta, _ = self._connection.request(
             "proc.spawn",
-            {"handle": self._handle, "name": name, "actor": reference,
-             "by_value": cls is not None, "class_size": len(class_bytes)},
+            {
+                "handle": self._handle,
+                "name": name,
+                "actor": reference,
+                "by_value": cls is not None,
+                "class_size": len(class_bytes),
+            },
             class_bytes + codec.dumps_call(args, kwargs),
         )
         return self._derive(ActorMeshProxy, meta)
@@ -148,29 +169,34 @@ class EndpointProxy:
         self._mesh = mesh
         self._name = name
 
-    def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                **options: Any) -> Any:
+    def _submit(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], **options: Any
+    ) -> Any:
         meta = {"handle": self._mesh.handle, "endpoint": self._name, "method": method}
-        return self._mesh._connection.submit("endpoint.call", meta,
-                                             codec.dumps_call(args, kwargs), **options)
+        return self._mesh._connection.submit(
+            "endpoint.call", meta, codec.dumps_call(args, kwargs), **options
+        )
 
     def _describe(self, method: str) -> str:
         return f"{self._mesh.name}.{self._name}.{method}()"
 
     def call(self, *args: Any, **kwargs: Any) -> FutureProxy[ValueMesh[Any]]:
         """Call every actor; the result has one value per point of the mesh."""
-        return FutureProxy(self._submit("call", args, kwargs), codec.value_mesh_from,
-                           self._describe("call"))
+        return FutureProxy(
+            self._submit("call", args, kwargs), codec.value_mesh_from, self._describe("call")
+        )
 
     def call_one(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
         """Call the single actor of a size-1 mesh (slice first)."""
-        return FutureProxy(self._submit("call_one", args, kwargs), _decode_value,
-                           self._describe("call_one"))
+        return FutureProxy(
+            self._submit("call_one", args, kwargs), _decode_value, self._describe("call_one")
+        )
 
     def choose(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
         """Call one actor of the mesh, picked by Monarch."""
-        return FutureProxy(self._submit("choose", args, kwargs), _decode_value,
-                           self._describe("choose"))
+        return FutureProxy(
+            self._submit("choose", args, kwargs), _decode_value, self._describe("choose")
+        )
 
     def broadcast(self, *args: Any, **kwargs: Any) -> None:
         """Send to every actor without waiting for results."""
@@ -190,20 +216,29 @@ def _decode_value(meta: dict[str, Any], payload: bytes | memoryview) -> Any:
 class JobState:
     """The named host meshes a gateway serves: ``job.trainers`` or ``job["trainers"]``."""
 
-    def __init__(self, connection: GatewayConnection, meshes: dict[str, HostMeshProxy], *,
-                 on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        connection: GatewayConnection,
+        meshes: dict[str, HostMeshProxy],
+        *,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self._connection = connection
         self._meshes = meshes
         self._on_close = on_close
 
     @classmethod
-    def fetch(cls, connection: GatewayConnection, *,
-              on_close: Callable[[], None] | None = None) -> JobState:
+    def fetch(
+        cls, connection: GatewayConnection, *, on_close: Callable[[], None] | None = None
+    ) -> JobState:
         """Ask the gateway for its host meshes. ``on_close`` runs after :meth:`close`."""
         meta, _ = connection.request("job.meshes", {})
-        meshes = {name: HostMeshProxy(connection, int(m["handle"]),
-                                      codec.extent_from_meta(m["extent"]), name)
-                  for name, m in meta["meshes"].items()}
+        meshes = {
+            name: HostMeshProxy(
+                connection, int(m["handle"]), codec.extent_from_meta(m["extent"]), name
+            )
+            for name, m in meta["meshes"].items()
+        }
         return cls(connection, meshes, on_close=on_close)
 
     @property
@@ -224,8 +259,9 @@ class JobState:
         try:
             return self._meshes[name]
         except KeyError:
-            raise KeyError(f"no host mesh named {name!r}; this job has {sorted(self._meshes)}") \
-                from None
+            raise KeyError(
+                f"no host mesh named {name!r}; this job has {sorted(self._meshes)}"
+            ) from None
 
     def flush_output(self, timeout: float = 10.0) -> None:
         """Wait until worker output produced so far has reached this client."""

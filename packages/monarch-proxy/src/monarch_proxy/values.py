@@ -33,8 +33,9 @@ class Extent:
             yield Point(rank, dict(zip(self.labels, coords, strict=True)), self)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{label}: {size}" for label, size in zip(self.labels, self.sizes,
-                                                                     strict=True))
+        inner = ", ".join(
+            f"{label}: {size}" for label, size in zip(self.labels, self.sizes, strict=True)
+        )
         return "{" + inner + "}"
 
 
@@ -73,8 +74,9 @@ class ValueMesh(Generic[T]):
         unknown = set(coords) - set(self.extent.labels)
         if unknown:
             raise KeyError(f"item() got labels {sorted(unknown)} not in {self.extent!r}")
-        needed = {lb for lb, size in zip(self.extent.labels, self.extent.sizes, strict=True)
-                  if size > 1}
+        needed = {
+            lb for lb, size in zip(self.extent.labels, self.extent.sizes, strict=True) if size > 1
+        }
         if needed - set(coords):
             raise KeyError(f"item() needs a coordinate for {sorted(needed - set(coords))}")
         rank = 0
@@ -92,8 +94,11 @@ class ValueMesh(Generic[T]):
         return self.items()
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, ValueMesh) and other.extent == self.extent
-                and other._values == self._values)
+        return (
+            isinstance(other, ValueMesh)
+            and other.extent == self.extent
+            and other._values == self._values
+        )
 
     def __repr__(self) -> str:
         body = ", ".join(f"({p!r}, {v!r})" for p, v in self.items())

@@ -26,6 +26,7 @@ from monarch_proxy.protocol.frames import (
     SERVER_KINDS,
     Frame,
     FrameKind,
+    Reassembler,
     decode,
 )
 
@@ -46,7 +47,8 @@ class ClientSession:
         self.max_frame_size = max_frame_size
         self.receive_limit = max_frame_size
         self._next_id = 1
-        self._pending: dict[int, bytes] = {}
+        self._pending: dict[int, list[bytes]] = {}  # encoded pieces, kept to replay on resume
+        self._reassembler = Reassembler(max_frame_size)
         self._last_seq = 0  # every server seq up to here has been received
         self._seen_ahead: set[int] = set()  # received seqs beyond a gap (frames may interleave)
         self._acked_seq = 0
@@ -63,17 +65,22 @@ class ClientSession:
             meta["last_seq"] = self._last_seq
         return Frame(FrameKind.HELLO, meta=meta).encode()
 
-    def request(self, op: str, meta: dict[str, Any], payload: bytes = b"") -> tuple[int, bytes]:
-        """Allocate a request id and encode the request; raise if it is over the size limit."""
+    def request(
+        self, op: str, meta: dict[str, Any], payload: bytes = b""
+    ) -> tuple[int, list[bytes]]:
+        """Allocate a request id and encode the request as messages to send in order.
+
+        Raises :class:`FrameTooLargeError` (using no id) if it is over the gateway's limit.
+        """
+        if len(payload) > self.max_frame_size:
+            raise FrameTooLargeError(len(payload), self.max_frame_size)
         request_id = self._next_id
-        data = Frame(
+        pieces = Frame(
             FrameKind.REQUEST, request_id, self._take_ack(), {"op": op, **meta}, payload
-        ).encode()
-        if len(data) > self.max_frame_size:
-            raise FrameTooLargeError(len(data), self.max_frame_size)
+        ).pieces()
         self._next_id += 1
-        self._pending[request_id] = data
-        return request_id, data
+        self._pending[request_id] = pieces
+        return request_id, pieces
 
     def forget(self, request_id: int) -> None:
         """Stop tracking a request (e.g. it could not be sent and was failed locally)."""
@@ -95,17 +102,28 @@ class ClientSession:
         self._acked_seq = self._last_seq
         return self._last_seq
 
+    def connection_lost(self) -> None:
+        """Forget frames that were half received on the connection that just ended."""
+        self._reassembler.reset()
+
     def receive(self, data: bytes | memoryview) -> list[ClientEvent]:
         """Parse one message from the gateway. Raises :class:`ProtocolError` if it is malformed."""
-        frame = decode(data, max_size=self.receive_limit)
+        piece = decode(data, max_size=self.receive_limit)
+        frame = self._reassembler.feed(piece)
+        if frame is None:
+            return []
         if frame.kind not in SERVER_KINDS:
             raise ProtocolError(f"gateway sent a client-only {frame.kind.name} frame")
         kind = frame.kind
         if kind is FrameKind.WELCOME:
             return [self._welcomed(frame)]
         if kind is FrameKind.LOG:
-            return [Logged(str(frame.meta.get("stream", "stdout")), bytes(frame.payload).decode(
-                "utf-8", "replace"))]
+            return [
+                Logged(
+                    str(frame.meta.get("stream", "stdout")),
+                    bytes(frame.payload).decode("utf-8", "replace"),
+                )
+            ]
         if kind is FrameKind.ERROR:
             return [Rejected(str(frame.meta.get("code", "error")), str(frame.meta.get("message")))]
         # Reliable frames: drop what a resume replayed twice.
@@ -138,5 +156,12 @@ class ClientSession:
         self.version, self.session_id, self.max_frame_size = version, session_id, max_frame
         replay: list[bytes] = []
         if resumed:
-            replay = [data for rid, data in self._pending.items() if rid > last_request]
+            # The gateway has every request up to last_request; later ones it may have (and
+            # ignores twice) or never got.
+            replay = [
+                piece
+                for rid, pieces in self._pending.items()
+                if rid > last_request
+                for piece in pieces
+            ]
         return Welcomed(version, session_id, resumed, max_frame, replay)

@@ -4,7 +4,7 @@ Each WebSocket binary message carries exactly one frame:
 
     offset  size  field
     0       1     kind      FrameKind
-    1       1     flags     reserved, must be 0
+    1       1     flags     bit 0 (MORE): the payload continues in the next CHUNK message
     2       2     reserved  must be 0
     4       4     meta_len  length of the JSON meta object
     8       8     id        request id (requests and their replies), else 0
@@ -15,6 +15,13 @@ Each WebSocket binary message carries exactly one frame:
 
 The meta object is JSON so the gateway can validate a request before it unpickles anything; the
 payload is raw so large arguments cost one copy each way.
+
+Large frames travel in pieces of at most ``PIECE_SIZE`` bytes: the first message is the frame's
+own header and meta (with ``"$size"``, the whole payload's length, and the MORE flag) and the
+start of the payload; CHUNK messages with the same id and seq carry the rest, MORE set on all
+but the last. Pieces of different frames may interleave, so a 64 MiB argument never holds up the
+small calls beside it, and no WebSocket message is ever large (Python WebSocket stacks copy a
+growing buffer for each big message).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ MAX_VERSION = 1
 
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
 MAX_META_SIZE = 1024 * 1024
+PIECE_SIZE = 1024 * 1024
+FLAG_MORE = 0x01
+SIZE_KEY = "$size"
 
 
 class FrameKind(enum.IntEnum):
@@ -51,11 +61,14 @@ class FrameKind(enum.IntEnum):
     ITEM = 19
     LOG = 20
     ERROR = 21
+    # either direction
+    CHUNK = 32
 
 
-CLIENT_KINDS = frozenset({FrameKind.HELLO, FrameKind.REQUEST, FrameKind.RELEASE, FrameKind.ACK,
-                          FrameKind.BYE})
-SERVER_KINDS = frozenset(FrameKind) - CLIENT_KINDS
+CLIENT_KINDS = frozenset(
+    {FrameKind.HELLO, FrameKind.REQUEST, FrameKind.RELEASE, FrameKind.ACK, FrameKind.BYE}
+)
+SERVER_KINDS = frozenset(FrameKind) - CLIENT_KINDS - {FrameKind.CHUNK}
 # Server frames that are sequenced, buffered until acked, and replayed after a resume.
 RELIABLE_KINDS = frozenset({FrameKind.REPLY, FrameKind.FAILURE, FrameKind.ITEM})
 
@@ -67,13 +80,38 @@ class Frame:
     seq: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     payload: bytes | memoryview = b""
+    more: bool = False  # set on decoded pieces that the next CHUNK continues
 
     def encode(self) -> bytes:
         """Serialize to the bytes of one WebSocket message."""
-        meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
-        header = HEADER.pack(self.kind, 0, 0, len(meta), self.id, self.seq)
-        # One join: the payload is copied once, whatever its size.
-        return b"".join((header, meta, self.payload))
+        return b"".join(self._pieces_of(self.meta, self.payload, 0))
+
+    def pieces(self, piece_size: int = PIECE_SIZE) -> list[bytes]:
+        """Serialize to one or more WebSocket messages of at most ``piece_size`` payload bytes."""
+        payload = memoryview(self.payload)
+        if len(payload) <= piece_size:
+            return [self.encode()]
+        out = [
+            b"".join(
+                self._pieces_of(
+                    {**self.meta, SIZE_KEY: len(payload)}, payload[:piece_size], FLAG_MORE
+                )
+            )
+        ]
+        for start in range(piece_size, len(payload), piece_size):
+            flags = FLAG_MORE if start + piece_size < len(payload) else 0
+            out.append(
+                HEADER.pack(FrameKind.CHUNK, flags, 0, 0, self.id, self.seq)
+                + payload[start : start + piece_size]
+            )
+        return out
+
+    def _pieces_of(
+        self, meta: dict[str, Any], payload: bytes | memoryview, flags: int
+    ) -> tuple[bytes, bytes, bytes | memoryview]:
+        encoded = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+        header = HEADER.pack(self.kind, flags, 0, len(encoded), self.id, self.seq)
+        return header, encoded, payload
 
 
 def decode(data: bytes | memoryview, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:
@@ -85,13 +123,15 @@ def decode(data: bytes | memoryview, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) 
     if len(view) > max_size:
         raise FrameTooLargeError(len(view), max_size)
     if len(view) < HEADER.size:
-        raise ProtocolError(f"frame of {len(view)} bytes is shorter than the {HEADER.size}-byte header")
+        raise ProtocolError(
+            f"frame of {len(view)} bytes is shorter than the {HEADER.size}-byte header"
+        )
     kind_byte, flags, reserved, meta_len, ident, seq = HEADER.unpack_from(view)
     try:
         kind = FrameKind(kind_byte)
     except ValueError:
         raise ProtocolError(f"unknown frame kind {kind_byte}") from None
-    if flags or reserved:
+    if flags & ~FLAG_MORE or reserved:
         raise ProtocolError(f"reserved header bits set in a {kind.name} frame")
     if meta_len > MAX_META_SIZE or HEADER.size + meta_len > len(view):
         raise ProtocolError(
@@ -106,4 +146,57 @@ def decode(data: bytes | memoryview, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) 
             raise ProtocolError(f"{kind.name} frame meta is not valid JSON: {exc}") from None
         if not isinstance(meta, dict):
             raise ProtocolError(f"{kind.name} frame meta must be a JSON object")
-    return Frame(kind, ident, seq, meta, view[HEADER.size + meta_len :])
+    return Frame(kind, ident, seq, meta, view[HEADER.size + meta_len :], bool(flags & FLAG_MORE))
+
+
+class Reassembler:
+    """Joins a frame sent in pieces back into one :class:`Frame`.
+
+    ``feed`` takes each decoded message and returns the complete frame once its last piece is
+    in (at once for a frame sent whole). Buffers are allocated at the declared size, checked
+    against ``max_size`` first, and filled in place.
+    """
+
+    def __init__(self, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_size = max_size
+        self._partial: dict[tuple[int, int], tuple[Frame, bytearray, int]] = {}
+
+    def feed(self, frame: Frame) -> Frame | None:
+        key = (frame.id, frame.seq)
+        if frame.kind is FrameKind.CHUNK:
+            if key not in self._partial:
+                raise ProtocolError(
+                    f"CHUNK for id {frame.id} seq {frame.seq} without a first piece"
+                )
+            first, buffer, filled = self._partial[key]
+            end = filled + len(frame.payload)
+            if end > len(buffer) or (not frame.more and end != len(buffer)):
+                raise ProtocolError(
+                    f"pieces of {first.kind.name} {frame.id} do not add up to "
+                    f"its declared {len(buffer)} bytes"
+                )
+            buffer[filled:end] = frame.payload
+            if frame.more:
+                self._partial[key] = (first, buffer, end)
+                return None
+            del self._partial[key]
+            return Frame(first.kind, first.id, first.seq, first.meta, memoryview(buffer))
+        if not frame.more:
+            return frame
+        size = frame.meta.pop(SIZE_KEY, None)
+        if not isinstance(size, int) or size < len(frame.payload):
+            raise ProtocolError(
+                f"first piece of {frame.kind.name} {frame.id} has no valid {SIZE_KEY}"
+            )
+        if size > self.max_size:
+            raise FrameTooLargeError(size, self.max_size)
+        if key in self._partial:
+            raise ProtocolError(f"{frame.kind.name} {frame.id} started twice")
+        buffer = bytearray(size)
+        buffer[: len(frame.payload)] = frame.payload
+        self._partial[key] = (frame, buffer, len(frame.payload))
+        return None
+
+    def reset(self) -> None:
+        """Drop half-received frames (the connection they came on is gone)."""
+        self._partial.clear()

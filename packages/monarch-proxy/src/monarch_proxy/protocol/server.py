@@ -22,10 +22,15 @@ from monarch_proxy.protocol.frames import (
     MIN_VERSION,
     Frame,
     FrameKind,
+    Reassembler,
     decode,
 )
 
 ServerEvent = Requested | Released | Departed
+
+# How far request ids may run ahead of the last contiguous one (pieces of big requests can make
+# later small ones complete first); bounds the memory a misbehaving client can make us hold.
+MAX_REQUESTS_AHEAD = 1 << 16
 
 
 def negotiate(hello: Frame, supported: tuple[int, int] = (MIN_VERSION, MAX_VERSION)) -> int:
@@ -54,10 +59,12 @@ class ServerSession:
         self.session_id = session_id
         self.version = version
         self.max_frame_size = max_frame_size
-        self.last_request = 0
+        self.last_request = 0  # every request id up to here has been received
+        self._requests_ahead: set[int] = set()  # received ids beyond a gap (pieces interleave)
         self._seq = 0
-        self._unacked: deque[tuple[int, bytes]] = deque()
+        self._unacked: deque[tuple[int, list[bytes]]] = deque()
         self.unacked_bytes = 0
+        self._reassembler = Reassembler(max_frame_size)
 
     def welcome(self, *, resumed: bool) -> bytes:
         meta = {
@@ -76,23 +83,32 @@ class ServerSession:
         except (TypeError, ValueError):
             raise ProtocolError("HELLO last_seq must be an integer") from None
         self._acknowledge(last_seq)
-        return [data for _, data in self._unacked]
+        self._reassembler.reset()
+        return [piece for _, pieces in self._unacked for piece in pieces]
 
     def receive(self, data: bytes | memoryview) -> list[ServerEvent]:
         """Parse one client message. Raises :class:`ProtocolError` if it is malformed."""
-        frame = decode(data, max_size=self.max_frame_size)
-        if frame.kind not in CLIENT_KINDS or frame.kind is FrameKind.HELLO:
-            raise ProtocolError(f"unexpected {frame.kind.name} frame in an open session")
+        piece = decode(data, max_size=self.max_frame_size)
+        if piece.kind is not FrameKind.CHUNK and (
+            piece.kind not in CLIENT_KINDS or piece.kind is FrameKind.HELLO
+        ):
+            raise ProtocolError(f"unexpected {piece.kind.name} frame in an open session")
+        frame = self._reassembler.feed(piece)
+        if frame is None:
+            return []
         self._acknowledge(frame.seq)
         if frame.kind is FrameKind.REQUEST:
-            if frame.id <= self.last_request:
+            if frame.id <= self.last_request or frame.id in self._requests_ahead:
                 return []  # sent again after a resume; we already have it
-            if frame.id != self.last_request + 1:
+            if frame.id > self.last_request + MAX_REQUESTS_AHEAD:
                 raise ProtocolError(
-                    f"request id {frame.id} skips ahead of {self.last_request}; ids must increase "
-                    "by one"
+                    f"request id {frame.id} is far ahead of {self.last_request}; request ids "
+                    "must count up from 1"
                 )
-            self.last_request = frame.id
+            self._requests_ahead.add(frame.id)
+            while self.last_request + 1 in self._requests_ahead:
+                self.last_request += 1
+                self._requests_ahead.discard(self.last_request)
             op = frame.meta.get("op")
             if not isinstance(op, str):
                 raise ProtocolError(f"request {frame.id} has no op")
@@ -106,29 +122,31 @@ class ServerSession:
             return [Departed()]
         return []  # ACK: already applied above
 
-    def reply(self, request_id: int, meta: dict[str, Any], payload: bytes = b"") -> bytes:
+    # Reliable frames: each returns the messages to send, in order.
+    def reply(self, request_id: int, meta: dict[str, Any], payload: bytes = b"") -> list[bytes]:
         return self._reliable(FrameKind.REPLY, request_id, meta, payload)
 
-    def failure(self, request_id: int, meta: dict[str, Any], payload: bytes = b"") -> bytes:
+    def failure(self, request_id: int, meta: dict[str, Any], payload: bytes = b"") -> list[bytes]:
         return self._reliable(FrameKind.FAILURE, request_id, meta, payload)
 
-    def item(self, request_id: int, meta: dict[str, Any], payload: bytes = b"") -> bytes:
+    def item(self, request_id: int, meta: dict[str, Any], payload: bytes = b"") -> list[bytes]:
         return self._reliable(FrameKind.ITEM, request_id, meta, payload)
 
     @staticmethod
     def log(stream: str, text: str) -> bytes:
         return Frame(FrameKind.LOG, meta={"stream": stream}, payload=text.encode()).encode()
 
-    def _reliable(self, kind: FrameKind, request_id: int, meta: dict[str, Any],
-                  payload: bytes) -> bytes:
+    def _reliable(
+        self, kind: FrameKind, request_id: int, meta: dict[str, Any], payload: bytes
+    ) -> list[bytes]:
         self._seq += 1
-        data = Frame(kind, request_id, self._seq, meta, payload).encode()
-        self._unacked.append((self._seq, data))
-        self.unacked_bytes += len(data)
-        return data
+        pieces = Frame(kind, request_id, self._seq, meta, payload).pieces()
+        self._unacked.append((self._seq, pieces))
+        self.unacked_bytes += sum(len(p) for p in pieces)
+        return pieces
 
     def _acknowledge(self, seq: int) -> None:
         if seq > self._seq:
             raise ProtocolError(f"client acknowledged seq {seq}, but only {self._seq} were sent")
         while self._unacked and self._unacked[0][0] <= seq:
-            self.unacked_bytes -= len(self._unacked.popleft()[1])
+            self.unacked_bytes -= sum(len(p) for p in self._unacked.popleft()[1])

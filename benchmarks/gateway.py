@@ -1,0 +1,181 @@
+"""Gateway overhead against calling torchmonarch directly, on the same worker processes.
+
+    python benchmarks/gateway.py [--quick] [--json FILE] [--hosts 2]
+
+Measures, for the direct path (this process attaches to the workers with attach_to_workers)
+and the proxy path (monarch-proxy -> gateway process -> the same workers):
+- p50 and p99 latency of ``call_one`` on a small value;
+- calls per second with 64 calls in flight;
+- MB/s of a 64 MiB payload round trip (echoed back; MB = 10^6 bytes of payload / round trip).
+Each figure is the median of several runs; the table shows proxy/direct ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_actors import Echo
+
+from monarch_gateway.local import LocalCluster
+
+PAYLOAD = 64 * 1024 * 1024
+WINDOW = 64
+
+
+def latencies(call: Callable[[], Any], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def throughput(submit: Callable[[], Any], wait: Callable[[Any], Any], n: int) -> float:
+    """Calls per second with WINDOW calls in flight at all times."""
+    window: collections.deque[Any] = collections.deque()
+    start = time.perf_counter()
+    for _ in range(n):
+        if len(window) == WINDOW:
+            wait(window.popleft())
+        window.append(submit())
+    while window:
+        wait(window.popleft())
+    return n / (time.perf_counter() - start)
+
+
+def bulk(echo: Callable[[bytes], bytes], runs: int) -> float:
+    blob = b"\x5a" * PAYLOAD
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        back = echo(blob)
+        rates.append(PAYLOAD / 1e6 / (time.perf_counter() - start))
+        assert len(back) == PAYLOAD
+    return statistics.median(rates)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(
+    name: str,
+    one: Any,
+    mesh_call_one: Callable[[Any], Any],
+    wait: Callable[[Any], Any],
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    def call() -> Any:
+        return wait(mesh_call_one(1))
+
+    latencies(call, 50)  # warm up
+    p50s, p99s, rates = [], [], []
+    for _ in range(args.repeats):
+        lat = latencies(call, args.calls)
+        p50s.append(percentile(lat, 0.5) * 1e3)
+        p99s.append(percentile(lat, 0.99) * 1e3)
+        rates.append(throughput(lambda: mesh_call_one(1), wait, args.calls * 4))
+    mb_s = bulk(lambda blob: wait(mesh_call_one(blob)), args.bulk_runs)
+    result = {
+        "p50_ms": statistics.median(p50s),
+        "p99_ms": statistics.median(p99s),
+        "calls_per_s": statistics.median(rates),
+        "mb_s": mb_s,
+    }
+    print(
+        f"  {name:6s} p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
+        f"{result['calls_per_s']:.0f} calls/s  {mb_s:.0f} MB/s",
+        flush=True,
+    )
+    return result
+
+
+def direct_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, float]:
+    from monarch.actor import attach_to_workers
+
+    from monarch_gateway.app import configure_monarch
+
+    configure_monarch(cluster.addresses, stream_output=False)
+    hosts = attach_to_workers(workers=cluster.addresses, ca="trust_all_connections", name="direct")
+    hosts.initialized.get()
+    mesh = hosts.spawn_procs(per_host={"gpus": 1}).spawn("echo", Echo)
+    one = mesh.slice(hosts=0, gpus=0)
+    return measure("direct", one, one.echo.call_one, lambda f: f.get(), args)
+
+
+def proxy_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, float]:
+    with cluster.connect() as job:
+        mesh = job.hosts.spawn_procs(per_host={"gpus": 1}).spawn("echo", Echo)
+        one = mesh.slice(hosts=0, gpus=0)
+        return measure("proxy", one, one.echo.call_one, lambda f: f.get(), args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls; under a minute")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--hosts", type=int, default=2)
+    args = parser.parse_args()
+    args.calls = 300 if args.quick else 1000
+    args.repeats = 3 if args.quick else 5
+    args.bulk_runs = 3 if args.quick else 7
+
+    with LocalCluster(args.hosts, stream_output=False).start() as cluster:
+        print(f"workers: {cluster.addresses}", flush=True)
+        proxy = proxy_path(cluster, args)
+        direct = direct_path(cluster, args)
+
+    figures: dict[str, Any] = {
+        "direct_p50_ms": direct["p50_ms"],
+        "proxy_p50_ms": proxy["p50_ms"],
+        "added_p50_ms": proxy["p50_ms"] - direct["p50_ms"],
+        "direct_p99_ms": direct["p99_ms"],
+        "proxy_p99_ms": proxy["p99_ms"],
+        "direct_calls_per_s": direct["calls_per_s"],
+        "proxy_calls_per_s": proxy["calls_per_s"],
+        "calls_per_s_ratio": proxy["calls_per_s"] / direct["calls_per_s"],
+        "direct_mb_s": direct["mb_s"],
+        "proxy_mb_s": proxy["mb_s"],
+        "mb_s_ratio": proxy["mb_s"] / direct["mb_s"],
+        "config": {
+            "quick": args.quick,
+            "calls": args.calls,
+            "repeats": args.repeats,
+            "window": WINDOW,
+            "payload_bytes": PAYLOAD,
+            "hosts": args.hosts,
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
+    rows = [
+        ("call_one p50 (ms)", direct["p50_ms"], proxy["p50_ms"], "<= direct + 1.0"),
+        ("call_one p99 (ms)", direct["p99_ms"], proxy["p99_ms"], ""),
+        (f"calls/s, {WINDOW} in flight", direct["calls_per_s"], proxy["calls_per_s"], ">= 3000"),
+        ("64 MiB round trip (MB/s)", direct["mb_s"], proxy["mb_s"], ">= 0.5 x direct"),
+    ]
+    print(f"\n{'metric':30s} {'direct':>10s} {'proxy':>10s} {'ratio':>7s}  target")
+    for label, d, p, target in rows:
+        print(f"{label:30s} {d:10.3f} {p:10.3f} {p / d:7.2f}  {target}")
+    print(f"added p50 latency: {figures['added_p50_ms']:.3f} ms")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
