@@ -117,7 +117,11 @@ def wheels(session: nox.Session) -> None:
         )
         module = import_name(package)
         session.run(
-            python, "-c", f"import {module}, sys; print({module}.__name__, {module}.__version__)"
+            python,
+            "-c",
+            f"import {module}, importlib.metadata as m; "
+            f"print({module}.__name__, m.version({package!r}))",
+            external=True,
         )
         if package == "monarch-proxy":  # the laptop layer must not drag in Monarch
             session.run(
@@ -125,4 +129,5 @@ def wheels(session: nox.Session) -> None:
                 "-c",
                 "import importlib.util, sys; "
                 "sys.exit(importlib.util.find_spec('monarch') is not None)",
+                external=True,
             )

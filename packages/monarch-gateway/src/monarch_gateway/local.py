@@ -29,10 +29,17 @@ from monarch_proxy import GatewayConnection, JobState, connect
 READY_TIMEOUT_S = 120.0
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def worker_endpoint(index: int) -> tuple[str, int]:
+    """A free loopback address for worker ``index``: its own 127.0.0.x where the system routes
+    all of 127/8 to loopback (Linux), else 127.0.0.1 (macOS has only that one by default)."""
+    for host in (f"127.0.0.{index + 2}", "127.0.0.1"):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, 0))
+            except OSError:
+                continue
+            return host, int(sock.getsockname()[1])
+    raise OSError("no loopback address is available for a local worker")
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -101,8 +108,8 @@ class LocalCluster:
 
     def _start_workers(self) -> None:
         for i in range(self.hosts):
-            host = f"127.0.0.{i + 2}"
-            address = f"tcp://{host}:{free_port(host)}"
+            host, port = worker_endpoint(i)
+            address = f"tcp://{host}:{port}"
             self.addresses.append(address)
             self.workers.append(
                 self._spawn(
