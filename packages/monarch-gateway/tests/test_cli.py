@@ -8,8 +8,13 @@ import sys
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "monarch_gateway", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "monarch_gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def test_help_exits_zero_and_names_the_commands():
@@ -33,13 +38,22 @@ def test_serve_needs_workers_and_well_formed_meshes():
 
 
 def test_tls_flags_go_together():
-    result = run("serve", "--workers", "tcp://127.0.0.1:1", "--insecure-no-token",
-                 "--tls-cert", "x.pem")
+    result = run(
+        "serve", "--workers", "tcp://127.0.0.1:1", "--insecure-no-token", "--tls-cert", "x.pem"
+    )
     assert result.returncode == 2 and "--tls-cert and --tls-key go together" in result.stderr
 
 
 def test_unreachable_workers_fail_with_a_clear_message():
-    result = run("serve", "--workers", "tcp://127.0.0.1:9", "--insecure-no-token",
-                 "--attach-timeout", "3", "--port", "0")
+    result = run(
+        "serve",
+        "--workers",
+        "tcp://127.0.0.1:9",
+        "--insecure-no-token",
+        "--attach-timeout",
+        "3",
+        "--port",
+        "0",
+    )
     assert result.returncode == 1
     assert "workers did not all answer within 3s" in result.stderr

@@ -16,12 +16,15 @@ class Entry:
     # Indices of the worker hosts the mesh spans, so a dead worker fails exactly the calls on it.
     hosts: tuple[int, ...]
     mesh: str  # name of the host mesh it descends from
+    reloader: Any = None  # the HotReloader actors of a proc mesh, spawned on first reload
 
 
 class HandleTable:
     def __init__(self) -> None:
         self._entries: dict[int, Entry] = {}
         self._next = 1
+        # Every proc mesh spawned in the session, freed handle or not: a reload reaches them all.
+        self.proc_meshes: list[Entry] = []
 
     def add(self, entry: Entry) -> int:
         handle = self._next
@@ -45,6 +48,7 @@ class HandleTable:
 
     def clear(self) -> None:
         self._entries.clear()
+        self.proc_meshes.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

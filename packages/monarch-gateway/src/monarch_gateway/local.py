@@ -22,9 +22,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monarch_proxy import GatewayConnection, JobState, connect
+
+if TYPE_CHECKING:
+    from monarch_gateway.workspace import SyncWorkspace
 
 READY_TIMEOUT_S = 120.0
 
@@ -64,6 +67,7 @@ class LocalCluster:
         stream_output: bool = True,
         resume_grace_s: float = 30.0,
         gateway_args: list[str] | None = None,
+        sync: bool = False,
     ) -> None:
         if hosts < 1 or hosts > 250:
             raise ValueError(f"hosts must be between 1 and 250, got {hosts}")
@@ -74,6 +78,9 @@ class LocalCluster:
         self.stream_output = stream_output
         self.resume_grace_s = resume_grace_s
         self.gateway_args = list(gateway_args or [])  # extra `monarch-gateway serve` flags
+        self.sync = sync  # a monarch-sync agent per host, for job.sync()
+        self.sync_peers: list[str] = []
+        self.agents: list[subprocess.Popen[bytes]] = []
         self.addresses: list[str] = []
         self.workers: list[subprocess.Popen[bytes]] = []
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -82,6 +89,8 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         atexit.register(self.close)
         try:
+            if self.sync:
+                self._start_agents()
             self._start_workers()
             self._start_gateway()
         except BaseException:
@@ -106,16 +115,61 @@ class LocalCluster:
                 start_new_session=True,
             )
 
+    def _sync_root(self, index: int) -> Path:
+        """Agent root of worker host ``index``; index ``hosts`` is the gateway's."""
+        return self.log_dir / f"sync-{index}"
+
+    def _sync_env(self, index: int) -> dict[str, str] | None:
+        if not self.sync:
+            return None
+        from monarch_sync import synced_path
+
+        live = str(synced_path(self._sync_root(index)))  # first on the import path
+        return {
+            "MONARCH_SYNC_ROOT": live,
+            "PYTHONPATH": os.pathsep.join([live, child_env()["PYTHONPATH"]]),
+        }
+
+    def _start_agents(self) -> None:
+        # One agent per worker host, and one for the gateway, which imports actor classes too.
+        for i in range(self.hosts + 1):
+            host, port = worker_endpoint(i)
+            self.sync_peers.append(f"{host}:{port}")
+            argv = [
+                sys.executable,
+                "-m",
+                "monarch_sync.cli",
+                "agent",
+                "--listen",
+                f"{host}:{port}",
+                "--root",
+                str(self._sync_root(i)),
+            ]
+            self.agents.append(
+                self._spawn(argv, f"sync-agent-{i}", {"MONARCH_SYNC_TOKEN": self.token})
+            )
+        for peer, agent in zip(self.sync_peers, self.agents, strict=True):
+            wait_for_port(peer, agent, self.log_dir)
+        # A first, empty version: the live tree exists before any process puts it on its path.
+        empty = self.log_dir / "empty-workspace"
+        empty.mkdir(exist_ok=True)
+        self.workspace().push(str(empty))
+
+    def workspace(self) -> SyncWorkspace:
+        """The workspace ``job.sync()`` pushes to (needs ``sync=True``)."""
+        if not self.sync:
+            raise RuntimeError("this LocalCluster runs no sync agents; create it with sync=True")
+        from monarch_gateway.workspace import SyncWorkspace
+
+        return SyncWorkspace(self.sync_peers, self.token)
+
     def _start_workers(self) -> None:
         for i in range(self.hosts):
             host, port = worker_endpoint(i)
             address = f"tcp://{host}:{port}"
             self.addresses.append(address)
-            self.workers.append(
-                self._spawn(
-                    [sys.executable, "-m", "monarch_gateway.worker", address], f"worker-{i}"
-                )
-            )
+            argv = [sys.executable, "-m", "monarch_gateway.worker", address]
+            self.workers.append(self._spawn(argv, f"worker-{i}", self._sync_env(i)))
 
     def _start_gateway(self) -> None:
         ready = self.log_dir / "gateway.ready"
@@ -136,7 +190,8 @@ class LocalCluster:
         if not self.stream_output:
             argv.append("--no-stream-output")
         argv += self.gateway_args
-        self.gateway = self._spawn(argv, "gateway", {"MONARCH_GATEWAY_TOKEN": self.token})
+        env = {"MONARCH_GATEWAY_TOKEN": self.token, **(self._sync_env(self.hosts) or {})}
+        self.gateway = self._spawn(argv, "gateway", env)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready.exists():
             if self.gateway.poll() is not None:
@@ -157,7 +212,10 @@ class LocalCluster:
         return self.url.replace("ws", "http", 1) + "/healthz"
 
     def connect(self, **options: Any) -> JobState:
-        return connect(self.url, self.token, **options)
+        state = connect(self.url, self.token, **options)
+        if self.sync:
+            state.workspace = self.workspace()
+        return state
 
     def kill_worker(self, index: int) -> None:
         """Kill one worker process abruptly, as a crashed node would die."""
@@ -169,9 +227,9 @@ class LocalCluster:
         if self.gateway is not None:
             _stop(self.gateway, signal.SIGTERM, 15.0)
             self.gateway = None
-        for worker in self.workers:
-            _stop(worker, signal.SIGKILL, 5.0)
-        self.workers = []
+        for process in [*self.workers, *self.agents]:
+            _stop(process, signal.SIGKILL, 5.0)
+        self.workers, self.agents = [], []
         atexit.unregister(self.close)
 
     def __enter__(self) -> LocalCluster:
@@ -179,6 +237,19 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_for_port(peer: str, process: subprocess.Popen[bytes], log_dir: Path) -> None:
+    host, _, port = peer.rpartition(":")
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sync agent on {peer} did not start; see {log_dir}") from None
+            time.sleep(0.05)
 
 
 def _stop(process: subprocess.Popen[bytes], sig: signal.Signals, timeout_s: float) -> None:
@@ -200,7 +271,9 @@ def start_local(hosts: int = 2, **options: Any) -> JobState:
     cluster = LocalCluster(hosts, **options).start()
     try:
         return JobState.fetch(
-            GatewayConnection.open(cluster.url, cluster.token), on_close=cluster.close
+            GatewayConnection.open(cluster.url, cluster.token),
+            on_close=cluster.close,
+            workspace=cluster.workspace() if cluster.sync else None,
         )
     except BaseException:
         cluster.close()

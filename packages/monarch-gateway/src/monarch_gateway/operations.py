@@ -86,7 +86,9 @@ class MeshService:
         procs = entry.obj.spawn_procs(per_host=per_host, name=name)
         if self.stream_logs:
             await procs.logging_option(stream_to_client=True, aggregate_window_sec=None)
-        return handle_reply(table, Entry("proc", procs, name, entry.hosts, entry.mesh))
+        procs_entry = Entry("proc", procs, name, entry.hosts, entry.mesh)
+        table.proc_meshes.append(procs_entry)
+        return handle_reply(table, procs_entry)
 
     async def spawn(
         self, table: HandleTable, entry: Entry, meta: dict[str, Any], payload: bytes | memoryview
@@ -131,9 +133,30 @@ class MeshService:
         hosts = select_hosts(entry.hosts, selection.get("hosts"))
         return handle_reply(table, Entry(entry.kind, sliced, entry.name, hosts, entry.mesh))
 
-    async def stop(self, entry: Entry) -> Result:
+    async def reload(self, table: HandleTable, meta: dict[str, Any]) -> Result:
+        """Reload changed modules in every process this session spawned."""
+        paths = field(meta, "paths", list)
+        if not all(isinstance(p, str) for p in paths):
+            raise ProtocolError("reload paths must be strings")
+        from monarch_gateway.reload import HotReloader, reload_changed, synced_root
+
+        root = synced_root()  # the gateway holds actor classes too: reload them here first
+        local = reload_changed(root, paths) if root else []
+        for entry in table.proc_meshes:
+            if entry.reloader is None:
+                entry.reloader = entry.obj.spawn("_hot_reloader", HotReloader)
+        results = await asyncio.gather(*(e.reloader.reload.call(paths) for e in table.proc_meshes))
+        counts: dict[str, int] = dict.fromkeys(local, 0)
+        for values in results:
+            for modules in values.values():
+                for module in modules:
+                    counts[module] = counts.get(module, 0) + 1
+        return {"reloaded": counts, "processes": sum(len(v) for v in results)}, b""
+
+    async def stop(self, table: HandleTable, entry: Entry) -> Result:
         require(entry, "proc", "actor")
         await entry.obj.stop()
+        table.proc_meshes[:] = [e for e in table.proc_meshes if e.obj is not entry.obj]
         return {}, b""
 
     async def call(

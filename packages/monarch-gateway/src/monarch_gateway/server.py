@@ -168,6 +168,8 @@ class GatewaySession:
             return service.meshes(table)
         if op == "job.flush_output":
             return await service.flush_output()
+        if op == "job.reload":
+            return await service.reload(table, meta)
         entry = call.entry
         if entry is None:
             raise ProtocolError(f"operation {op!r} needs a handle")
@@ -188,7 +190,7 @@ class GatewaySession:
         if op == "proc.spawn":
             return await service.spawn(table, entry, meta, request.payload)
         if op == "mesh.stop":
-            return await service.stop(entry)
+            return await service.stop(table, entry)
         raise GatewayError(f"unknown operation {op!r}; the client may be newer than the gateway")
 
 

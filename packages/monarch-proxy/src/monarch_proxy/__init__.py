@@ -28,6 +28,8 @@ from monarch_proxy.meshes import (
     JobState,
     MeshProxy,
     ProcMeshProxy,
+    SyncResult,
+    Workspace,
     connect,
 )
 from monarch_proxy.values import Extent, Point, ValueMesh
@@ -57,9 +59,11 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "StreamProxy",
+    "SyncResult",
     "TransportError",
     "UnknownHandleError",
     "ValueMesh",
     "WorkerLostError",
+    "Workspace",
     "connect",
 ]

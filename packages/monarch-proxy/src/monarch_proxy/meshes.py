@@ -13,13 +13,15 @@ and the gateway frees all of a session's handles when the session ends.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from monarch_proxy import codec
 from monarch_proxy.connection import GatewayConnection
-from monarch_proxy.errors import ActorImportError, ProxyError
+from monarch_proxy.errors import ActorImportError, GatewayError, ProxyError
 from monarch_proxy.futures import FutureProxy, StreamProxy
 from monarch_proxy.values import Extent, ValueMesh
 
@@ -213,6 +215,22 @@ def _decode_value(meta: dict[str, Any], payload: bytes | memoryview) -> Any:
     return codec.loads(payload, "result")
 
 
+class Workspace(Protocol):
+    """Puts a local folder on every worker host, where actors import it (e.g. monarch-sync)."""
+
+    def push(self, src: str) -> list[str]:
+        """Sync ``src``; return the paths (relative to ``src``) that changed."""
+        ...
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    changed: list[str]  # files that differ from the previous sync
+    reloaded: dict[str, int]  # module name -> number of processes that reloaded it
+    push_s: float
+    reload_s: float
+
+
 class JobState:
     """The named host meshes a gateway serves: ``job.trainers`` or ``job["trainers"]``."""
 
@@ -222,14 +240,20 @@ class JobState:
         meshes: dict[str, HostMeshProxy],
         *,
         on_close: Callable[[], None] | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
         self._connection = connection
         self._meshes = meshes
         self._on_close = on_close
+        self.workspace = workspace
 
     @classmethod
     def fetch(
-        cls, connection: GatewayConnection, *, on_close: Callable[[], None] | None = None
+        cls,
+        connection: GatewayConnection,
+        *,
+        on_close: Callable[[], None] | None = None,
+        workspace: Workspace | None = None,
     ) -> JobState:
         """Ask the gateway for its host meshes. ``on_close`` runs after :meth:`close`."""
         meta, _ = connection.request("job.meshes", {})
@@ -239,7 +263,30 @@ class JobState:
             )
             for name, m in meta["meshes"].items()
         }
-        return cls(connection, meshes, on_close=on_close)
+        return cls(connection, meshes, on_close=on_close, workspace=workspace)
+
+    def sync(self, src: str = ".", *, reload: bool = True) -> SyncResult:
+        """Push ``src`` to every worker host, then reload changed modules in running actors.
+
+        Actors import the synced folder by module name; with ``reload`` the modules that
+        changed are re-imported in every process this session spawned, and live actors run the
+        new code from their next call on.
+        """
+        if self.workspace is None:
+            raise GatewayError(
+                "this job has no workspace to sync to: start it with start_local(sync=True) or "
+                "attach a monarch_proxy.Workspace"
+            )
+        started = time.perf_counter()
+        changed = self.workspace.push(src)
+        pushed = time.perf_counter()
+        reloaded = self.reload(changed) if reload and changed else {}
+        return SyncResult(changed, reloaded, pushed - started, time.perf_counter() - pushed)
+
+    def reload(self, paths: list[str], timeout: float = 60.0) -> dict[str, int]:
+        """Re-import the modules loaded from ``paths`` (relative to the synced folder)."""
+        meta, _ = self._connection.request("job.reload", {"paths": list(paths)}, timeout=timeout)
+        return {str(k): int(v) for k, v in meta["reloaded"].items()}
 
     @property
     def connection(self) -> GatewayConnection:
