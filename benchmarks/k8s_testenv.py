@@ -1,0 +1,124 @@
+"""Benchmark the k8s-testenv control plane and process kubelet.
+
+Measures (binaries already built; run ``k8s-testenv build`` first or let this build them):
+
+* ``cold_start_s``: from nothing to a usable cluster (etcd, kube-apiserver,
+  kube-controller-manager, kube-scheduler and the kubelet up, nodes Ready, the default
+  ServiceAccount present);
+* ``statefulset_running_s``: for StatefulSets of 1, 16 and 64 replicas
+  (``podManagementPolicy: Parallel``, each pod a ``sleep`` process), the time from the create
+  call until every pod reports phase Running. Each StatefulSet is deleted (and its pods
+  gone) before the next one.
+
+Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# This file shares its name with the package: drop its folder from sys.path before importing.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from k8s_testenv import KUBE_VERSION, Cluster, ensure_binaries, start_cluster  # noqa: E402
+from k8s_testenv.kubelet.api import RestClient  # noqa: E402
+from k8s_testenv.testing import wait_until  # noqa: E402
+
+
+def statefulset(name: str, replicas: int) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name},
+        "spec": {
+            "serviceName": name,
+            "replicas": replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "main", "image": "none", "command": ["sleep", "3600"]}],
+                },
+            },
+        },
+    }
+
+
+def phases(rest: RestClient, name: str) -> list[str]:
+    pods = rest.get("/api/v1/namespaces/default/pods", labelSelector=f"app={name}")["items"]
+    return [p.get("status", {}).get("phase", "") for p in pods]
+
+
+def time_statefulset(rest: RestClient, replicas: int, timeout: float) -> float:
+    name = f"bench-{replicas}"
+    started = time.perf_counter()
+    rest.request(
+        "POST", "/apis/apps/v1/namespaces/default/statefulsets", statefulset(name, replicas)
+    )
+
+    def all_running() -> bool:
+        seen = phases(rest, name)
+        return len(seen) == replicas and all(p == "Running" for p in seen)
+
+    wait_until(all_running, timeout=timeout, what=f"{replicas} pods Running")
+    elapsed = time.perf_counter() - started
+    rest.request(
+        "DELETE",
+        f"/apis/apps/v1/namespaces/default/statefulsets/{name}",
+        {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+    )
+    wait_until(lambda: not phases(rest, name), timeout=timeout, what="pods deleted")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--replicas", default="1,16,64", help="comma-separated StatefulSet sizes")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.replicas.split(",")]
+
+    build_started = time.perf_counter()
+    ensure_binaries()
+    build_s = time.perf_counter() - build_started
+
+    started = time.perf_counter()
+    cluster: Cluster = start_cluster()
+    cold_start_s = time.perf_counter() - started
+    print(f"cold start: {cold_start_s:.2f}s (binaries ready in {build_s:.1f}s)")
+    try:
+        rest = cluster.rest()
+        running: dict[str, float] = {}
+        for replicas in sizes:
+            running[str(replicas)] = round(time_statefulset(rest, replicas, args.timeout), 3)
+            print(f"StatefulSet of {replicas}: all Running after {running[str(replicas)]:.2f}s")
+    finally:
+        cluster.stop()
+    result = {
+        "kubernetes": KUBE_VERSION,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "binaries_ready_s": round(build_s, 3),
+        "cold_start_s": round(cold_start_s, 3),
+        "statefulset_running_s": running,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Small helpers for tests that drive the cluster: polling and looking at pod processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["container_pid", "pid_alive", "wait_until"]
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T | None], *, timeout: float = 60, what: str = "condition") -> T:
+    """Poll ``check`` every 0.2 s until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def container_pid(pod: Any, index: int = 0) -> int:
+    """The host pid of a running container; the process kubelet reports ``process://<pid>``."""
+    container_id = pod.status.container_statuses[index].container_id
+    return int(container_id.removeprefix("process://"))
