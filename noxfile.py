@@ -62,6 +62,8 @@ def tests(session: nox.Session, package: str) -> None:
     if not any((ROOT / "packages" / package / "tests").rglob("test_*.py")):
         session.skip(f"{package} has no tests yet")
     sync(session, "--package", package, "--group", "dev")
+    if package == "k8s-testenv":  # build (or reuse) the control plane first, with its progress
+        session.run("k8s-testenv", "build")
     pytest(session, package, f"packages/{package}/tests")
 
 
