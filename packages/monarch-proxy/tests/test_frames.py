@@ -7,7 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from monarch_proxy.errors import FrameTooLargeError, ProtocolError
-from monarch_proxy.protocol.frames import HEADER, Frame, FrameKind, decode
+from monarch_proxy.protocol.frames import (
+    BATCH_LIMIT,
+    HEADER,
+    Frame,
+    FrameKind,
+    batch,
+    decode,
+    decode_message,
+    pack_for_sending,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
@@ -73,3 +82,31 @@ def test_random_bytes_never_raise_anything_but_protocol_error(data):
         decode(data)
     except ProtocolError:
         pass
+
+
+def test_batches_carry_several_messages_in_order():
+    small = [Frame(FrameKind.REPLY, i, i, {"i": i}, b"x" * i).encode() for i in range(1, 6)]
+    big = Frame(FrameKind.REPLY, 9, 9, {}, b"y" * (BATCH_LIMIT + 1)).encode()
+    packed = pack_for_sending([*small[:3], big, *small[3:]])
+    assert len(packed) == 3 and packed[1] is big  # big ones travel alone, order is kept
+    frames = [f for message in packed for f in decode_message(message, max_size=1 << 30)]
+    assert [f.id for f in frames] == [1, 2, 3, 9, 4, 5]
+    assert pack_for_sending(small[:1]) == small[:1]  # a lone message is not wrapped
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x00\x00", "inside a length prefix"),
+        (b"\x00\x00\x00\x09abc", "past its end"),
+    ],
+)
+def test_malformed_batches_are_rejected(payload, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode_message(Frame(FrameKind.BATCH, payload=payload).encode(), max_size=1 << 20)
+
+
+def test_batches_do_not_nest():
+    inner = batch([Frame(FrameKind.ACK).encode(), Frame(FrameKind.ACK).encode()])
+    with pytest.raises(ProtocolError, match="do not nest"):
+        decode_message(batch([inner, Frame(FrameKind.ACK).encode()]), max_size=1 << 20)

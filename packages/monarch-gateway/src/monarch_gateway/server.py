@@ -43,6 +43,7 @@ from monarch_proxy.protocol.frames import (
     MAX_META_SIZE,
     PIECE_SIZE,
     decode,
+    pack_for_sending,
 )
 from monarch_proxy.protocol.server import ServerSession, error_frame, negotiate
 
@@ -83,6 +84,8 @@ class GatewaySession:
     calls: dict[int, Call] = field(default_factory=dict)
     expiry: asyncio.TimerHandle | None = None
     ended: bool = False
+    outbox: list[bytes] = field(default_factory=list)
+    writing: bool = False
 
     @property
     def id(self) -> str:
@@ -92,12 +95,14 @@ class GatewaySession:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
+        self.outbox.clear()  # queued for the old connection; resume() replays what matters
         self.ws = ws
 
     def detach(self, ws: ServerConnection) -> None:
         if self.ws is not ws or self.ended:
             return
         self.ws = None
+        self.outbox.clear()
         loop = asyncio.get_running_loop()
         self.expiry = loop.call_later(self.gateway.resume_grace_s, self.end, "grace expired")
 
@@ -128,15 +133,36 @@ class GatewaySession:
         elif isinstance(event, Departed):
             self.end("client said goodbye")
 
-    async def send(self, pieces: list[bytes]) -> None:
-        # Reliable frames stay buffered in ``proto`` until acked, so a frame that cannot be sent
-        # now reaches the client when it resumes.
-        ws = self.ws
-        if ws is None:
+    def send(self, messages: list[bytes]) -> None:
+        """Queue messages for the client, in order; one writer task drains the queue.
+
+        Reliable frames also stay buffered in ``proto`` until acked, so what cannot be sent now
+        reaches the client when it resumes.
+        """
+        if self.ws is None:
             return
-        with contextlib.suppress(ConnectionClosed):
-            for piece in pieces:
-                await ws.send(piece)
+        self.outbox += messages
+        if not self.writing:
+            self.writing = True
+            asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self.outbox and self.ws is not None:
+                # Replies that became ready together leave as one message (see frames.BATCH).
+                messages, self.outbox = pack_for_sending(self.outbox), []
+                ws = self.ws
+                with contextlib.suppress(ConnectionClosed):
+                    for message in messages:
+                        await ws.send(message)
+        finally:
+            self.writing = False
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until everything queued has been written (or the time is up)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.writing and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _serve(self, request: Requested) -> None:
         call = self.calls[request.id]
@@ -158,7 +184,7 @@ class GatewaySession:
         finally:
             self.calls.pop(request.id, None)
         if not self.ended:
-            await self.send(data)
+            self.send(data)
 
     async def _execute(self, request: Requested, call: Call) -> tuple[dict[str, Any], bytes]:
         service, table, meta, op = self.gateway.service, self.table, request.meta, request.op
@@ -182,7 +208,7 @@ class GatewaySession:
         if op == "endpoint.call":
 
             async def emit(payload: bytes) -> None:
-                await self.send(self.proto.item(request.id, {}, payload))
+                self.send(self.proto.item(request.id, {}, payload))
 
             return await service.call(entry, meta, request.payload, emit)
         if op == "host.spawn_procs":
@@ -257,7 +283,7 @@ class Gateway:
         data = [ServerSession.log(stream, text)]
         for session in list(self.sessions.values()):
             if session.ws is not None:
-                self._loop.create_task(session.send(data))  # type: ignore[union-attr]
+                session.send(data)
 
     def dead_worker_of(self, entry: Entry) -> Worker | None:
         for index in entry.hosts:
@@ -347,7 +373,7 @@ class Gateway:
                 await self._refuse(ws, "protocol", str(exc))
                 return None
             session.attach(ws)
-            await session.send([session.proto.welcome(resumed=True), *missed])
+            session.send([session.proto.welcome(resumed=True), *missed])
             logger.info("session resumed", extra={"session": session.id, "replayed": len(missed)})
             return session
         proto = ServerSession(
@@ -356,7 +382,7 @@ class Gateway:
         session = GatewaySession(self, proto)
         self.sessions[session.id] = session
         session.attach(ws)
-        await session.send([proto.welcome(resumed=False)])
+        session.send([proto.welcome(resumed=False)])
         logger.info("session opened", extra={"session": session.id, "peer": str(ws.remote_address)})
         return session
 
@@ -375,6 +401,7 @@ class Gateway:
         if running:
             await asyncio.wait(running, timeout=timeout_s)
         for session in list(self.sessions.values()):
+            await session.drain(timeout_s=5.0)
             ws = session.ws
             session.end("gateway shutting down")
             if ws is not None:

@@ -35,6 +35,7 @@ from monarch_proxy.errors import (
 )
 from monarch_proxy.protocol.client import ClientSession
 from monarch_proxy.protocol.events import Failed, Logged, Rejected, Replied, Streamed, Welcomed
+from monarch_proxy.protocol.frames import pack_for_sending
 
 logger = logging.getLogger("monarch_proxy")
 
@@ -342,7 +343,7 @@ class GatewayConnection:
                     return
             # While disconnected, dropping these is safe: they are pending requests, which the
             # session replays after it resumes.
-            await self._send(messages)
+            await self._send(pack_for_sending(messages))
 
     def _send_nowait(self, pieces: list[bytes]) -> None:
         # While disconnected the request stays pending in the session and is replayed on resume.

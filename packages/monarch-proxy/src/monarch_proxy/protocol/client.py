@@ -27,7 +27,7 @@ from monarch_proxy.protocol.frames import (
     Frame,
     FrameKind,
     Reassembler,
-    decode,
+    decode_message,
 )
 
 ClientEvent = Welcomed | Replied | Failed | Streamed | Logged | Rejected
@@ -108,7 +108,13 @@ class ClientSession:
 
     def receive(self, data: bytes | memoryview) -> list[ClientEvent]:
         """Parse one message from the gateway. Raises :class:`ProtocolError` if it is malformed."""
-        piece = decode(data, max_size=self.receive_limit)
+        return [
+            event
+            for piece in decode_message(data, max_size=self.receive_limit)
+            for event in self._receive_frame(piece)
+        ]
+
+    def _receive_frame(self, piece: Frame) -> list[ClientEvent]:
         frame = self._reassembler.feed(piece)
         if frame is None:
             return []

@@ -23,7 +23,7 @@ from monarch_proxy.protocol.frames import (
     Frame,
     FrameKind,
     Reassembler,
-    decode,
+    decode_message,
 )
 
 ServerEvent = Requested | Released | Departed
@@ -88,7 +88,13 @@ class ServerSession:
 
     def receive(self, data: bytes | memoryview) -> list[ServerEvent]:
         """Parse one client message. Raises :class:`ProtocolError` if it is malformed."""
-        piece = decode(data, max_size=self.max_frame_size)
+        return [
+            event
+            for piece in decode_message(data, max_size=self.max_frame_size)
+            for event in self._receive_frame(piece)
+        ]
+
+    def _receive_frame(self, piece: Frame) -> list[ServerEvent]:
         if piece.kind is not FrameKind.CHUNK and (
             piece.kind not in CLIENT_KINDS or piece.kind is FrameKind.HELLO
         ):
