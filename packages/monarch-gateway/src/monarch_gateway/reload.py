@@ -1,9 +1,10 @@
 """Hot reload inside running actor processes: re-import changed modules, patch live classes.
 
 The gateway spawns one :class:`HotReloader` per process mesh the first time a client asks for a
-reload. ``importlib.reload`` alone would leave running actors on the old class objects, so the
-reloader also copies the new class bodies onto the old classes: the next call to an endpoint of
-an existing actor runs the new code, with the actor's state intact.
+reload. ``importlib.reload`` alone would leave running actors on the old class objects (and
+Monarch caches each actor's bound endpoint methods), so the reloader also gives the old function
+objects the new code in place and copies other new class attributes onto the old classes: the
+next call to an endpoint of an existing actor runs the new code, with the actor's state intact.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from types import ModuleType
+from types import FunctionType, ModuleType
 
 from monarch.actor import Actor, endpoint
 
@@ -24,19 +25,55 @@ def synced_root() -> str | None:
     return os.path.abspath(root) if root else None
 
 
-def patch_classes(module: ModuleType, old: dict[str, type]) -> None:
-    """Point the old class objects at the reloaded module's definitions."""
-    for name, old_class in old.items():
-        new_class = getattr(module, name, None)
-        if not isinstance(new_class, type) or new_class is old_class:
+def function_of(value: object) -> FunctionType | None:
+    """The plain function behind a method, static/class method or Monarch endpoint."""
+    for candidate in (value, getattr(value, "__func__", None), getattr(value, "_method", None)):
+        if isinstance(candidate, FunctionType):
+            return candidate
+    return None
+
+
+def update_function(old: FunctionType, new: FunctionType) -> bool:
+    """Give ``old`` the code of ``new``, so every reference to ``old`` runs the new code."""
+    try:
+        old.__code__ = new.__code__  # fails if the closures differ in shape
+    except ValueError:
+        return False
+    old.__defaults__ = new.__defaults__
+    old.__kwdefaults__ = new.__kwdefaults__
+    old.__dict__.update(new.__dict__)
+    return True
+
+
+def patch_module(module: ModuleType, old: dict[str, object]) -> None:
+    """Carry a reload over to objects that outlive it: old functions and old classes.
+
+    The module keeps the old objects, now holding the new code, so live actors, references
+    held elsewhere and the next reload all see one object per name.
+    """
+    for name, old_value in old.items():
+        new_value = getattr(module, name, None)
+        if new_value is old_value:
             continue
-        for attr, value in vars(new_class).items():
-            if attr in ("__dict__", "__weakref__"):
-                continue
-            try:
-                setattr(old_class, attr, value)
-            except (AttributeError, TypeError):
-                pass  # read-only slots such as __doc__ on some types
+        if isinstance(old_value, FunctionType) and isinstance(new_value, FunctionType):
+            if update_function(old_value, new_value):
+                setattr(module, name, old_value)
+        elif isinstance(old_value, type) and isinstance(new_value, type):
+            patch_class(old_value, new_value)
+            setattr(module, name, old_value)
+
+
+def patch_class(old_class: type, new_class: type) -> None:
+    for attr, new_value in vars(new_class).items():
+        if attr in ("__dict__", "__weakref__"):
+            continue
+        old_fn, new_fn = function_of(vars(old_class).get(attr)), function_of(new_value)
+        if old_fn is not None and new_fn is not None and update_function(old_fn, new_fn):
+            continue  # the old descriptor stays, now running the new code
+        try:
+            setattr(old_class, attr, new_value)
+        except (AttributeError, TypeError):
+            pass  # read-only attributes such as __doc__ on some types
 
 
 def reload_changed(root: str, paths: list[str]) -> list[str]:
@@ -48,11 +85,14 @@ def reload_changed(root: str, paths: list[str]) -> list[str]:
         file = getattr(module, "__file__", None)
         if not file or os.path.realpath(file) not in changed:
             continue
+        # What the module defined itself (not what it imported): patched after the reload.
         old = {
-            k: v for k, v in vars(module).items() if isinstance(v, type) and v.__module__ == name
+            k: v
+            for k, v in vars(module).items()
+            if isinstance(v, type | FunctionType) and getattr(v, "__module__", None) == name
         }
         importlib.reload(module)
-        patch_classes(module, old)
+        patch_module(module, old)
         reloaded.append(name)
     return sorted(reloaded)
 
