@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Mapping
 from types import FunctionType, ModuleType
 
 from monarch.actor import Actor, endpoint
@@ -45,7 +46,7 @@ def update_function(old: FunctionType, new: FunctionType) -> bool:
     return True
 
 
-def patch_module(module: ModuleType, old: dict[str, object]) -> None:
+def patch_module(module: ModuleType, old: Mapping[str, object]) -> None:
     """Carry a reload over to objects that outlive it: old functions and old classes.
 
     The module keeps the old objects, now holding the new code, so live actors, references
