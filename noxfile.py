@@ -78,17 +78,7 @@ def integration(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     sync(session, "--all-packages")
     session.run("ruff", "check", ".")
-    session.run(
-        "ruff",
-        "format",
-        "--check",
-        "packages/monarch-proxy",
-        "packages/monarch-gateway",
-        "tests",
-        "benchmarks/gateway.py",
-        "examples",
-        "noxfile.py",
-    )
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session
