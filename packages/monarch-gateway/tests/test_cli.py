@@ -57,3 +57,23 @@ def test_unreachable_workers_fail_with_a_clear_message():
     )
     assert result.returncode == 1
     assert "workers did not all answer within 3s" in result.stderr
+
+
+def test_local_prints_where_to_connect_and_stops_cleanly_on_sigterm():
+    import signal
+
+    from monarch_proxy import connect
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monarch_gateway", "local", "--hosts", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = dict(process.stdout.readline().split(":", 1) for _ in range(2))  # type: ignore[union-attr]
+        url, token = lines["gateway"].strip(), lines["token"].strip()
+        with connect(url, token) as job:
+            assert job.hosts.extent.as_dict() == {"hosts": 1}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
