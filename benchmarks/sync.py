@@ -1,0 +1,560 @@
+"""monarch-sync benchmark: push a generated workspace to N local agents, against rsync.
+
+    python benchmarks/sync.py --quick --json out.json    # N = 8, 32; under two minutes
+    python benchmarks/sync.py --json out.json            # N = 8, 32, 64, plus netns and simulation
+    python benchmarks/sync.py --netns                    # only the bandwidth-limited run (root)
+    python benchmarks/sync.py --simulate                 # only the 1,000 / 10,000 node model
+
+Workspace: 2,000 files, about 200 MB, two of them large (80 MB each). Every agent is its own
+process (``monarch-sync agent``); rsync runs as one daemon (``rsync --daemon``) with one module per
+agent, pushed sequentially and with N clients in parallel. All figures go to stdout and to the
+JSON file (default ``benchmarks/results/sync.json``); ratios are computed within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from monarch_sync import push
+from monarch_sync.tree import choose_fanout, tree_depth
+
+TOKEN = "bench-token"
+FILES = 2000
+LARGE = 2
+LARGE_BYTES = 80_000_000
+SMALL_TOTAL = 40_000_000
+RESULTS = Path(__file__).parent / "results"
+USE_RSYNC = True
+RATES = [("1gbit", 125e6, 100), ("50mbit", 6.25e6, 50)]  # tc rate, bytes/s, MB pushed
+FULL_FANOUT: int | None = None  # --fanout-full: override the planner for the full push
+
+
+# -- workspace ---------------------------------------------------------------------------
+def make_workspace(root: Path, *, files: int = FILES, seed: int = 0) -> int:
+    rnd = random.Random(seed)
+    words = [b"def", b"return", b"self", b"import", b"for", b"in", b"x", b"value", b"=", b"\n"]
+    small = files - LARGE
+    sizes = [rnd.randrange(1, 2 * SMALL_TOTAL // small) for _ in range(small)]
+    total = 0
+    for i, size in enumerate(sizes):
+        p = root / f"pkg{i % 20}" / f"sub{i % 7}" / f"mod{i}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        body = b" ".join(rnd.choice(words) for _ in range(size // 4 + 1))[:size]
+        p.write_bytes(body)
+        total += len(body)
+    for i in range(LARGE):
+        p = root / "data" / f"weights{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "wb") as f:
+            r = random.Random(seed * 100 + i)
+            for _ in range(LARGE_BYTES // (1 << 20)):
+                f.write(r.randbytes(1 << 20))
+            f.write(r.randbytes(LARGE_BYTES % (1 << 20)))
+        total += LARGE_BYTES
+    old = time.time() - 60  # outside the stat cache's racy window
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            os.utime(os.path.join(dirpath, n), (old, old))
+    return total
+
+
+def edit_one_file(root: Path) -> Path:
+    p = root / "pkg3" / "sub3" / "mod3.py"
+    with open(p, "ab") as f:
+        f.write(b"\n# edited\n")
+    return p
+
+
+# -- processes ---------------------------------------------------------------------------
+@contextmanager
+def agents(n: int, base: Path, *, netns: list[str] | None = None) -> Iterator[list[str]]:
+    procs: list[subprocess.Popen[str]] = []
+    addrs: list[str] = []
+    try:
+        for i in range(n):
+            listen = "127.0.0.1:0" if netns is None else f"10.9.{i + 1}.2:7878"
+            cmd = [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", listen,
+                   "--root", str(base / f"a{i}"), "--token", TOKEN, "--stall-timeout", "30", *(["--verbose"] if os.environ.get("SYNC_VERBOSE") else [])]  # fmt: skip
+            if netns is not None:
+                cmd = ["ip", "netns", "exec", netns[i], *cmd]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            addrs.append(line.split(" on ")[1].split(",")[0])
+        yield addrs
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@contextmanager
+def rsync_daemon(n: int, base: Path) -> Iterator[int]:
+    port = 28730 + random.randrange(1000)
+    conf = base / "rsyncd.conf"
+    lines = [f"port = {port}", "use chroot = no", "uid = 0", "gid = 0", "max connections = 0"]
+    for i in range(n):
+        (base / f"r{i}").mkdir(parents=True, exist_ok=True)
+        lines += [f"[m{i}]", f"path = {base / f'r{i}'}", "read only = no"]
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(
+        ["rsync", "--daemon", "--no-detach", f"--config={conf}", "--address=127.0.0.1"]
+    )
+    try:
+        for _ in range(100):
+            if (
+                subprocess.run(
+                    ["rsync", f"rsync://127.0.0.1:{port}/"], capture_output=True
+                ).returncode
+                == 0
+            ):
+                break
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def rsync_push(src: Path, port: int, modules: list[int], *, parallel: bool) -> tuple[float, int]:
+    """Seconds and total bytes sent by the rsync clients."""
+    cmd = ["rsync", "-a", "--delete", "--stats", f"{src}/"]
+    t0 = time.perf_counter()
+    if parallel:
+        procs = [
+            subprocess.Popen(
+                [*cmd, f"rsync://127.0.0.1:{port}/m{i}/"], stdout=subprocess.PIPE, text=True
+            )
+            for i in modules
+        ]
+        outs = [p.communicate()[0] for p in procs]
+        codes = [p.returncode for p in procs]
+    else:
+        outs, codes = [], []
+        for i in modules:
+            r = subprocess.run(
+                [*cmd, f"rsync://127.0.0.1:{port}/m{i}/"], capture_output=True, text=True
+            )
+            outs.append(r.stdout)
+            codes.append(r.returncode)
+    dt = time.perf_counter() - t0
+    if any(codes):
+        raise RuntimeError(f"rsync failed: exit codes {set(codes)}")
+    sent = 0
+    for out in outs:
+        m = re.search(r"Total bytes sent: ([\d,]+)", out)
+        sent += int(m.group(1).replace(",", "")) if m else 0
+    return dt, sent
+
+
+async def timed_push(src: Path, peers: list[str], cache: Path, fanout: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    report = await push(src, peers, TOKEN, fanout, cache_dir=cache, stall_timeout=30)
+    dt = time.perf_counter() - t0
+    if not report.ok:
+        raise RuntimeError(report.format())
+    return {
+        "s": dt,
+        "client_bytes": report.client_bytes + report.manifest_bytes,
+        "fanout": report.fanout,
+        "depth": report.depth,
+        "tree_bytes": report.tree_bytes,
+        "scan_s": report.scan_seconds,
+        "root": report.root_hash,
+    }
+
+
+def wait_idle(base: Path, n: int, root: str, timeout: float = 60.0) -> float:
+    """Wait until every agent has done its post-commit housekeeping (spare clone ready)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if all((base / f"a{i}" / "spare" / root).is_dir() for i in range(n)):
+            break
+        time.sleep(0.1)
+    return time.perf_counter() - t0
+
+
+def free(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- loopback runs -----------------------------------------------------------------------
+def loopback(ns: list[int], work: Path, out: dict, *, quick: bool) -> None:
+    src = work / "src"
+    if not src.exists():
+        src.mkdir()
+        print(f"generating workspace: {FILES} files ...", flush=True)
+        make_workspace(src)
+    have_rsync = shutil.which("rsync") is not None
+    if not USE_RSYNC:
+        have_rsync = False
+    elif not have_rsync:
+        print("rsync NOT FOUND: rsync baselines skipped (apt-get install -y rsync)", flush=True)
+    out["rsync_available"] = have_rsync
+    for n in ns:
+        key = str(n)
+        # Targets live in RAM (tmpfs) when they fit comfortably, so both tools are measured on
+        # CPU and network, not on this VM's disk; otherwise on disk. Recorded per N.
+        shm = Path("/dev/shm")
+        fits = shm.is_dir() and n * 200e6 * 1.2 < min(8e9, shutil.disk_usage(shm).free * 0.5)
+        base = Path(tempfile.mkdtemp(prefix=f"sync-n{n}-", dir=shm)) if fits else work / f"n{n}"
+        out.setdefault("storage", {})[key] = "tmpfs" if fits else "disk"
+        free(base)
+        base.mkdir()
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        # rebuild the same tree each round: the edit of the previous round is undone
+        free(src)
+        src.mkdir()
+        tree_bytes = make_workspace(src)
+        with agents(n, base) as peers:
+            full = asyncio.run(timed_push(src, peers, work / "cache", FULL_FANOUT))
+            # edits come seconds apart in real use; agents tidy up in between
+            wait_idle(base, n, full["root"])
+            edit_one_file(src)
+            edit = asyncio.run(timed_push(src, peers, work / "cache"))
+        out.setdefault("tree_bytes", {})[key] = full["tree_bytes"]
+        out.setdefault("full_push_s", {})[key] = full["s"]
+        out.setdefault("edit_push_s", {})[key] = edit["s"]
+        out.setdefault("client_bytes_full", {})[key] = full["client_bytes"]
+        out.setdefault("client_bytes_edit", {})[key] = edit["client_bytes"]
+        out.setdefault("fanout_full", {})[key] = full["fanout"]
+        out.setdefault("fanout_edit", {})[key] = edit["fanout"]
+        print(
+            f"N={n:3d} monarch-sync: full {full['s']:.2f}s (fan-out {full['fanout']}, "
+            f"depth {full['depth']}, client sent {full['client_bytes'] / 1e6:.1f} MB of "
+            f"{tree_bytes / 1e6:.1f} MB), one-file edit {edit['s']:.3f}s (fan-out "
+            f"{edit['fanout']}, client sent {edit['client_bytes'] / 1e3:.1f} kB)",
+            flush=True,
+        )
+        free(base)
+        if not have_rsync:
+            continue
+        # rsync: restore the unedited tree, then full + edit, parallel then sequential.
+        free(src)
+        src.mkdir()
+        make_workspace(src)
+        base.mkdir()
+        with rsync_daemon(n, base) as port:
+            par_full, par_full_bytes = rsync_push(src, port, list(range(n)), parallel=True)
+            edit_one_file(src)
+            par_edit, par_edit_bytes = rsync_push(src, port, list(range(n)), parallel=True)
+            out.setdefault("rsync_parallel_full_s", {})[key] = par_full
+            out.setdefault("rsync_parallel_edit_s", {})[key] = par_edit
+            out.setdefault("rsync_client_bytes_full", {})[key] = par_full_bytes
+            out.setdefault("rsync_client_bytes_edit", {})[key] = par_edit_bytes
+            seq_ns = [] if quick and n > 8 else list(range(n))
+            if seq_ns:
+                for i in range(n):  # fresh targets for the sequential run
+                    free(base / f"r{i}")
+                    (base / f"r{i}").mkdir()
+                free(src)
+                src.mkdir()
+                make_workspace(src)
+                seq_full, _ = rsync_push(src, port, seq_ns, parallel=False)
+                edit_one_file(src)
+                seq_edit, _ = rsync_push(src, port, seq_ns, parallel=False)
+                out.setdefault("rsync_sequential_full_s", {})[key] = seq_full
+                out.setdefault("rsync_sequential_edit_s", {})[key] = seq_edit
+        print(
+            f"N={n:3d} rsync parallel: full {par_full:.2f}s ({par_full_bytes / 1e6:.0f} MB sent), "
+            f"edit {par_edit:.3f}s ({par_edit_bytes / 1e3:.0f} kB sent)"
+            + (
+                f"; sequential: full {seq_full:.2f}s, edit {seq_edit:.3f}s"
+                if seq_ns
+                else "; sequential skipped in --quick"
+            ),
+            flush=True,
+        )
+        out.setdefault("ratio_full_vs_rsync_parallel", {})[key] = full["s"] / par_full
+        out.setdefault("ratio_edit_vs_rsync_parallel", {})[key] = edit["s"] / par_edit
+        out.setdefault("ratio_client_bytes_full_vs_rsync", {})[key] = (
+            full["client_bytes"] / par_full_bytes
+        )
+        free(base)
+
+
+def per_hop_cost(work: Path, out: dict) -> float:
+    """Seconds a tiny push spends per tree level: chain of 8 minus a single agent, over 7."""
+    src = work / "tiny"
+    free(src)
+    src.mkdir()
+    (src / "a.py").write_text("x = 1\n")
+    times = {}
+    for n in (1, 8):
+        base = work / f"hop{n}"
+        free(base)
+        with agents(n, base) as peers:
+            samples = []
+            for i in range(5):
+                (src / "a.py").write_text(f"x = {i}\n")
+                r = asyncio.run(timed_push(src, peers, work / "hopcache", fanout=1))
+                samples.append(r["s"])
+            times[n] = sorted(samples)[len(samples) // 2]
+        free(base)
+    h = max((times[8] - times[1]) / 7, 1e-4)
+    out["per_hop_s"] = h
+    out["tiny_push_1_agent_s"] = times[1]
+    out["tiny_push_chain8_s"] = times[8]
+    print(f"per-hop cost (tiny push, chain of 8 vs 1): {h * 1e3:.2f} ms", flush=True)
+    return h
+
+
+# -- bandwidth-limited run (network namespaces, tc tbf) ---------------------------------
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@contextmanager
+def shaped_hosts(n: int, rate: str) -> Iterator[list[str]]:
+    """n namespaces on a bridge in the root namespace; each veth shaped both ways with tbf."""
+    tag = f"ms{os.getpid() % 10000}"
+    names = [f"{tag}n{i}" for i in range(n + 1)]  # names[0] is the client
+    bridge = f"{tag}br"
+    try:
+        sh("ip", "link", "add", bridge, "type", "bridge")
+        sh("ip", "link", "set", bridge, "up")
+        for i, ns in enumerate(names):
+            sh("ip", "netns", "add", ns)
+            host, peer = f"{tag}h{i}", f"{tag}p{i}"
+            sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+            sh("ip", "link", "set", peer, "netns", ns)
+            sh("ip", "link", "set", host, "master", bridge)
+            sh("ip", "link", "set", host, "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.9.{i}.2/8", "dev", peer)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            for dev, where in ((peer, ns), (host, None)):  # egress of each end = both ways
+                tc = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                      "burst", "256kb", "latency", "50ms"]  # fmt: skip
+                sh(*(["ip", "netns", "exec", where, *tc] if where else tc))
+        yield names
+    finally:
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def netns_run(work: Path, out: dict, *, n: int = 16) -> None:
+    if os.geteuid() != 0 or shutil.which("tc") is None:
+        print("netns run skipped: needs root and tc", flush=True)
+        return
+    # 1 Gbit/s as specified. On this 2-core VM that run is CPU-bound: 16 hosts each verify,
+    # write and forward every byte. The 50 Mbit/s run is bandwidth-bound and shows how close
+    # the pipelined tree gets to the limit when the network is the bottleneck.
+    for rate, bandwidth, mb in RATES:
+        netns_rate(work, out, n=n, size_mb=mb, rate=rate, bandwidth=bandwidth)
+
+
+def netns_rate(work: Path, out: dict, *, n: int, size_mb: int, rate: str, bandwidth: float) -> None:
+    src = work / "netns-src"
+    for seed, folder in ((5, src), (6, work / "netns-src2")):
+        free(folder)
+        (folder / "data").mkdir(parents=True)
+        r = random.Random(seed)
+        with open(folder / "data" / "blob.bin", "wb") as f:
+            for _ in range(size_mb):
+                f.write(r.randbytes(1 << 20))
+        for i in range(200):
+            (folder / f"m{i}.py").write_bytes(r.randbytes(2000))
+    size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    base = work / "netns-agents"
+    free(base)
+    try:
+        with shaped_hosts(n, rate) as names, agents(n, base, netns=names[1:]) as peers:
+            client = [sys.executable, __file__, "--_netns-client", str(src), ",".join(peers)]
+            res = subprocess.run(
+                ["ip", "netns", "exec", names[0], *client], capture_output=True, text=True
+            )
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-2000:])
+            runs = json.loads(res.stdout.strip().splitlines()[-1])
+            if os.environ.get("SYNC_TC_STATS"):  # debugging aid: bytes through the shapers
+                for ns in names[:2]:
+                    cmd = ["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show"]
+                    print(
+                        ns,
+                        " ".join(
+                            subprocess.run(cmd, capture_output=True, text=True).stdout.split()
+                        ),
+                    )
+    except (subprocess.CalledProcessError, RuntimeError) as exc:
+        print(f"netns run failed: {exc}", flush=True)
+        out[f"netns_{rate}_error"] = str(exc)[-500:]
+        return
+    finally:
+        free(base)
+    chunk = 256 * 1024
+    depth = runs["depth"]
+    p2p_rate = runs["p2p_bytes"] / runs["p2p_s"]
+    if p2p_rate > 1.1 * bandwidth:
+        print(f"WARNING: point-to-point ran at {p2p_rate / 1e6:.0f} MB/s, above the shaped "
+              f"{bandwidth / 1e6:.0f} MB/s: shaping was not effective for it", flush=True)  # fmt: skip
+    limit = size / bandwidth + depth * chunk / bandwidth
+    out[f"netns_{rate}"] = {
+        "nodes": n,
+        "bytes": size,
+        "bandwidth_Bps": bandwidth,
+        "full_push_s": runs["full_s"],
+        "fanout": runs["fanout"],
+        "depth": depth,
+        "limit_s": limit,
+        "ratio_to_limit": runs["full_s"] / limit,
+        "point_to_point_one_node_s": runs["p2p_s"],
+        "point_to_point_bytes": runs["p2p_bytes"],
+        "client_bytes": runs["full_bytes"],
+        "ratio_to_point_to_point_one_node": runs["full_s"] / runs["p2p_s"],
+        "unicast_all_nodes_estimate_s": n * runs["p2p_s"],
+    }
+    print(
+        f"netns {rate}, {n} hosts, {size / 1e6:.0f} MB: push {runs['full_s']:.2f}s "
+        f"(fan-out {runs['fanout']}, depth {depth}); limit S/B + depth*c/B = {limit:.2f}s "
+        f"-> {runs['full_s'] / limit:.2f}x; point-to-point to one host {runs['p2p_s']:.2f}s "
+        f"(unicast to all {n} would be ~{n * runs['p2p_s']:.1f}s)",
+        flush=True,
+    )
+
+
+def netns_client(src: str, peers_csv: str) -> None:
+    peers = peers_csv.split(",")
+    with tempfile.TemporaryDirectory() as cache:
+        # point-to-point first: same size, other content (src2), to one host only
+        one = asyncio.run(timed_push(Path(src + "2"), peers[:1], Path(cache) / "p2p"))
+        full = asyncio.run(timed_push(Path(src), peers, Path(cache) / "all"))
+    print(json.dumps({"p2p_s": one["s"], "full_s": full["s"], "fanout": full["fanout"],
+                      "p2p_bytes": one["client_bytes"], "full_bytes": full["client_bytes"],
+                      "depth": full["depth"]}))  # fmt: skip
+
+
+# -- simulation --------------------------------------------------------------------------
+def simulate_pipelined(
+    n: int, size: float, bw: float, fanout: int, frame: int, hop: float
+) -> float:
+    """Frame-level pipelined tree: each node forwards frame j to its k children in turn."""
+    frames = max(1, math.ceil(size / frame))
+    depth = tree_depth(n, fanout)
+    # arrival time of the last frame at each level; the client's uplink feeds level 1 alone
+    send = frame / bw
+    t_prev_last = frames * send + hop  # level 1 (the root) receives at line rate
+    t_prev_first = send + hop
+    for _ in range(2, depth + 1):
+        k = max(1, fanout)
+        # a child gets frame j once its parent has it and the parent's uplink, shared by k,
+        # has served its siblings; steady state is k * frame / bw per frame
+        t_first = t_prev_first + k * send + hop
+        t_last = max(t_prev_last + k * send + hop, t_first + (frames - 1) * k * send)
+        t_prev_first, t_prev_last = t_first, t_last
+    return t_prev_last
+
+
+def simulate(out: dict, hop: float) -> None:
+    size, bw, frame = 1e9, 1.25e9, 256 * 1024
+    sim: dict[str, dict[str, float]] = {}
+    for n in (1000, 10_000):
+        ours_k = choose_fanout(n, size, bandwidth=bw, hop_s=hop, frame=frame)
+        ours = simulate_pipelined(n, size, bw, ours_k, frame, hop)
+        k50_depth = tree_depth(n, 50)
+        sim[str(n)] = {
+            "ours_fanout": ours_k,
+            "ours_s": ours,
+            "ours_binary_s": simulate_pipelined(n, size, bw, 2, frame, hop),
+            "unicast_s": n * size / bw,
+            # the root waits for the client's full upload, then every level does a full
+            # store-and-forward to 50 children sharing the uplink
+            "tree50_wait_full_s": size / bw + (k50_depth - 1) * (50 * size / bw + hop),
+            "swarm_bound_s": size / bw + math.log2(n) * frame / bw,
+        }
+        s = sim[str(n)]
+        print(
+            f"sim N={n}: ours (fan-out {ours_k}) {s['ours_s']:.2f}s, binary {s['ours_binary_s']:.2f}s, "
+            f"unicast {s['unicast_s']:.0f}s, 50-way wait-full {s['tree50_wait_full_s']:.1f}s, "
+            f"swarm bound {s['swarm_bound_s']:.2f}s (ours/bound {s['ours_s'] / s['swarm_bound_s']:.2f}x)",
+            flush=True,
+        )
+    out["simulation"] = {
+        "bytes": size,
+        "bandwidth_Bps": bw,
+        "frame": frame,
+        "per_hop_s": hop,
+        **sim,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="N = 8 and 32 only, no netns/simulation")
+    p.add_argument("--json", type=Path, default=RESULTS / "sync.json")
+    p.add_argument("--ns", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--netns", action="store_true", help="only the bandwidth-limited run")
+    p.add_argument("--simulate", action="store_true", help="only the simulation")
+    p.add_argument("--fanout-full", type=int, help="force the full push's fan-out")
+    p.add_argument("--no-rsync", action="store_true", help="skip the rsync baselines")
+    p.add_argument("--_netns-client", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    # so that `finally` blocks stop agents and remove temporary trees on SIGTERM too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    global FULL_FANOUT
+    FULL_FANOUT = args.fanout_full
+    global USE_RSYNC
+    USE_RSYNC = not args.no_rsync
+    if args._netns_client:
+        netns_client(*args._netns_client)
+        return 0
+    out: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "quick": args.quick,
+    }
+    t0 = time.perf_counter()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="monarch-sync-bench-"))
+    try:
+        if args.simulate:
+            simulate(out, 1e-3)
+        elif args.netns:
+            netns_run(work, out)
+        else:
+            ns = args.ns or ([8, 32] if args.quick else [8, 32, 64])
+            loopback(ns, work, out, quick=args.quick)
+            if not args.quick:
+                hop = per_hop_cost(work, out)
+                netns_run(work, out)
+                simulate(out, hop)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    out["bench_wall_s"] = time.perf_counter() - t0
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json} ({out['bench_wall_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The agent: a node that receives pushes, applies them atomically and feeds its children.
+
+:class:`Agent` runs inside any asyncio loop (``await agent.start()``; ``await agent.close()``).
+Each push is a :class:`NodeSession`:
+
+1. decode and validate the manifest; start connecting to the children while diffing against
+   the current version and preparing a staging clone (in a thread);
+2. answer upstream with NEED: its own missing blobs plus what the children lack that it does
+   not hold (it serves what it holds from disk);
+3. receive blobs, verify each BLAKE3 digest (a corrupt one is asked again with REFETCH), write
+   it, and hand it to the children the moment it is verified (cut-through);
+4. once it holds everything, finish the tree, rename it into place and switch ``current``;
+5. gather the children's results and send RESULT upstream.
+
+If the upstream connection dies the session keeps its state and waits ``resume_timeout`` for
+an ancestor to adopt it; the adopter gets a NEED for what is still missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from .conn import Conn, accept, serve
+from .downstream import (
+    Downstream,
+    NodeResult,
+    elapsed,
+    failed_result,
+    parse_manifest_frame,
+)
+from .exceptions import BadToken, DigestMismatch, PeerLost, SyncError, SyncProtocolError
+from .frames import (
+    FrameType,
+    bitmap_from_indices,
+    decode_blob,
+    encode_frame,
+    encode_json,
+)
+from .manifest import Manifest
+from .staging import Staging, begin_staging
+from .store import Store, synced_path
+from .tree import TreeNode
+
+__all__ = ["Agent", "NodeSession"]
+
+MAX_REFETCH = 3
+KEEP_RESULTS = 64
+log = logging.getLogger("monarch_sync.agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        root: str | Path,
+        token: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        stall_timeout: float = 10.0,
+        resume_timeout: float | None = None,
+        advertise: str | None = None,
+    ) -> None:
+        if not token:
+            raise BadToken("an agent needs a non-empty token")
+        self.store = Store(root)
+        self.token = token
+        self.host = host
+        self.port = port
+        self.stall_timeout = stall_timeout
+        self.resume_timeout = resume_timeout if resume_timeout is not None else 3 * stall_timeout
+        self._advertise = advertise
+        self._server: asyncio.Server | None = None
+        self._sessions: dict[str, NodeSession] = {}
+        self._finished: collections.OrderedDict[str, list[NodeResult]] = collections.OrderedDict()
+        self._lock = asyncio.Lock()
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def synced_path(self) -> Path:
+        return synced_path(self.store.root)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as peers should dial it (the bound port if ``port`` was 0)."""
+        if self._advertise:
+            return self._advertise
+        assert self._server is not None, "start() the agent first"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def start(self) -> None:
+        self._server = await serve(self._handle, self.host, self.port)
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.to_thread(self.store.wait_spare)
+
+    async def _handle(self, conn: Conn) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        keep_open = False
+        try:
+            hello = await accept(conn, self.token, self.stall_timeout)
+            push_id = str(hello.get("push_id", ""))
+            frame = await conn.expect(FrameType.MANIFEST, self.stall_timeout)
+            head, body = parse_manifest_frame(frame)
+            if push_id in self._finished:  # adopted after we finished: replay the result
+                conn.send(encode_frame(FrameType.NEED, bitmap_from_indices((), head["blobs"])))
+                conn.send(encode_json(FrameType.RESULT, self._finished[push_id]))
+                await conn.drain(self.stall_timeout)
+                return
+            session = self._sessions.get(push_id)
+            if session is not None:
+                session.reattach(conn)
+                keep_open = True
+                return
+            waiting = None
+            if self._lock.locked():  # keep the parent from declaring us stalled meanwhile
+                waiting = asyncio.create_task(_heartbeat(conn, self.stall_timeout / 4))
+            async with self._lock:  # one push at a time per agent
+                if waiting is not None:
+                    waiting.cancel()
+                session = NodeSession(self, push_id, conn, head, body)
+                self._sessions[push_id] = session
+                try:
+                    results = await session.run()
+                finally:
+                    del self._sessions[push_id]
+                self._finished[push_id] = results
+                while len(self._finished) > KEEP_RESULTS:
+                    self._finished.popitem(last=False)
+        except (BadToken, PeerLost, SyncProtocolError, TimeoutError, ValueError, KeyError):
+            pass
+        finally:
+            self._handlers.discard(task)
+            if not keep_open:
+                conn.close()
+
+
+class NodeSession:
+    def __init__(
+        self, agent: Agent, push_id: str, upstream: Conn, head: dict[str, Any], body: bytes
+    ) -> None:
+        self.agent = agent
+        self.push_id = push_id
+        self.upstream: Conn | None = upstream
+        self.reattached = asyncio.Event()
+        self.head = head
+        self.body = body
+        self.tree = TreeNode.from_json(head["tree"])
+        self.me = self.tree.peer
+        self.expected: set[int] = set()  # every blob we asked upstream for
+        self.got: set[int] = set()
+        self.missing: set[int] = set()  # expected - got, kept incrementally (no O(n) checks)
+        self.need_sent = False
+        self.bytes_received = 0
+        self.refetches: collections.Counter[int] = collections.Counter()
+        self.t0 = time.monotonic()
+        self.downstream: Downstream | None = None
+        self.staging: Staging | None = None
+
+    # -- upstream plumbing --------------------------------------------------------------
+    def _send_up(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.upstream.send(data)
+
+    def reattach(self, conn: Conn) -> None:
+        """An ancestor adopted us: drop the old parent, tell the new one what is missing."""
+        old, self.upstream = self.upstream, conn
+        if old is not None:
+            old.send(encode_json(FrameType.ERROR, {"code": "reparented", "message": ""}))
+            old.close()
+        if self.need_sent:
+            conn.send(self._need_frame(self.missing))
+        self.reattached.set()
+
+    async def _wait_upstream(self) -> Conn:
+        while self.upstream is None:
+            self.reattached.clear()
+            try:
+                await asyncio.wait_for(self.reattached.wait(), self.agent.resume_timeout)
+            except TimeoutError:
+                raise PeerLost(self.me, "upstream lost and no ancestor re-attached") from None
+        return self.upstream
+
+    def _need_frame(self, indices: set[int]) -> bytes:
+        return encode_frame(FrameType.NEED, bitmap_from_indices(indices, self.head["blobs"]))
+
+    def _need_more(self, indices: set[int]) -> None:
+        new = indices - self.expected - self.got
+        if new:
+            self.expected |= new
+            self.missing |= new
+            if self.need_sent:
+                self._send_up(self._need_frame(new))
+
+    def _poke_receiver(self) -> None:
+        """A child finished attaching: wake the receive loop to re-check its exit condition."""
+        if self.upstream is not None:
+            self.upstream.poke()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.agent.stall_timeout / 4)
+            self._send_up(encode_frame(FrameType.HEARTBEAT))
+
+    # -- the push -----------------------------------------------------------------------
+    async def run(self) -> list[NodeResult]:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            own = await self._run_own()
+        except (SyncError, OSError, TimeoutError) as exc:
+            own = failed_result(self.me, str(exc) or type(exc).__name__)
+        finally:
+            heartbeat.cancel()
+        if not own["ok"]:
+            # Tell the parent and hang up: it re-attaches our children to itself.
+            if self.downstream is not None:
+                self.downstream.abort()
+            if self.staging is not None:
+                self.agent.store.abort(self.staging.folder)
+            msg = {"code": "failed", "message": own["error"]}
+            self._send_up(encode_json(FrameType.ERROR, msg))
+            return [own]
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            assert self.downstream is not None
+            results = [own, *await self.downstream.finish()]
+            conn = await _maybe(self._wait_upstream())
+            if conn is not None:
+                conn.send(encode_json(FrameType.RESULT, results))
+                with contextlib.suppress(SyncError, TimeoutError):
+                    await conn.drain(self.agent.stall_timeout)
+                conn.close()
+            return results
+        finally:
+            heartbeat.cancel()
+
+    def _trace(self, what: str) -> None:
+        log.debug("%s push %s: %s at %.1f ms", self.me, self.push_id[:8], what,
+                  (time.monotonic() - self.t0) * 1e3)  # fmt: skip
+
+    async def _run_own(self) -> NodeResult:
+        store = self.agent.store
+        patched = "base" in self.head
+        ds = self.downstream = Downstream(
+            push_id=self.push_id,
+            token=self.agent.token,
+            sender=self.me,
+            manifest_bytes=None if patched else self.body,
+            patch=({k: self.head[k] for k in ("base", "removed")}, self.body) if patched else None,
+            root=str(self.head.get("root", "")),
+            blob_count=int(self.head["blobs"]),
+            stall_timeout=self.agent.stall_timeout,
+            on_node_done=lambda r: self._send_up(encode_json(FrameType.NODE_DONE, r)),
+            on_need_more=self._need_more,
+            on_attached=self._poke_receiver,
+        )
+        for child in self.tree.children:  # children get going while we decode
+            ds.attach_soon(child)
+        manifest = await self._obtain_manifest(store)
+        ds.set_manifest(manifest.encode())
+        self._trace("manifest decoded")
+        name = f"{self.push_id}-{uuid.uuid4().hex[:8]}"
+        staging = self.staging = await asyncio.to_thread(begin_staging, store, manifest, name)
+        self._trace("staging ready")
+        self.expected |= staging.plan.need
+        self.missing = self.expected - self.got
+        ds.set_source(staging)
+        # Ask for our own blobs at once, so data flows down while the subtree is still
+        # connecting; what the children lack beyond that follows as incremental NEEDs.
+        self._send_up(self._need_frame(self.expected))
+        self.need_sent = True
+        self._trace(f"NEED sent ({len(self.expected)} blobs)")
+        await self._receive(manifest, staging, ds)
+        self._trace("all blobs received")
+        await asyncio.to_thread(self._commit, store, staging, manifest)
+        self._trace("committed")
+        result: NodeResult = {
+            "peer": self.me,
+            "ok": True,
+            "error": None,
+            "root": manifest.root_hash,
+            "bytes": self.bytes_received,
+            "seconds": elapsed(self.t0),
+        }
+        self._send_up(encode_json(FrameType.NODE_DONE, result))
+        return result
+
+    async def _obtain_manifest(self, store: Store) -> Manifest:
+        """Decode the pushed manifest, or rebuild it from a patch against a version we hold."""
+        head, body = self.head, self.body
+        manifest: Manifest | None = None
+        if "base" in head:
+            base = await asyncio.to_thread(store.load_manifest, str(head["base"]))
+            if base is not None:
+                removed = [str(p) for p in head["removed"]]
+                manifest = await asyncio.to_thread(Manifest.from_patch, base, body, removed)
+            else:
+                conn = await self._wait_upstream()
+                conn.send(encode_frame(FrameType.MANIFEST_WANTED))
+                frame = await conn.expect(FrameType.MANIFEST, self.agent.stall_timeout)
+                head, body = parse_manifest_frame(frame)
+        if manifest is None:
+            manifest = await asyncio.to_thread(Manifest.decode, body)
+        if head.get("root") and manifest.root_hash != head["root"]:
+            raise SyncProtocolError("manifest does not hash to the announced root")
+        if len(manifest.blobs) != self.head["blobs"]:
+            raise SyncProtocolError("manifest blob count does not match the header")
+        return manifest
+
+    def _commit(self, store: Store, staging: Staging, manifest: Manifest) -> None:
+        staging.finish()
+        # Children that fall behind read our blobs from the committed version from now on.
+        staging.final = store.version_dir(manifest.root_hash)
+        store.commit(
+            staging.folder,
+            manifest,
+            written=[e.path for e in staging.plan.write],
+            base_hash=staging.base_hash,
+            encoded=manifest.encode(),
+        )
+
+    async def _receive(self, manifest: Manifest, staging: Staging, ds: Downstream) -> None:
+        blobs = manifest.blobs
+        while self.missing or ds.attaching:  # children may still add needs
+            conn = await self._wait_upstream()
+            try:
+                frame = await conn.recv(self.agent.stall_timeout)
+            except (PeerLost, TimeoutError):
+                if self.upstream is conn:
+                    self.upstream = None
+                    conn.close()
+                continue
+            if frame.type is FrameType.BLOB:
+                index, data = decode_blob(frame)
+                if index in self.got or index >= len(blobs):
+                    continue
+                if blake3.blake3(data).digest() != blobs[index][0]:
+                    self.refetches[index] += 1
+                    if self.refetches[index] > MAX_REFETCH:
+                        raise DigestMismatch(f"blob {index}", blobs[index][0].hex(), "corrupt")
+                    conn.send(encode_frame(FrameType.REFETCH, struct.pack("!I", index)))
+                    continue
+                if index in staging.plan.need:
+                    staging.write_blob(index, data)
+                self.got.add(index)
+                self.missing.discard(index)
+                self.bytes_received += len(data)
+                ds.offer(index, data)
+            elif frame.type is FrameType.ERROR and self.upstream is conn:
+                self.upstream = None
+                conn.close()
+        staging.close_files()
+
+
+async def _heartbeat(conn: Conn, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        conn.send(encode_frame(FrameType.HEARTBEAT))
+
+
+async def _maybe(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except PeerLost:
+        return None

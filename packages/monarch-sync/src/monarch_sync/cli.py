@@ -1,0 +1,147 @@
+"""Command line: ``monarch-sync agent``, ``push``, ``rollback`` and ``path``.
+
+Exit status of ``push``: 0 when every node switched to the new root, 1 when any failed (the
+per-node report names them), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .agent import Agent
+from .client import push
+from .conn import parse_peer
+from .exceptions import SyncError
+from .progress import default_progress
+from .store import Store, synced_path
+
+__all__ = ["main", "read_peers"]
+
+
+def read_peers(to: str | None, peers_file: str | None) -> list[str]:
+    """Peers from ``--to a:1,b:2`` and/or a file (``-`` for stdin), one per line or comma."""
+    raw: list[str] = []
+    if to:
+        raw += to.split(",")
+    if peers_file:
+        text = sys.stdin.read() if peers_file == "-" else Path(peers_file).read_text()
+        for line in text.splitlines():
+            line = line.split("#", 1)[0]
+            raw += line.replace(",", " ").split()
+    peers = [p.strip() for p in raw if p.strip()]
+    for p in peers:
+        parse_peer(p)
+    return list(dict.fromkeys(peers))
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        return Path(args.token_file).read_text().strip()
+    token = args.token or os.environ.get("MONARCH_SYNC_TOKEN", "")
+    if not token:
+        raise SystemExit(
+            "monarch-sync: a token is required (--token, --token-file or MONARCH_SYNC_TOKEN)"
+        )
+    return token
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="monarch-sync", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def token_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--token", help="shared secret (or MONARCH_SYNC_TOKEN)")
+        sp.add_argument("--token-file", help="read the token from this file")
+
+    a = sub.add_parser("agent", help="run the receiving daemon on a node")
+    a.add_argument("--listen", default="0.0.0.0:7878", help="HOST:PORT to listen on")
+    a.add_argument(
+        "--root", required=True, help="folder holding versions; live tree is ROOT/current"
+    )
+    a.add_argument("--advertise", help="HOST:PORT peers use to reach us, if not --listen")
+    a.add_argument("--stall-timeout", type=float, default=10.0)
+    a.add_argument("--verbose", action="store_true", help="log each push's phases")
+    token_args(a)
+
+    s = sub.add_parser("push", help="push a folder to agents")
+    s.add_argument("src")
+    s.add_argument("--to", help="comma-separated HOST:PORT list")
+    s.add_argument("--peers-file", help="file with one HOST:PORT per line, '-' for stdin")
+    s.add_argument("--fanout", type=int, help="children per node (default: chosen by size)")
+    s.add_argument("--stall-timeout", type=float, default=10.0)
+    s.add_argument("--json", help="also write the report as JSON to this file")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    token_args(s)
+
+    r = sub.add_parser("rollback", help="switch an agent root back to its previous version")
+    r.add_argument("--root", required=True)
+    w = sub.add_parser("path", help="print the live tree's path (for sys.path)")
+    w.add_argument("--root", required=True)
+    return p
+
+
+async def _run_agent(args: argparse.Namespace) -> int:
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(message)s")
+    host, port = parse_peer(args.listen)
+    agent = Agent(
+        args.root,
+        _token(args),
+        host=host,
+        port=port,
+        stall_timeout=args.stall_timeout,
+        advertise=args.advertise,
+    )
+    await agent.start()
+    print(f"monarch-sync agent listening on {agent.address}, root {args.root}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await agent.close()
+    return 0
+
+
+async def _run_push(args: argparse.Namespace) -> int:
+    peers = read_peers(args.to, args.peers_file)
+    if not peers:
+        print("monarch-sync: no peers (use --to or --peers-file)", file=sys.stderr)
+        return 2
+    progress = None if args.quiet else default_progress()
+    report = await push(
+        args.src, peers, _token(args), args.fanout, progress, stall_timeout=args.stall_timeout
+    )
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "agent":
+            return asyncio.run(_run_agent(args))
+        if args.cmd == "push":
+            return asyncio.run(_run_push(args))
+        if args.cmd == "rollback":
+            print(Store(args.root).rollback())
+            return 0
+        print(synced_path(args.root))
+        return 0
+    except (SyncError, ValueError, FileNotFoundError) as exc:
+        print(f"monarch-sync: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Filling a staging tree from received blobs and local copies (I/O).
+
+Each needed blob is written once, at its first location in the new tree; that location is also
+where it is read back to serve children that fall behind or get re-attached. :meth:`finish`
+fills every other chunk (duplicates, and chunks the agent already held, hashing what it copies),
+creates folders, symlinks and exec bits, and removes what the manifest no longer lists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import blake3
+
+from .diff import Plan, diff
+from .exceptions import DigestMismatch
+from .manifest import Kind, Manifest
+from .store import Store
+
+__all__ = ["Staging", "begin_staging", "local_index"]
+
+Location = tuple[str, int, int]  # path, offset, size
+
+
+def local_index(manifest: Manifest, folder: Path) -> dict[bytes, Location]:
+    """digest -> where that chunk sits in an existing version."""
+    out: dict[bytes, Location] = {}
+    base = str(folder) + "/"
+    for e in manifest.entries:
+        off = 0
+        for digest, size in e.chunks:
+            out.setdefault(digest, (base + e.path, off, size))
+            off += size
+    return out
+
+
+def read_at(loc: Location) -> bytes:
+    fd = os.open(loc[0], os.O_RDONLY)
+    try:
+        return os.pread(fd, loc[2], loc[1])
+    finally:
+        os.close(fd)
+
+
+class Staging:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        plan: Plan,
+        local: dict[bytes, Location],
+        tampered: list[str],
+        base_hash: str | None = None,
+    ) -> None:
+        self.folder = folder
+        self.base_hash = base_hash
+        self.manifest = manifest
+        self.plan = plan
+        self.local = local
+        self.tampered = tampered
+        self.received: set[int] = set()
+        self.final: Path | None = None  # where the tree lives once committed
+        self.first: dict[int, Location] = {}  # blob index -> its first location in the tree
+        self._sizes = {str(folder) + "/" + e.path: e.size for e in plan.write}
+        self._fds: dict[str, int] = {}
+        index = manifest.blob_index
+        base = str(folder) + "/"
+        for e in plan.write:
+            off = 0
+            for digest, size in e.chunks:
+                i = index[digest]
+                if i in plan.need and i not in self.first:
+                    self.first[i] = (base + e.path, off, size)
+                off += size
+
+    def prepare(self) -> None:
+        """Make room: drop changed and removed paths, create the files to fill."""
+        base = str(self.folder) + "/"
+        for path in self.tampered:
+            _remove(base + path)
+        for e in self.plan.remove:
+            _remove(base + e.path)
+        for d in self.plan.mkdirs:
+            os.makedirs(base + d, exist_ok=True)
+        for e in self.plan.write:  # files are created by their first write, or in finish()
+            _remove(base + e.path)
+
+    def write_blob(self, index: int, data: bytes | memoryview) -> None:
+        path, off, size = self.first[index]
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            if off == 0 and size == self._sizes.get(path):  # a whole small file: done with it
+                os.write(fd, data)
+                os.close(fd)
+                self.received.add(index)
+                return
+            if len(self._fds) >= 32:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[path] = fd
+        os.pwrite(fd, data, off)
+        self.received.add(index)
+
+    def has(self, index: int) -> bool:
+        return index in self.received or self.manifest.blobs[index][0] in self.local
+
+    def read_blob(self, index: int) -> bytes:
+        if index not in self.received:
+            return read_at(self.local[self.manifest.blobs[index][0]])
+        path, off, size = self.first[index]
+        try:
+            return read_at((path, off, size))
+        except FileNotFoundError:
+            if self.final is None:
+                raise
+            moved = str(self.final) + path[len(str(self.folder)) :]
+            return read_at((moved, off, size))
+
+    def missing(self) -> set[int]:
+        return self.plan.need - self.received
+
+    def finish(self) -> None:
+        """Complete every file, verifying copied chunks; raises DigestMismatch."""
+        self.close_files()
+        index = self.manifest.blob_index
+        base = str(self.folder) + "/"
+        for e in self.plan.write:
+            path = base + e.path
+            if self._complete(e.path, e.chunks):
+                if e.executable:
+                    os.chmod(path, 0o755)
+                continue
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                off = 0
+                for digest, size in e.chunks:
+                    i = index[digest]
+                    loc = self.first.get(i)
+                    if loc is None or loc[:2] != (path, off):
+                        if i in self.received and loc is not None:
+                            data = read_at(loc)
+                        else:
+                            data = read_at(self.local[digest])
+                            if blake3.blake3(data).digest() != digest:
+                                raise DigestMismatch(e.path, digest.hex(), "local copy")
+                        os.pwrite(fd, data, off)
+                    off += size
+            finally:
+                os.close(fd)
+            if e.executable:
+                os.chmod(path, 0o755)
+        for e in self.plan.links:
+            _remove(base + e.path)
+            os.symlink(e.target, base + e.path)
+        # A clone of a tampered base may hold paths this manifest does not list.
+        if self.tampered:
+            _sweep(self.folder, self.manifest)
+
+    def _complete(self, path: str, chunks: tuple[tuple[bytes, int], ...]) -> bool:
+        """Every chunk of the file was received and written in place (the common case)."""
+        full = str(self.folder) + "/" + path
+        index = self.manifest.blob_index
+        off = 0
+        for digest, size in chunks:
+            loc = self.first.get(index[digest])
+            if loc is None or loc[0] != full or loc[1] != off or index[digest] not in self.received:
+                return False
+            off += size
+        return True
+
+    def close_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def begin_staging(store: Store, manifest: Manifest, name: str) -> Staging:
+    """Clone the current version, diff it against ``manifest`` and make room (blocking)."""
+    base_hash = store.current_hash()
+    base = store.load_manifest(base_hash) if base_hash else None
+    tampered: list[str] = []
+    local: dict[bytes, Location] = {}
+    folder = store.begin(name, base_hash, base)
+    if base is not None and base_hash is not None:
+        base, tampered = store.verified_entries(base_hash, base)
+        local = local_index(base, store.version_dir(base_hash))
+    staging = Staging(folder, manifest, diff(base, manifest, local), local, tampered, base_hash)
+    staging.prepare()
+    return staging
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except IsADirectoryError:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except PermissionError:  # EPERM for unlink on a folder on some systems
+        shutil.rmtree(path)
+
+
+def _sweep(folder: Path, manifest: Manifest) -> None:
+    listed = manifest.by_path
+    for dirpath, dirnames, filenames in os.walk(folder, topdown=True):
+        rel = os.path.relpath(dirpath, folder)
+        rel = "" if rel == "." else rel + "/"
+        for name in list(dirnames):
+            e = listed.get(rel + name)
+            if e is None or e.kind is not Kind.DIR:
+                _remove(os.path.join(dirpath, name))
+                dirnames.remove(name)
+        for name in filenames:
+            if rel + name not in listed:
+                _remove(os.path.join(dirpath, name))

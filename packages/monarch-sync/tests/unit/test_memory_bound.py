@@ -1,0 +1,31 @@
+"""A slow child must not make a node hold the data it has not yet sent."""
+
+import asyncio
+
+from monarch_sync.downstream import Downstream, _Child
+from monarch_sync.tree import TreeNode
+
+
+def test_queue_keeps_indices_only_past_the_limit() -> None:
+    async def scenario() -> None:
+        ds = Downstream(
+            push_id="p",
+            token="t",
+            sender="me",
+            manifest_bytes=b"",
+            blob_count=100,
+            root="",
+            stall_timeout=5,
+            queue_limit=1000,
+        )
+        child = _Child(TreeNode("slow:1"), conn=None)  # type: ignore[arg-type]
+        ds.children["slow:1"] = child
+        ds.relay.add_child("slow:1", range(100))
+        for i in range(100):
+            ds.offer(i, b"x" * 300)
+        held = [data for _, data in child.queue if data is not None]
+        assert len(child.queue) == 100  # every blob is still owed to the child
+        assert sum(map(len, held)) == child.queued_bytes <= 1000 + 300
+        assert child.queue[-1][1] is None  # later ones will be read back from disk
+
+    asyncio.run(scenario())
