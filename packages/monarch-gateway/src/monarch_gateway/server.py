@@ -134,22 +134,34 @@ class GatewaySession:
             self.end("client said goodbye")
 
     def send(self, messages: list[bytes]) -> None:
-        """Queue messages for the client, in order; one writer task drains the queue.
+        """Queue messages for the client, in order, and make sure a writer is draining them.
 
         Reliable frames also stay buffered in ``proto`` until acked, so what cannot be sent now
         reaches the client when it resumes.
         """
-        if self.ws is None:
-            return
-        self.outbox += messages
-        if not self.writing:
-            self.writing = True
+        if self.queue(messages):
             asyncio.get_running_loop().create_task(self._write())
+
+    async def send_now(self, messages: list[bytes]) -> None:
+        """:meth:`send`, writing in this task when no writer is active (one loop turn less)."""
+        if self.queue(messages):
+            await self._write()
+
+    def queue(self, messages: list[bytes]) -> bool:
+        """Add to the outbox; True if the caller must start the writer."""
+        if self.ws is None:
+            return False
+        self.outbox += messages
+        if self.writing:
+            return False
+        self.writing = True
+        return True
 
     async def _write(self) -> None:
         try:
             while self.outbox and self.ws is not None:
-                # Replies that became ready together leave as one message (see frames.BATCH).
+                # Messages queued while the last write was in flight leave together, packed
+                # (see frames.BATCH).
                 messages, self.outbox = pack_for_sending(self.outbox), []
                 ws = self.ws
                 with contextlib.suppress(ConnectionClosed):
@@ -184,7 +196,7 @@ class GatewaySession:
         finally:
             self.calls.pop(request.id, None)
         if not self.ended:
-            self.send(data)
+            await self.send_now(data)
 
     async def _execute(self, request: Requested, call: Call) -> tuple[dict[str, Any], bytes]:
         service, table, meta, op = self.gateway.service, self.table, request.meta, request.op
@@ -208,7 +220,7 @@ class GatewaySession:
         if op == "endpoint.call":
 
             async def emit(payload: bytes) -> None:
-                self.send(self.proto.item(request.id, {}, payload))
+                await self.send_now(self.proto.item(request.id, {}, payload))
 
             return await service.call(entry, meta, request.payload, emit)
         if op == "host.spawn_procs":
