@@ -104,3 +104,11 @@ def test_class_shipping_rules():
     assert codec.ships_by_value(make())
     assert not codec.ships_by_value(Local)
     assert codec.import_reference(codec.class_reference(ValueMesh)) is ValueMesh
+
+
+def test_keep_freed_memory_tunes_glibc_on_linux():
+    import sys
+
+    from monarch_proxy import keep_freed_memory
+
+    assert keep_freed_memory() is sys.platform.startswith("linux")

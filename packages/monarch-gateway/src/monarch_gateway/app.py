@@ -16,6 +16,7 @@ from monarch_gateway.monitor import Worker, tcp_endpoint
 from monarch_gateway.operations import MeshService
 from monarch_gateway.output import OutputTee
 from monarch_gateway.server import Gateway
+from monarch_proxy.memory import keep_freed_memory
 from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 
 logger = logging.getLogger("monarch_gateway")
@@ -105,6 +106,7 @@ async def attach(meshes: dict[str, list[str]], timeout_s: float) -> dict[str, ob
 
 
 async def run_gateway(options: GatewayOptions) -> None:
+    keep_freed_memory()  # every big payload passes through here twice
     addresses = [a for addrs in options.meshes.values() for a in addrs]
     tee: OutputTee | None = None
     gateway: Gateway | None = None

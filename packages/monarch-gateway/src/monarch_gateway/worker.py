@@ -11,6 +11,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: python -m monarch_gateway.worker ADDRESS  (e.g. tcp://127.0.0.2:26600)")
     from monarch.actor import run_worker_loop_forever
 
+    from monarch_proxy.memory import keep_freed_memory
+
+    keep_freed_memory()  # processes spawned from here inherit nothing, but the host does the I/O
     run_worker_loop_forever(address=args[0], ca="trust_all_connections")
 
 

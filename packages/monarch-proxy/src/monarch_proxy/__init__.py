@@ -21,6 +21,7 @@ from monarch_proxy.errors import (
     WorkerLostError,
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
+from monarch_proxy.memory import keep_freed_memory
 from monarch_proxy.meshes import (
     ActorMeshProxy,
     EndpointProxy,
@@ -66,4 +67,5 @@ __all__ = [
     "WorkerLostError",
     "Workspace",
     "connect",
+    "keep_freed_memory",
 ]

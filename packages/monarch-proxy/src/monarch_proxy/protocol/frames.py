@@ -219,13 +219,14 @@ class Reassembler:
     """Joins a frame sent in pieces back into one :class:`Frame`.
 
     ``feed`` takes each decoded message and returns the complete frame once its last piece is
-    in (at once for a frame sent whole). Buffers are allocated at the declared size, checked
-    against ``max_size`` first, and filled in place.
+    in (at once for a frame sent whole). The declared size is checked against ``max_size``
+    first; the pieces are kept as they came and joined once, at the end.
     """
 
     def __init__(self, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_size = max_size
-        self._partial: dict[tuple[int, int], tuple[Frame, bytearray, int]] = {}
+        # (id, seq) -> first piece, declared size, bytes so far, the pieces' payloads
+        self._partial: dict[tuple[int, int], tuple[Frame, int, int, list[bytes | memoryview]]] = {}
 
     def feed(self, frame: Frame) -> Frame | None:
         key = (frame.id, frame.seq)
@@ -234,19 +235,19 @@ class Reassembler:
                 raise ProtocolError(
                     f"CHUNK for id {frame.id} seq {frame.seq} without a first piece"
                 )
-            first, buffer, filled = self._partial[key]
-            end = filled + len(frame.payload)
-            if end > len(buffer) or (not frame.more and end != len(buffer)):
+            first, size, filled, parts = self._partial[key]
+            filled += len(frame.payload)
+            if filled > size or (not frame.more and filled != size):
                 raise ProtocolError(
                     f"pieces of {first.kind.name} {frame.id} do not add up to "
-                    f"its declared {len(buffer)} bytes"
+                    f"its declared {size} bytes"
                 )
-            buffer[filled:end] = frame.payload
+            parts.append(frame.payload)
             if frame.more:
-                self._partial[key] = (first, buffer, end)
+                self._partial[key] = (first, size, filled, parts)
                 return None
             del self._partial[key]
-            return Frame(first.kind, first.id, first.seq, first.meta, memoryview(buffer))
+            return Frame(first.kind, first.id, first.seq, first.meta, b"".join(parts))
         if not frame.more:
             return frame
         size = frame.meta.pop(SIZE_KEY, None)
@@ -258,9 +259,7 @@ class Reassembler:
             raise FrameTooLargeError(size, self.max_size)
         if key in self._partial:
             raise ProtocolError(f"{frame.kind.name} {frame.id} started twice")
-        buffer = bytearray(size)
-        buffer[: len(frame.payload)] = frame.payload
-        self._partial[key] = (frame, buffer, len(frame.payload))
+        self._partial[key] = (frame, size, len(frame.payload), [frame.payload])
         return None
 
     def reset(self) -> None:
