@@ -51,7 +51,13 @@ def _apply_op(root: Path, o: tuple[str, str, str, int, int]) -> None:
         pa.unlink()
     elif kind == "delete" and pa.is_dir():
         shutil.rmtree(pa)
-    elif kind == "rename" and pa.is_file() and not pb.exists() and not pb.is_symlink():
+    elif (
+        kind == "rename"
+        and pa.is_file()
+        and not pa.is_symlink()
+        and not pb.exists()
+        and not pb.is_symlink()
+    ):
         pb.parent.mkdir(parents=True, exist_ok=True)
         os.rename(pa, pb)
     elif kind == "chmod" and pa.is_file() and not pa.is_symlink():

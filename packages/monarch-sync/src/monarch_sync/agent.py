@@ -43,6 +43,7 @@ from .frames import (
     FrameType,
     bitmap_from_indices,
     decode_blob,
+    decode_blobs,
     encode_frame,
     encode_json,
 )
@@ -229,6 +230,16 @@ class NodeSession:
 
     # -- the push -----------------------------------------------------------------------
     async def run(self) -> list[NodeResult]:
+        try:
+            return await self._run()
+        finally:
+            if self.staging is not None:  # descriptors kept for serving children from disk
+                self.staging.close_readers()
+            # Housekeeping (spare clone, pruning) waits until the subtree is done, so it does
+            # not compete with nodes of this push that share the host.
+            self.agent.store.settle()
+
+    async def _run(self) -> list[NodeResult]:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             own = await self._run_own()
@@ -241,6 +252,7 @@ class NodeSession:
             if self.downstream is not None:
                 self.downstream.abort()
             if self.staging is not None:
+                self.staging.close_files()
                 self.agent.store.abort(self.staging.folder)
             msg = {"code": "failed", "message": own["error"]}
             self._send_up(encode_json(FrameType.ERROR, msg))
@@ -342,10 +354,12 @@ class NodeSession:
             written=[e.path for e in staging.plan.write],
             base_hash=staging.base_hash,
             encoded=manifest.encode(),
+            hold=True,
         )
 
     async def _receive(self, manifest: Manifest, staging: Staging, ds: Downstream) -> None:
         blobs = manifest.blobs
+        need = staging.plan.need
         while self.missing or ds.attaching:  # children may still add needs
             conn = await self._wait_upstream()
             try:
@@ -355,22 +369,28 @@ class NodeSession:
                     self.upstream = None
                     conn.close()
                 continue
-            if frame.type is FrameType.BLOB:
-                index, data = decode_blob(frame)
-                if index in self.got or index >= len(blobs):
-                    continue
-                if blake3.blake3(data).digest() != blobs[index][0]:
-                    self.refetches[index] += 1
-                    if self.refetches[index] > MAX_REFETCH:
-                        raise DigestMismatch(f"blob {index}", blobs[index][0].hex(), "corrupt")
-                    conn.send(encode_frame(FrameType.REFETCH, struct.pack("!I", index)))
-                    continue
-                if index in staging.plan.need:
-                    staging.write_blob(index, data)
-                self.got.add(index)
-                self.missing.discard(index)
-                self.bytes_received += len(data)
-                ds.offer(index, data)
+            if frame.type is FrameType.BLOBS or frame.type is FrameType.BLOB:
+                batch = (
+                    decode_blobs(frame) if frame.type is FrameType.BLOBS else [decode_blob(frame)]
+                )
+                verified = []
+                for index, data in batch:  # verified one by one, passed on as one run
+                    if index in self.got or index >= len(blobs):
+                        continue
+                    if blake3.blake3(data).digest() != blobs[index][0]:
+                        self.refetches[index] += 1
+                        if self.refetches[index] > MAX_REFETCH:
+                            raise DigestMismatch(f"blob {index}", blobs[index][0].hex(), "corrupt")
+                        conn.send(encode_frame(FrameType.REFETCH, struct.pack("!I", index)))
+                        continue
+                    if index in need:
+                        staging.write_blob(index, data)
+                    self.got.add(index)
+                    self.missing.discard(index)
+                    self.bytes_received += len(data)
+                    verified.append((index, data))
+                if verified:
+                    ds.offer_many(verified)
             elif frame.type is FrameType.ERROR and self.upstream is conn:
                 self.upstream = None
                 conn.close()

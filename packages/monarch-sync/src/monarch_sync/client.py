@@ -24,7 +24,7 @@ from .frames import Payload
 from .manifest import Kind, Manifest
 from .progress import Progress
 from .scan import StatCache, scan_tree
-from .staging import read_at
+from .staging import Readers
 from .tree import choose_fanout, plan_tree
 
 __all__ = ["NodeReport", "PushReport", "default_cache_dir", "push", "push_sync"]
@@ -94,12 +94,13 @@ class _SourceBlobs:
                 self.where.setdefault(digest, (base + e.path, off, size))
                 off += size
         self.blobs = manifest.blobs
+        self.readers = Readers()  # the chunks of a large file are read in a row
 
     def has(self, index: int) -> bool:
         return True
 
     def read_blob(self, index: int) -> bytes:
-        return read_at(self.where[self.blobs[index][0]])
+        return self.readers.read(self.where[self.blobs[index][0]])
 
 
 def default_cache_dir(src: str | Path) -> Path:
@@ -189,7 +190,8 @@ async def push(
         fault=fault,
         blob_sizes=[n for _, n in manifest.blobs],
     )
-    ds.set_source(_SourceBlobs(src, manifest))
+    source = _SourceBlobs(src, manifest)
+    ds.set_source(source)
     needed = 0
 
     def snapshot(final: bool = False) -> Progress:
@@ -212,6 +214,7 @@ async def push(
         if ticker is not None:
             ticker.cancel()
         ds.abort()
+        source.readers.close()
     nodes = _collect(peers, results)
     failed = sum(not n.ok for n in nodes)
     done = len(nodes) - failed

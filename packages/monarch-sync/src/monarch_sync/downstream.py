@@ -26,11 +26,13 @@ from typing import Any, Protocol
 from .conn import Conn, connect
 from .exceptions import BadToken, PeerLost, SyncError
 from .frames import (
+    MAX_BATCH_BLOBS,
+    MAX_BATCH_BYTES,
     Frame,
     FrameType,
     Payload,
     decode_json,
-    encode_blob_header,
+    encode_blobs_header,
     encode_frame,
     indices_from_bitmap,
 )
@@ -42,7 +44,7 @@ __all__ = ["BlobSource", "Downstream", "NodeResult", "failed_result", "manifest_
 NodeResult = dict[str, Any]
 JSON_LEN = struct.Struct("!I")
 MAX_REFETCH = 3
-BATCH_BYTES = 1 << 20
+WRITE_BYTES = 4 * MAX_BATCH_BYTES  # blob data handed to one socket write
 
 
 class BlobSource(Protocol):
@@ -189,7 +191,9 @@ class Downstream:
             await self._source_ready.wait()
         except (SyncError, TimeoutError, OSError) as exc:
             conn.close()
-            self._record_failure(node, str(exc) or "timed out waiting for NEED")
+            self._record_failure(
+                node, str(exc) or f"stalled: no NEED within {self.stall_timeout:g}s"
+            )
             return
         child = _Child(node, conn)
         self.children[node.peer] = child
@@ -223,6 +227,23 @@ class Downstream:
             child = self.children[peer]
             child.enqueue(index, data if child.queued_bytes < self.queue_limit else None)
 
+    def offer_many(self, items: list[tuple[int, Payload]]) -> None:
+        """:meth:`offer` for a run of verified blobs (one BLOBS frame's worth)."""
+        if not self.children:
+            return
+        routes = self.relay.route_many([index for index, _ in items])
+        for peer, positions in routes.items():
+            child = self.children[peer]
+            queue = child.queue
+            for k in positions:
+                index, data = items[k]
+                if child.queued_bytes < self.queue_limit:
+                    queue.append((index, data))
+                    child.queued_bytes += len(data)
+                else:  # past the limit: keep the index, read it back from disk when sending
+                    queue.append((index, None))
+            child.wake.set()
+
     async def _send_loop(self, child: _Child) -> None:
         conn = child.conn
         peer = child.node.peer
@@ -236,11 +257,16 @@ class Downstream:
                     except TimeoutError:  # idle: tell the child we are alive
                         conn.send(encode_frame(FrameType.HEARTBEAT))
                         await conn.drain(self.stall_timeout)
-                # Coalesce what is queued (up to ~1 MiB) into one write: fewer syscalls.
+                # What is queued goes out as BLOBS frames of up to MAX_BATCH_BLOBS blobs and
+                # MAX_BATCH_BYTES each (a larger blob travels alone), about WRITE_BYTES per write.
+                # Nothing waits for a batch to fill: a frame holds whatever is queued now.
                 parts: list[Payload] = []
-                batch = 0
-                while child.queue and batch < BATCH_BYTES:
-                    index, data = child.queue.popleft()
+                items: list[tuple[int, int]] = []
+                datas: list[Payload] = []
+                batch = size = 0
+                queue = child.queue
+                while queue and batch < WRITE_BYTES:
+                    index, data = queue.popleft()
                     if data is None:
                         assert self._source is not None
                         data = self._source.read_blob(index)
@@ -248,9 +274,18 @@ class Downstream:
                         child.queued_bytes -= len(data)
                     if self.fault is not None:
                         data = self.fault(peer, index, data)
-                    parts += (encode_blob_header(index, len(data)), data)
-                    batch += len(data)
-                conn.send(*parts)
+                    n = len(data)
+                    if items and (size + n > MAX_BATCH_BYTES or len(items) == MAX_BATCH_BLOBS):
+                        parts.append(encode_blobs_header(items))
+                        parts += datas
+                        items, datas, size = [], [], 0
+                    items.append((index, n))
+                    datas.append(data)
+                    size += n
+                    batch += n
+                parts.append(encode_blobs_header(items))
+                parts += datas
+                conn.send_parts(parts)
                 self.bytes_sent += batch
                 sent += 1
                 if conn.write_buffered > 4 * 1024 * 1024:
@@ -271,7 +306,7 @@ class Downstream:
                 kind = frame.type
                 if kind is FrameType.HEARTBEAT:
                     continue
-                if kind is FrameType.BLOB or kind is FrameType.MANIFEST:
+                if kind in (FrameType.BLOBS, FrameType.BLOB, FrameType.MANIFEST):
                     raise PeerLost(peer, f"unexpected {kind.name} from a child")
                 if kind is FrameType.NEED:
                     more = indices_from_bitmap(frame.payload, self.blob_count)

@@ -2,9 +2,15 @@
 
 Every frame is ``type:u8 | length:u32 | payload``. TCP has no message boundaries, so
 :class:`FrameDecoder` keeps its own buffer: feed it bytes with :meth:`receive_data` and take
-complete frames from :meth:`frames`. Control payloads are small JSON objects; BLOB payloads are
-``index:u32 | bytes`` where the index points into the manifest's blob table, so the digest never
-travels twice. Need-sets travel as bitmaps over that same table.
+complete frames from :meth:`frames`. Control payloads are small JSON objects. Blob data travels
+in BLOBS frames that carry a run of up to :data:`MAX_BATCH_BLOBS` blobs (at most
+:data:`MAX_BATCH_BYTES` of data, or a single larger blob)::
+
+    count:u16 | count x (index:u32 size:u32) | data of the first blob | data of the next | ...
+
+so the per-frame work (header, decode, await) is paid once per run, not once per blob. Each index
+points into the manifest's blob table, so the digest never travels twice. The single-blob BLOB
+frame (``index:u32 | bytes``) is still understood. Need-sets travel as bitmaps over that table.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any, NamedTuple
 from .exceptions import FrameTooLarge, SyncProtocolError
 
 __all__ = [
+    "MAX_BATCH_BLOBS",
+    "MAX_BATCH_BYTES",
     "MAX_FRAME",
     "Frame",
     "FrameDecoder",
@@ -25,8 +33,10 @@ __all__ = [
     "Payload",
     "bitmap_from_indices",
     "decode_blob",
+    "decode_blobs",
     "decode_json",
     "encode_blob_header",
+    "encode_blobs_header",
     "encode_frame",
     "encode_json",
     "indices_from_bitmap",
@@ -34,7 +44,12 @@ __all__ = [
 
 HEADER = struct.Struct("!BI")
 BLOB_INDEX = struct.Struct("!I")
+BATCH_COUNT = struct.Struct("!H")
+BATCH_ENTRY = struct.Struct("!II")
 MAX_FRAME = 64 * 1024 * 1024  # manifests of very large trees travel in one frame
+PREALLOC = 4 * 1024 * 1024  # split frames up to this size are buffered in one allocation
+MAX_BATCH_BLOBS = 64  # blobs per BLOBS frame
+MAX_BATCH_BYTES = 256 * 1024  # data per BLOBS frame, unless it holds a single (larger) blob
 
 
 class FrameType(enum.IntEnum):
@@ -50,6 +65,7 @@ class FrameType(enum.IntEnum):
     HEARTBEAT = 10
     ERROR = 11  # {"code", "message"}
     MANIFEST_WANTED = 12  # child cannot apply the manifest patch: send the full manifest
+    BLOBS = 13  # u16 count | count x (u32 index, u32 size) | data, data, ...
 
 
 Payload = bytes | memoryview  # frames decoded without copying are memoryviews
@@ -87,6 +103,45 @@ def decode_blob(frame: Frame) -> tuple[int, Payload]:
     return index, frame.payload[BLOB_INDEX.size :]
 
 
+def encode_blobs_header(items: list[tuple[int, int]]) -> bytes:
+    """Frame header and table for a BLOBS frame of ``(index, size)`` items, in order.
+
+    The caller writes each blob's data right after it (no copy).
+    """
+    count = len(items)
+    if not 1 <= count <= MAX_BATCH_BLOBS:
+        raise ValueError(f"a BLOBS frame holds 1 to {MAX_BATCH_BLOBS} blobs, not {count}")
+    table = struct.pack(f"!H{2 * count}I", count, *[v for item in items for v in item])
+    total = len(table) + sum(size for _, size in items)
+    return HEADER.pack(FrameType.BLOBS, total) + table
+
+
+def decode_blobs(frame: Frame) -> list[tuple[int, Payload]]:
+    """``(index, data)`` for every blob of a BLOBS frame; data are slices of the payload."""
+    payload = frame.payload
+    n = len(payload)
+    if n < BATCH_COUNT.size:
+        raise SyncProtocolError("BLOBS frame shorter than its count")
+    (count,) = BATCH_COUNT.unpack_from(payload)
+    if not 1 <= count <= MAX_BATCH_BLOBS:
+        raise SyncProtocolError(f"BLOBS frame announces {count} blobs")
+    pos = BATCH_COUNT.size + count * BATCH_ENTRY.size
+    if n < pos:
+        raise SyncProtocolError("BLOBS frame shorter than its table")
+    table = struct.unpack_from(f"!{2 * count}I", payload, BATCH_COUNT.size)
+    if sum(table[1::2]) != n - pos:
+        raise SyncProtocolError("BLOBS frame sizes do not add up to its length")
+    if count > 1 and n - pos > MAX_BATCH_BYTES:
+        raise SyncProtocolError(f"BLOBS frame carries more than {MAX_BATCH_BYTES} bytes")
+    out: list[tuple[int, Payload]] = []
+    view = payload if isinstance(payload, memoryview) else memoryview(payload)
+    for k in range(0, 2 * count, 2):
+        end = pos + table[k + 1]
+        out.append((table[k], view[pos:end]))
+        pos = end
+    return out
+
+
 def bitmap_from_indices(indices: Iterable[int], count: int) -> bytes:
     bits = bytearray((count + 7) // 8)
     for i in indices:
@@ -117,7 +172,11 @@ class FrameDecoder:
     """
 
     def __init__(self, *, max_frame: int = MAX_FRAME) -> None:
-        self._partial = bytearray()
+        self._partial = bytearray()  # header bytes of a frame split across chunks
+        self._body: bytearray | None = None  # its payload, preallocated once the header is in
+        self._filled = 0
+        self._size = 0
+        self._kind = FrameType.HEARTBEAT
         self._chunks: list[bytes] = []
         self._max = max_frame
 
@@ -141,31 +200,53 @@ class FrameDecoder:
         except ValueError:
             raise SyncProtocolError(f"unknown frame type {ftype}") from None
 
+    def _start_body(self, kind: FrameType, size: int, head: Payload) -> None:
+        """A split frame's header is in: buffer its payload (``head`` is its first bytes)."""
+        self._kind, self._size = kind, size
+        # Preallocated and filled in place (one copy); a very large frame (a manifest) grows as
+        # it arrives instead, so a bare header cannot make us allocate MAX_FRAME up front.
+        self._body = bytearray(size) if size <= PREALLOC else bytearray()
+        self._fill(head)
+
+    def _fill(self, data: Payload) -> None:
+        body = self._body
+        assert body is not None
+        if len(body) == self._size:  # preallocated
+            body[self._filled : self._filled + len(data)] = data
+        else:
+            body += data
+        self._filled += len(data)
+
     def _parse(self, data: bytes, out: list[Frame]) -> None:
         view = memoryview(data)
         n = len(data)
         pos = 0
         partial = self._partial
-        if partial:  # finish the frame that straddles the previous chunk first
-            if len(partial) < HEADER.size:
+        if partial or self._body is not None:  # finish the frame that straddles chunks first
+            if self._body is None:
                 take = min(HEADER.size - len(partial), n)
                 partial += view[:take]
                 pos = take
                 if len(partial) < HEADER.size:
                     return
-            kind, size = self._header(partial, 0)
-            take = min(HEADER.size + size - len(partial), n - pos)
-            partial += view[pos : pos + take]
+                kind, size = self._header(partial, 0)
+                partial.clear()
+                self._start_body(kind, size, b"")
+            take = min(self._size - self._filled, n - pos)
+            self._fill(view[pos : pos + take])
             pos += take
-            if len(partial) < HEADER.size + size:
+            if self._filled < self._size:
                 return
-            out.append(Frame(kind, bytes(partial[HEADER.size :])))
-            partial.clear()
+            assert self._body is not None
+            out.append(Frame(self._kind, memoryview(self._body)))
+            self._body = None
+            self._filled = 0
         while n - pos >= HEADER.size:
             kind, size = self._header(data, pos)
             end = pos + HEADER.size + size
             if end > n:
-                break
+                self._start_body(kind, size, view[pos + HEADER.size :])
+                return
             out.append(Frame(kind, view[pos + HEADER.size : end]))
             pos = end
         if pos < n:
@@ -173,4 +254,5 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._partial) + sum(len(c) for c in self._chunks)
+        split = HEADER.size + self._filled if self._body is not None else len(self._partial)
+        return split + sum(len(c) for c in self._chunks)

@@ -8,7 +8,7 @@ adopted child's NEED is what it still lacks; :meth:`backlog` lists those already
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["RelayState"]
 
@@ -29,6 +29,20 @@ class RelayState:
             if index in want:
                 want.discard(index)
                 out.append(peer)
+        return out
+
+    def route_many(self, indices: Sequence[int]) -> dict[str, list[int]]:
+        """:meth:`route` for a run of blobs: per child, the positions in ``indices`` it wants."""
+        out: dict[str, list[int]] = {}
+        for peer, want in self.pending.items():
+            if want:
+                hits = []
+                for k, i in enumerate(indices):
+                    if i in want:
+                        want.discard(i)
+                        hits.append(k)
+                if hits:
+                    out[peer] = hits
         return out
 
     def backlog(self, peer: str, available: Callable[[int], bool]) -> list[int]:

@@ -29,6 +29,8 @@ __all__ = ["CDC_THRESHOLD", "StatCache", "chunk_file", "scan_tree"]
 CDC_THRESHOLD = 256 * 1024
 CDC_MIN, CDC_AVG, CDC_MAX = 16 * 1024, 48 * 1024, 256 * 1024  # pyfastcdc's mean is avg + min
 RACY_WINDOW_NS = 2_000_000_000
+HASH_BATCH_BYTES = 4 * 1024 * 1024  # files hashed per thread-pool task: about this many bytes
+HASH_BATCH_FILES = 256  # or this many files
 
 StatKey = tuple[int, int, int]  # size, mtime_ns, inode
 
@@ -126,8 +128,22 @@ def scan_tree(root: str | Path, *, cache: StatCache | None = None) -> Manifest:
     if not root.is_dir():
         raise PathEscape(str(root), "source is not a folder")
     walk("", IgnoreRules())
+    # Files go to the threads in batches of about HASH_BATCH_BYTES (a large file alone): one
+    # task per small file would cost more in scheduling than in hashing.
+    batches: list[list[tuple[str, int, bool, StatKey]]] = []
+    batch_bytes = HASH_BATCH_BYTES
+    for item in to_hash:
+        if batch_bytes >= HASH_BATCH_BYTES or len(batches[-1]) >= HASH_BATCH_FILES:
+            batches.append([])
+            batch_bytes = 0
+        batches[-1].append(item)
+        batch_bytes += item[1]
+
+    def hash_batch(batch: list[tuple[str, int, bool, StatKey]]) -> list[tuple[Chunk, ...]]:
+        return [chunk_file(root / t[0], t[1]) for t in batch]
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        hashed = pool.map(lambda t: chunk_file(root / t[0], t[1]), to_hash)
+        hashed = (chunks for done in pool.map(hash_batch, batches) for chunks in done)
         for (sub, size, exe, key), chunks in zip(to_hash, hashed, strict=True):
             if sum(n for _, n in chunks) != size:  # file changed while we read it: no cache
                 size = sum(n for _, n in chunks)

@@ -19,7 +19,7 @@ from .exceptions import DigestMismatch
 from .manifest import Kind, Manifest
 from .store import Store
 
-__all__ = ["Staging", "begin_staging", "local_index"]
+__all__ = ["Readers", "Staging", "begin_staging", "local_index"]
 
 Location = tuple[str, int, int]  # path, offset, size
 
@@ -44,6 +44,34 @@ def read_at(loc: Location) -> bytes:
         os.close(fd)
 
 
+class Readers:
+    """Read-only descriptors kept open across reads (chunks of one file are read in a row).
+
+    At most ``limit`` are open at once; :meth:`close` releases them all. A descriptor keeps
+    reading its file after a rename of the folder around it (the commit), which is the same
+    inode with the same bytes.
+    """
+
+    def __init__(self, limit: int = 32) -> None:
+        self._fds: dict[str, int] = {}
+        self._limit = limit
+
+    def read(self, loc: Location) -> bytes:
+        path, off, size = loc
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            if len(self._fds) >= self._limit:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[path] = fd
+        return os.pread(fd, size, off)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
 class Staging:
     def __init__(
         self,
@@ -65,6 +93,7 @@ class Staging:
         self.first: dict[int, Location] = {}  # blob index -> its first location in the tree
         self._sizes = {str(folder) + "/" + e.path: e.size for e in plan.write}
         self._fds: dict[str, int] = {}
+        self.readers = Readers()  # serving children from disk; close_readers() at the end
         index = manifest.blob_index
         base = str(folder) + "/"
         for e in plan.write:
@@ -75,8 +104,11 @@ class Staging:
                     self.first[i] = (base + e.path, off, size)
                 off += size
 
-    def prepare(self) -> None:
-        """Make room: drop changed and removed paths, create the files to fill."""
+    def prepare(self, *, empty: bool = False) -> None:
+        """Make room: drop changed and removed paths, create the files to fill.
+
+        ``empty``: the folder holds nothing yet (no base to clone), so there is nothing to drop.
+        """
         base = str(self.folder) + "/"
         for path in self.tampered:
             _remove(base + path)
@@ -84,6 +116,8 @@ class Staging:
             _remove(base + e.path)
         for d in self.plan.mkdirs:
             os.makedirs(base + d, exist_ok=True)
+        if empty:
+            return
         for e in self.plan.write:  # files are created by their first write, or in finish()
             _remove(base + e.path)
 
@@ -108,10 +142,10 @@ class Staging:
 
     def read_blob(self, index: int) -> bytes:
         if index not in self.received:
-            return read_at(self.local[self.manifest.blobs[index][0]])
+            return self.readers.read(self.local[self.manifest.blobs[index][0]])
         path, off, size = self.first[index]
         try:
-            return read_at((path, off, size))
+            return self.readers.read((path, off, size))
         except FileNotFoundError:
             if self.final is None:
                 raise
@@ -175,6 +209,9 @@ class Staging:
             os.close(fd)
         self._fds.clear()
 
+    def close_readers(self) -> None:
+        self.readers.close()
+
 
 def begin_staging(store: Store, manifest: Manifest, name: str) -> Staging:
     """Clone the current version, diff it against ``manifest`` and make room (blocking)."""
@@ -187,7 +224,8 @@ def begin_staging(store: Store, manifest: Manifest, name: str) -> Staging:
         base, tampered = store.verified_entries(base_hash, base)
         local = local_index(base, store.version_dir(base_hash))
     staging = Staging(folder, manifest, diff(base, manifest, local), local, tampered, base_hash)
-    staging.prepare()
+    with os.scandir(folder) as it:
+        staging.prepare(empty=next(it, None) is None)
     return staging
 
 

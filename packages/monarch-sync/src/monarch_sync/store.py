@@ -153,11 +153,13 @@ class Store:
         written: Collection[str] | None = None,
         base_hash: str | None = None,
         encoded: bytes | None = None,
+        hold: bool = False,
     ) -> Path:
         """Move the built tree into versions/ and switch ``current`` to it in one rename.
 
         ``written`` names the files created for this version; the others are hard links into
-        ``base_hash`` and keep its stat record.
+        ``base_hash`` and keep its stat record. With ``hold`` the housekeeping's idle delay
+        starts only at :meth:`settle` (an agent calls it once its whole subtree is done).
         """
         root_hash = manifest.root_hash
         final = self.versions / root_hash
@@ -188,9 +190,16 @@ class Store:
         if self._after is not None:
             self._after.run_now()
         self._after = _Deferred(
-            self.idle_delay, lambda: self._after_commit(root_hash, manifest, record, encoded)
+            self.idle_delay,
+            lambda: self._after_commit(root_hash, manifest, record, encoded),
+            start=not hold,
         )
         return final
+
+    def settle(self) -> None:
+        """Start the idle delay of housekeeping held back by ``commit(hold=True)``."""
+        if self._after is not None:
+            self._after.start()
 
     def _after_commit(
         self,
@@ -247,12 +256,18 @@ class Store:
 class _Deferred:
     """Run ``fn`` once, after ``delay`` seconds on a thread, or earlier via :meth:`run_now`."""
 
-    def __init__(self, delay: float, fn: Callable[[], None]) -> None:
+    def __init__(self, delay: float, fn: Callable[[], None], *, start: bool = True) -> None:
         self._fn: Callable[[], None] | None = fn
         self._lock = threading.Lock()
         self._timer = threading.Timer(delay, self.run_now)
         self._timer.daemon = True
-        self._timer.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._fn is not None and not self._timer.is_alive():
+                self._timer.start()
 
     def run_now(self) -> None:
         with self._lock:  # a second caller waits for the first to finish

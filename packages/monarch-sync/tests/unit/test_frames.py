@@ -1,14 +1,20 @@
+import struct
+
 import pytest
 
 from monarch_sync.exceptions import FrameTooLarge, SyncProtocolError
 from monarch_sync.frames import (
+    MAX_BATCH_BLOBS,
+    MAX_BATCH_BYTES,
     Frame,
     FrameDecoder,
     FrameType,
     bitmap_from_indices,
     decode_blob,
+    decode_blobs,
     decode_json,
     encode_blob_header,
+    encode_blobs_header,
     encode_frame,
     encode_json,
     indices_from_bitmap,
@@ -80,3 +86,79 @@ def test_bitmap_rejects_wrong_length_and_out_of_range() -> None:
         indices_from_bitmap(b"\x00", 20)
     with pytest.raises(SyncProtocolError):
         indices_from_bitmap(b"\x80", 7)
+
+
+def blobs_frame(items: list[tuple[int, bytes]]) -> bytes:
+    return encode_blobs_header([(i, len(d)) for i, d in items]) + b"".join(d for _, d in items)
+
+
+BATCH = [(3, b"abc"), (0, b""), (70000, b"z" * 1000), (9, b"tail")]
+
+
+@pytest.mark.parametrize("step", [None, 1, 7, 500])
+def test_blobs_frame_round_trips_for_any_chunking(step: int | None) -> None:
+    data = blobs_frame(BATCH) + encode_frame(FrameType.HEARTBEAT) + blobs_frame(BATCH[:1])
+    chunks = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    frames = feed(chunks)
+    assert [f.type for f in frames] == [FrameType.BLOBS, FrameType.HEARTBEAT, FrameType.BLOBS]
+    assert [(i, bytes(d)) for i, d in decode_blobs(frames[0])] == BATCH
+    assert [(i, bytes(d)) for i, d in decode_blobs(frames[2])] == BATCH[:1]
+
+
+def test_split_frame_is_assembled_in_one_buffer() -> None:
+    data = blobs_frame([(1, b"x" * 5000)])
+    dec = FrameDecoder()
+    dec.receive_data(data[:3])
+    dec.receive_data(data[3:2000])
+    assert dec.frames() == []
+    assert dec.buffered == 2000
+    dec.receive_data(data[2000:])
+    (frame,) = dec.frames()
+    assert decode_blobs(frame) == [(1, b"x" * 5000)]
+    assert dec.buffered == 0
+
+
+def test_large_split_frame_grows_as_it_arrives() -> None:
+    payload = b"m" * (5 * 1024 * 1024)
+    data = encode_frame(FrameType.MANIFEST, payload)
+    frames = feed([data[i : i + 1_000_000] for i in range(0, len(data), 1_000_000)])
+    assert len(frames) == 1 and bytes(frames[0].payload) == payload
+
+
+def test_encode_blobs_header_refuses_empty_and_oversized_batches() -> None:
+    with pytest.raises(ValueError):
+        encode_blobs_header([])
+    with pytest.raises(ValueError):
+        encode_blobs_header([(i, 1) for i in range(MAX_BATCH_BLOBS + 1)])
+
+
+def _blobs_payload(table: list[int], count: int | None = None, data: bytes = b"") -> Frame:
+    n = len(table) // 2 if count is None else count
+    raw = struct.pack(f"!H{len(table)}I", n, *table) + data
+    return Frame(FrameType.BLOBS, raw)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Frame(FrameType.BLOBS, b""),  # no count
+        Frame(FrameType.BLOBS, b"\x00"),  # half a count
+        _blobs_payload([], count=0),  # empty batch
+        _blobs_payload([1, 1] * (MAX_BATCH_BLOBS + 1), data=b"x" * (MAX_BATCH_BLOBS + 1)),
+        _blobs_payload([1, 2], count=2, data=b"ab"),  # table shorter than announced
+        _blobs_payload([1, 3], data=b"ab"),  # sizes exceed the data
+        _blobs_payload([1, 1], data=b"ab"),  # trailing bytes
+        _blobs_payload(
+            [1, MAX_BATCH_BYTES, 2, 1], data=b"x" * (MAX_BATCH_BYTES + 1)
+        ),  # several blobs over the byte cap
+    ],
+)
+def test_malformed_blobs_frame_is_a_protocol_error(frame: Frame) -> None:
+    with pytest.raises(SyncProtocolError):
+        decode_blobs(frame)
+
+
+def test_single_large_blob_may_exceed_the_batch_byte_cap() -> None:
+    data = b"y" * (MAX_BATCH_BYTES + 10)
+    (frame,) = feed([blobs_frame([(5, data)])])
+    assert decode_blobs(frame) == [(5, data)]

@@ -29,3 +29,29 @@ def test_queue_keeps_indices_only_past_the_limit() -> None:
         assert child.queue[-1][1] is None  # later ones will be read back from disk
 
     asyncio.run(scenario())
+
+
+def test_runs_of_blobs_respect_the_same_limit() -> None:
+    async def scenario() -> None:
+        ds = Downstream(
+            push_id="p",
+            token="t",
+            sender="me",
+            manifest_bytes=b"",
+            blob_count=100,
+            root="",
+            stall_timeout=5,
+            queue_limit=1000,
+        )
+        child = _Child(TreeNode("slow:1"), conn=None)  # type: ignore[arg-type]
+        ds.children["slow:1"] = child
+        ds.relay.add_child("slow:1", range(0, 100, 2))  # wants the even blobs only
+        for start in range(0, 100, 10):
+            ds.offer_many([(i, b"x" * 300) for i in range(start, start + 10)])
+        held = [data for _, data in child.queue if data is not None]
+        assert [i for i, _ in child.queue] == list(range(0, 100, 2))
+        assert sum(map(len, held)) == child.queued_bytes <= 1000 + 300
+        assert child.queue[-1][1] is None
+        assert ds.relay.pending["slow:1"] == set()
+
+    asyncio.run(scenario())

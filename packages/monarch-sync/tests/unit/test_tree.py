@@ -53,3 +53,13 @@ def test_relay_routes_each_blob_once_and_backlogs_on_adoption() -> None:
     assert r.backlog("a", lambda i: i == 3) == [3]
     assert r.union() == {1}
     assert r.drop_child("a") == {1}
+
+
+def test_relay_routes_a_run_of_blobs_like_one_at_a_time() -> None:
+    r = RelayState()
+    r.add_child("a", {1, 2, 3})
+    r.add_child("b", {2, 5})
+    r.add_child("c", set())
+    assert r.route_many([5, 2, 9, 1, 2]) == {"a": [1, 3], "b": [0, 1]}
+    assert r.route_many([2, 5, 1]) == {}
+    assert r.pending == {"a": {3}, "b": set(), "c": set()}
