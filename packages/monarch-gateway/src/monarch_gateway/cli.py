@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from monarch_gateway.logs import configure_logging
+from monarch_proxy.connection import new_event_loop
 from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 
 
@@ -148,7 +149,8 @@ def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         ready_file=args.ready_file,
     )
     try:
-        asyncio.run(run_gateway(options))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(run_gateway(options))
     except Exception as exc:
         print(f"monarch-gateway: {exc}", file=sys.stderr)
         return 1
