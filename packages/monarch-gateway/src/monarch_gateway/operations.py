@@ -22,6 +22,8 @@ EmitItem = Callable[[bytes], Awaitable[None]]
 OUTPUT_SETTLE_S = 0.05
 FLUSH_TIMEOUT_S = 1.0
 CALL_METHODS = frozenset({"call", "call_one", "choose", "broadcast", "stream"})
+# Methods with exactly one result: the session starts them without a task (see begin_call).
+SINGLE_RESULT_METHODS = frozenset({"call", "call_one", "choose"})
 
 
 def field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -178,12 +180,27 @@ class MeshService:
             for future in endpoint.stream(*args, **kwargs):
                 await emit_item(codec.dumps_value(await future))
             return {}, b""
-        if method == "call":
-            values = await endpoint.call(*args, **kwargs)
-            extent = Extent(tuple(values.extent.labels), tuple(values.extent.sizes))
-            return {"extent": codec.extent_meta(extent)}, codec.dumps_value(list(values.values()))
-        value = await getattr(endpoint, method)(*args, **kwargs)
-        return {}, codec.dumps_value(value)
+        return finish_call(meta, await getattr(endpoint, method)(*args, **kwargs))
+
+
+def begin_call(entry: Entry, meta: dict[str, Any], payload: bytes | memoryview) -> Any:
+    """Start a single-result call; return Monarch's result as an asyncio future.
+
+    The hot path: no task and no coroutine per call, just a callback on the future.
+    """
+    require(entry, "actor")
+    method = field(meta, "method", str)
+    args, kwargs = codec.loads(payload, "call arguments")
+    endpoint = getattr(entry.obj, field(meta, "endpoint", str))
+    return getattr(endpoint, method)(*args, **kwargs).as_asyncio()
+
+
+def finish_call(meta: dict[str, Any], value: Any) -> Result:
+    """The reply to a call started by :func:`begin_call`."""
+    if meta["method"] == "call":
+        extent = Extent(tuple(value.extent.labels), tuple(value.extent.sizes))
+        return {"extent": codec.extent_meta(extent)}, codec.dumps_value(list(value.values()))
+    return {}, codec.dumps_value(value)
 
 
 def unwrap_actor_error(exc: BaseException) -> tuple[BaseException, str | None]:

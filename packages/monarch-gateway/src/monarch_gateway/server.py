@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -25,7 +26,13 @@ from websockets.http11 import Request, Response
 
 from monarch_gateway.handles import Entry, HandleTable
 from monarch_gateway.monitor import Worker, WorkerMonitor
-from monarch_gateway.operations import MeshService, unwrap_actor_error
+from monarch_gateway.operations import (
+    SINGLE_RESULT_METHODS,
+    MeshService,
+    begin_call,
+    finish_call,
+    unwrap_actor_error,
+)
 from monarch_proxy import codec
 from monarch_proxy.errors import (
     FAILURE_CATEGORIES,
@@ -58,6 +65,10 @@ def message_limit(max_frame_size: int) -> int:
     return HEADER.size + MAX_META_SIZE + min(max_frame_size, PIECE_SIZE)
 
 
+def lost_error(worker: Worker) -> WorkerLostError:
+    return WorkerLostError(f"{worker.describe()} died or stopped answering during this call")
+
+
 def failure_for(exc: BaseException) -> tuple[dict[str, Any], bytes]:
     """FAILURE meta and payload for an exception raised while serving a request."""
     if isinstance(exc, ProxyError):
@@ -69,7 +80,7 @@ def failure_for(exc: BaseException) -> tuple[dict[str, Any], bytes]:
 
 @dataclass(eq=False)
 class Call:
-    task: asyncio.Task[None]
+    waiter: asyncio.Future[Any] | None = None  # the request's task, or Monarch's future
     entry: Entry | None = None
     error: Exception | None = None  # the request was invalid when it arrived
     lost: Worker | None = None
@@ -111,7 +122,8 @@ class GatewaySession:
             return
         self.ended = True
         for call in self.calls.values():
-            call.task.cancel()
+            if call.waiter is not None:
+                call.waiter.cancel()
         self.calls.clear()
         self.table.clear()
         self.gateway.sessions.pop(self.id, None)
@@ -119,7 +131,7 @@ class GatewaySession:
 
     def handle(self, event: object) -> None:
         if isinstance(event, Requested):
-            call = Call(asyncio.get_running_loop().create_task(self._serve(event)))
+            call = Call()
             # Resolve the handle now, in frame order: a RELEASE that follows this request must
             # not free the mesh before the request's task gets to run.
             if "handle" in event.meta:
@@ -128,6 +140,10 @@ class GatewaySession:
                 except UnknownHandleError as exc:
                     call.error = exc
             self.calls[event.id] = call
+            if self._single_result_call(event, call):
+                self._begin(event, call)
+            else:
+                call.waiter = asyncio.get_running_loop().create_task(self._serve(event))
         elif isinstance(event, Released):
             self.table.release(event.handles)
         elif isinstance(event, Departed):
@@ -176,6 +192,39 @@ class GatewaySession:
         while self.writing and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
 
+    def _single_result_call(self, request: Requested, call: Call) -> bool:
+        return (
+            request.op == "endpoint.call"
+            and request.meta.get("method") in SINGLE_RESULT_METHODS
+            and call.entry is not None
+            and call.error is None
+            and self.gateway.dead_worker_of(call.entry) is None
+        )
+
+    def _begin(self, request: Requested, call: Call) -> None:
+        assert call.entry is not None
+        try:
+            call.waiter = begin_call(call.entry, request.meta, request.payload)
+        except Exception as exc:
+            self.calls.pop(request.id, None)
+            self.send(self.proto.failure(request.id, *failure_for(exc)))
+            return
+        call.waiter.add_done_callback(functools.partial(self._finish, request, call))
+
+    def _finish(self, request: Requested, call: Call, waiter: asyncio.Future[Any]) -> None:
+        self.calls.pop(request.id, None)
+        if self.ended:
+            return
+        try:
+            data = self.proto.reply(request.id, *finish_call(request.meta, waiter.result()))
+        except asyncio.CancelledError:
+            if call.lost is None:
+                return
+            data = self.proto.failure(request.id, *failure_for(lost_error(call.lost)))
+        except Exception as exc:
+            data = self.proto.failure(request.id, *failure_for(exc))
+        self.send(data)
+
     async def _serve(self, request: Requested) -> None:
         call = self.calls[request.id]
         try:
@@ -184,12 +233,7 @@ class GatewaySession:
         except asyncio.CancelledError:
             if call.lost is None:
                 raise
-            meta, payload = failure_for(
-                WorkerLostError(
-                    f"{call.lost.describe()} died or stopped answering during this call"
-                )
-            )
-            data = self.proto.failure(request.id, meta, payload)
+            data = self.proto.failure(request.id, *failure_for(lost_error(call.lost)))
         except Exception as exc:
             meta, payload = failure_for(exc)
             data = self.proto.failure(request.id, meta, payload)
@@ -310,7 +354,8 @@ class Gateway:
                 entry = call.entry
                 if entry is not None and entry.mesh == worker.mesh and worker.index in entry.hosts:
                     call.lost = worker
-                    call.task.cancel()
+                    if call.waiter is not None:
+                        call.waiter.cancel()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
@@ -409,7 +454,12 @@ class Gateway:
         if self._server is None:
             return
         self._server.close(close_connections=False)
-        running = [c.task for s in self.sessions.values() for c in s.calls.values()]
+        running = [
+            c.waiter
+            for s in self.sessions.values()
+            for c in s.calls.values()
+            if c.waiter is not None
+        ]
         if running:
             await asyncio.wait(running, timeout=timeout_s)
         for session in list(self.sessions.values()):
