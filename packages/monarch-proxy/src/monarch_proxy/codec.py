@@ -29,8 +29,17 @@ from monarch_proxy.values import Extent, ValueMesh
 PROTOCOL = 5
 
 
+# Exact types plain pickle handles the same everywhere: the common case skips cloudpickle's
+# slower pickler (subclasses, which may live in __main__, still go through cloudpickle).
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle call arguments; name the argument that cannot be pickled."""
+    if all(type(a) in PLAIN_TYPES for a in args) and all(
+        type(v) in PLAIN_TYPES for v in kwargs.values()
+    ):
+        return pickle.dumps((args, kwargs), protocol=PROTOCOL)
     try:
         return cloudpickle.dumps((args, kwargs), protocol=PROTOCOL)
     except Exception as exc:
