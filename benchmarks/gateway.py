@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_actors import Echo
+from results import save_json
 
 from monarch_gateway.local import LocalCluster
 from monarch_proxy import keep_freed_memory
@@ -177,9 +177,7 @@ def main() -> None:
         print(f"{label:30s} {d:10.3f} {p:10.3f} {p / d:7.2f}  {target}")
     print(f"added p50 latency: {figures['added_p50_ms']:.3f} ms")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        save_json(args.json, figures)
 
 
 if __name__ == "__main__":

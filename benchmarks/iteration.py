@@ -11,11 +11,12 @@ edit -> sync (differential push to every host) -> hot reload (in every actor pro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from results import save_json
 
 from monarch_gateway.local import start_local
 
@@ -93,9 +94,7 @@ def main() -> None:
         )
     print("edit -> sync -> reload -> call (total_s) is the figure to watch; target ~1 s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        save_json(args.json, figures)
 
 
 if __name__ == "__main__":

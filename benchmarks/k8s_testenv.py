@@ -29,29 +29,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from k8s_testenv import KUBE_VERSION, Cluster, ensure_binaries, start_cluster  # noqa: E402
 from k8s_testenv.kubelet.api import RestClient  # noqa: E402
-from k8s_testenv.testing import wait_until  # noqa: E402
+from k8s_testenv.testing import statefulset_manifest, wait_until  # noqa: E402
 
 
 def statefulset(name: str, replicas: int) -> dict[str, Any]:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": name},
-        "spec": {
-            "serviceName": name,
-            "replicas": replicas,
-            "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "main", "image": "none", "command": ["sleep", "3600"]}],
-                },
-            },
-        },
-    }
+    sleeper = {"name": "main", "image": "none", "command": ["sleep", "3600"]}
+    return statefulset_manifest(name, replicas, [sleeper], grace_s=1)
 
 
 def phases(rest: RestClient, name: str) -> list[str]:

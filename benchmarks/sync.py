@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from results import save_json
+
 from monarch_sync import push
 from monarch_sync.tree import choose_fanout, tree_depth
 
@@ -550,9 +552,8 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     out["bench_wall_s"] = time.perf_counter() - t0
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.json} ({out['bench_wall_s']:.0f}s)")
+    save_json(args.json, out)
+    print(f"benchmark took {out['bench_wall_s']:.0f}s")
     return 0
 
 

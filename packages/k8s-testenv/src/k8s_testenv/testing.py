@@ -41,3 +41,25 @@ def container_pid(pod: Any, index: int = 0) -> int:
     """The host pid of a running container; the process kubelet reports ``process://<pid>``."""
     container_id = pod.status.container_statuses[index].container_id
     return int(container_id.removeprefix("process://"))
+
+
+def statefulset_manifest(
+    name: str, replicas: int, containers: list[dict[str, Any]], *, grace_s: int = 5
+) -> dict[str, Any]:
+    """A StatefulSet whose pods all start at once (``Parallel``), labelled ``app=<name>``."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name},
+        "spec": {
+            "serviceName": name,
+            "replicas": replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"terminationGracePeriodSeconds": grace_s, "containers": containers},
+            },
+        },
+    }

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from k8s_testenv import KUBE_VERSION, Cluster
 from k8s_testenv.kubelet.network import sandbox_support
-from k8s_testenv.testing import container_pid, pid_alive, wait_until
+from k8s_testenv.testing import container_pid, pid_alive, statefulset_manifest, wait_until
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -54,23 +54,7 @@ def create_statefulset(api: client.ApiClient, ns: str, name: str, replicas: int)
         },
     )
     client.AppsV1Api(api).create_namespaced_stateful_set(
-        ns,
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "serviceName": name,
-                "replicas": replicas,
-                "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "terminationGracePeriodSeconds": 5,
-                        "containers": [server_container()],
-                    },
-                },
-            },
-        },
+        ns, statefulset_manifest(name, replicas, [server_container()])
     )
 
 
