@@ -61,3 +61,79 @@ async def running_agents(
         yield agents
     finally:
         await asyncio.gather(*(a.close() for a in agents))
+
+
+class TcpRelay:
+    """A TCP forwarder in front of an agent, whose connections a test can cut.
+
+    Peers dial :attr:`address` instead of the agent's. ``cut_after``: once that many bytes went
+    towards the agent, every open connection is aborted (both ends see a reset), once; later
+    connections pass. :attr:`sent` lists the bytes sent towards the agent per connection.
+    """
+
+    def __init__(self, target: str, cut_after: int | None = None) -> None:
+        self.target = target
+        self.cut_after = cut_after
+        self.sent: list[int] = []
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._open: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    def cut(self) -> None:
+        self.cuts += 1
+        self._abort_all()
+
+    def _abort_all(self) -> None:
+        for a, b in self._open:
+            a.transport.abort()
+            b.transport.abort()
+        self._open.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._abort_all()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.target.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        pair = (writer, up_writer)
+        self._open.append(pair)
+        n = len(self.sent)
+        self.sent.append(0)
+        for task in (
+            asyncio.create_task(self._pump(reader, up_writer, n)),
+            asyncio.create_task(self._pump(up_reader, writer, None)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int | None
+    ) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+                if n is not None:
+                    self.sent[n] += len(data)
+                    due = self.cut_after is not None and sum(self.sent) >= self.cut_after
+                    if due and not self.cuts:
+                        self.cut()
+                        return
+            writer.close()
+        except (ConnectionError, OSError):
+            writer.transport.abort()

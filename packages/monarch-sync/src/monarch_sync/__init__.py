@@ -28,6 +28,7 @@ from .exceptions import (
 )
 from .manifest import Entry, Kind, Manifest
 from .progress import LineProgress, Progress, TerminalProgress
+from .recovery import Recovery
 from .scan import StatCache, scan_tree
 from .store import Store, synced_path
 from .tree import TreeNode, choose_fanout, plan_tree
@@ -50,6 +51,7 @@ __all__ = [
     "Progress",
     "PushFailed",
     "PushReport",
+    "Recovery",
     "StatCache",
     "Store",
     "SyncError",

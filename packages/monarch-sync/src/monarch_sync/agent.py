@@ -48,6 +48,7 @@ from .frames import (
     encode_json,
 )
 from .manifest import Manifest
+from .recovery import Recovery
 from .staging import Staging, begin_staging
 from .store import Store, synced_path
 from .tree import TreeNode
@@ -290,6 +291,7 @@ class NodeSession:
             on_node_done=lambda r: self._send_up(encode_json(FrameType.NODE_DONE, r)),
             on_need_more=self._need_more,
             on_attached=self._poke_receiver,
+            recovery=Recovery.from_json(self.head.get("recovery")),  # the client's rule
         )
         for child in self.tree.children:  # children get going while we decode
             ds.attach_soon(child)

@@ -21,6 +21,7 @@ from .client import push
 from .conn import parse_peer
 from .exceptions import SyncError
 from .progress import default_progress
+from .recovery import Recovery
 from .store import Store, synced_path
 
 __all__ = ["main", "read_peers"]
@@ -77,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--peers-file", help="file with one HOST:PORT per line, '-' for stdin")
     s.add_argument("--fanout", type=int, help="children per node (default: chosen by size)")
     s.add_argument("--stall-timeout", type=float, default=10.0)
+    d = Recovery()
+    s.add_argument(
+        "--slow-after", type=float, default=d.slow_after,
+        help="seconds a node must stay the bottleneck before its children are moved (0: never)",
+    )  # fmt: skip
+    s.add_argument(
+        "--slow-backlog", type=float, default=d.slow_backlog / 2**20,
+        help="MiB queued for a node before it counts as behind",
+    )  # fmt: skip
+    s.add_argument(
+        "--slow-ratio", type=float, default=d.slow_ratio,
+        help="slow: taking less than this fraction of the rate data is available at its parent",
+    )  # fmt: skip
+    s.add_argument(
+        "--reconnects", type=int, default=d.reconnects,
+        help="attempts to reconnect a dropped connection to a live node before failing it",
+    )  # fmt: skip
     s.add_argument("--json", help="also write the report as JSON to this file")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     token_args(s)
@@ -117,9 +135,16 @@ async def _run_push(args: argparse.Namespace) -> int:
         print("monarch-sync: no peers (use --to or --peers-file)", file=sys.stderr)
         return 2
     progress = None if args.quiet else default_progress()
-    report = await push(
-        args.src, peers, _token(args), args.fanout, progress, stall_timeout=args.stall_timeout
+    recovery = Recovery(
+        slow_backlog=int(args.slow_backlog * 2**20),
+        slow_after=args.slow_after,
+        slow_ratio=args.slow_ratio,
+        reconnects=args.reconnects,
     )
+    report = await push(
+        args.src, peers, _token(args), args.fanout, progress,
+        stall_timeout=args.stall_timeout, recovery=recovery,
+    )  # fmt: skip
     print(report.format())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))

@@ -23,6 +23,7 @@ from .exceptions import SyncError
 from .frames import Payload
 from .manifest import Kind, Manifest
 from .progress import Progress
+from .recovery import Recovery
 from .scan import StatCache, scan_tree
 from .staging import Readers
 from .tree import choose_fanout, plan_tree
@@ -38,6 +39,18 @@ class NodeReport:
     error: str | None = None
     bytes: int = 0
     seconds: float = 0.0
+    parent: str | None = None  # who fed it in the end ("client" or an agent's address)
+    moved_from: str | None = None  # its subtree was taken from under this node...
+    moved_reason: str | None = None  # ... because that node was "slow" or "lost"
+    reconnects: int = 0  # dropped connections from its parent that were re-established
+
+    def notes(self) -> str:
+        out = []
+        if self.moved_from:
+            out.append(f"moved from {self.moved_from} ({self.moved_reason}), fed by {self.parent}")
+        if self.reconnects:
+            out.append(f"reconnected {self.reconnects}x")
+        return f"  [{'; '.join(out)}]" if out else ""
 
 
 @dataclass
@@ -63,6 +76,11 @@ class PushReport:
     def failed(self) -> list[NodeReport]:
         return [n for n in self.nodes if not n.ok]
 
+    @property
+    def moved(self) -> list[NodeReport]:
+        """Nodes re-attached under an ancestor because a node above them was slow or lost."""
+        return [n for n in self.nodes if n.moved_from]
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["ok"] = self.ok
@@ -78,7 +96,7 @@ class PushReport:
         for n in sorted(self.nodes, key=lambda n: (n.ok, n.peer)):
             status = "ok    " if n.ok else "FAILED"
             detail = f"{n.bytes} bytes in {n.seconds:.3f}s" if n.ok else n.error
-            lines.append(f"  {status} {n.peer}  {detail}")
+            lines.append(f"  {status} {n.peer}  {detail}{n.notes()}")
         return "\n".join(lines)
 
 
@@ -130,7 +148,8 @@ def _collect(peers: Sequence[str], results: list[NodeResult]) -> list[NodeReport
         peer = str(r.get("peer"))
         rep = NodeReport(
             peer, bool(r.get("ok")), r.get("root"), r.get("error"), r.get("bytes", 0),
-            r.get("seconds", 0.0),
+            r.get("seconds", 0.0), r.get("parent"), r.get("moved_from"), r.get("moved_reason"),
+            r.get("reconnects", 0),
         )  # fmt: skip
         if peer not in best or (rep.ok and not best[peer].ok):
             best[peer] = rep
@@ -146,13 +165,18 @@ async def push(
     *,
     cache_dir: str | Path | None = None,
     stall_timeout: float = 10.0,
+    recovery: Recovery | None = None,
     push_id: str | None = None,
     fault: Callable[[str, int, Payload], Payload] | None = None,
+    pace: Callable[[str, int], float] | None = None,
 ) -> PushReport:
     """Push ``src`` to every peer (``host:port``); never raises for node failures.
 
-    Inspect ``report.ok`` / ``report.failed``. ``fault`` is a test hook applied to every blob
-    the client sends.
+    Inspect ``report.ok`` / ``report.failed`` (and ``report.moved``). ``recovery`` sets when a
+    slow node's children are moved and how often a dropped connection is retried, for every
+    node of the push (it travels in the push header). ``fault`` and ``pace`` are test hooks:
+    ``fault(peer, index, data)`` may alter every blob the client sends, ``pace(peer, nbytes)``
+    returns seconds to wait before the client hands ``nbytes`` more to ``peer``.
     """
     t0 = time.monotonic()
     src = Path(src)
@@ -187,7 +211,9 @@ async def push(
         blob_count=len(manifest.blobs),
         stall_timeout=stall_timeout,
         on_node_done=node_done,
+        recovery=recovery,
         fault=fault,
+        pace=pace,
         blob_sizes=[n for _, n in manifest.blobs],
     )
     source = _SourceBlobs(src, manifest)

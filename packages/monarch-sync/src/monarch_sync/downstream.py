@@ -7,10 +7,14 @@ the bytes held in memory only while the child's queue is under ``queue_limit``; 
 queue keeps indices and the sender reads the blob back from disk, so a slow child neither
 stalls its siblings nor grows memory.
 
-A child that closes, errors or sends nothing for ``stall_timeout`` (agents heartbeat) is lost:
-it is reported failed and its planned children are attached here. An adopted agent that is
-mid-push answers with what it still lacks and is fed from here; one that never got the push
-starts it fresh.
+A child whose connection closes, resets or goes silent for ``stall_timeout`` (agents heartbeat)
+is reconnected a few times first (its session is found by push id and answers with what it
+still lacks); a child that answered ERROR, broke the protocol or stays unreachable is lost: it
+is reported failed and its planned children are attached here. A child that is alive but the
+bottleneck of its subtree (see :class:`~monarch_sync.recovery.SlowDetector`) keeps being fed,
+but its children are attached here, once. An adopted agent that is mid-push answers with what
+it still lacks and is fed from here; one that never got the push starts it fresh. The decisions
+live in :mod:`monarch_sync.recovery`; this module only carries them out.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import struct
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from .conn import Conn, connect
-from .exceptions import BadToken, PeerLost, SyncError
+from .exceptions import BadToken, PeerLost, SyncError, SyncProtocolError
 from .frames import (
     MAX_BATCH_BLOBS,
     MAX_BATCH_BYTES,
@@ -36,6 +41,7 @@ from .frames import (
     encode_frame,
     indices_from_bitmap,
 )
+from .recovery import Loss, Recovery, SlowDetector
 from .relay import RelayState
 from .tree import TreeNode
 
@@ -45,11 +51,26 @@ NodeResult = dict[str, Any]
 JSON_LEN = struct.Struct("!I")
 MAX_REFETCH = 3
 WRITE_BYTES = 4 * MAX_BATCH_BYTES  # blob data handed to one socket write
+log = logging.getLogger("monarch_sync.downstream")
 
 
 class BlobSource(Protocol):
+    """Where blobs are read back from. A source with a ``manifest`` attribute (the agent's
+    staging tree) also tells the blob sizes, used to measure how far behind a child is."""
+
     def has(self, index: int) -> bool: ...
     def read_blob(self, index: int) -> bytes: ...
+
+
+class _Answered(SyncError):
+    """The child sent ERROR: it failed or refused us (not worth reconnecting)."""
+
+
+def _answer(peer: str, frame: Frame) -> SyncError:
+    err = decode_json(frame)
+    if err.get("code") == "bad_token":
+        return BadToken(peer)
+    return _Answered(f"{peer}: {err.get('code')}: {err.get('message')}")
 
 
 def failed_result(peer: str, reason: str) -> NodeResult:
@@ -77,11 +98,15 @@ class _Child:
         self.tasks: list[asyncio.Task[None]] = []
         self.refetches: collections.Counter[int] = collections.Counter()
         self.finished = False
+        self.owed = 0  # bytes queued for it, held or to read back (sizes where known)
+        self.handed = 0  # blob bytes handed to its socket
+        self.asked = 0  # blobs it asked for over this connection (NEEDs)
 
-    def enqueue(self, index: int, data: Payload | None) -> None:
+    def enqueue(self, index: int, data: Payload | None, size: int) -> None:
         self.queue.append((index, data))
         if data is not None:
             self.queued_bytes += len(data)
+        self.owed += size
         self.wake.set()
 
 
@@ -102,7 +127,9 @@ class Downstream:
         on_attached: Callable[[], None] = lambda: None,
         blob_sizes: list[int] | None = None,
         queue_limit: int = 8 * 1024 * 1024,
+        recovery: Recovery | None = None,
         fault: Callable[[str, int, Payload], Payload] | None = None,
+        pace: Callable[[str, int], float] | None = None,
     ) -> None:
         self.push_id = push_id
         self.token = token
@@ -121,14 +148,25 @@ class Downstream:
         self.bytes_requested = 0  # blob bytes queued for children (for progress totals)
         self.queue_limit = queue_limit
         self.fault = fault  # test hook: may corrupt a blob on its way out
+        self.pace = pace  # test hook: seconds to wait before handing n bytes to a peer
+        self.recovery = recovery if recovery is not None else Recovery()
         self.relay = RelayState()
         self.children: dict[str, _Child] = {}
         self.results: list[NodeResult] = []
         self.bytes_sent = 0
+        self.bytes_in = 0  # blob bytes offered here from upstream (the agents' ingress)
         self._source: BlobSource | None = None
         self._source_ready = asyncio.Event()
         self._attaching: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        self._detector = SlowDetector(self.recovery)
+        self._watcher: asyncio.Task[None] | None = None
+        self._reached: set[str] = set()  # children that completed a handshake this push
+        self._reconnects: collections.Counter[str] = collections.Counter()
+        self._strikes: collections.Counter[str] = collections.Counter()  # tries, no progress
+        self._asked: dict[str, int] = {}  # blobs a lost child had asked for when lost
+        self._moved_from: dict[str, tuple[str, str]] = {}  # adopted peer -> (from, why)
+        self._moved_out: set[str] = set()  # children whose subtree was moved here
 
     def set_manifest(self, manifest_bytes: bytes) -> None:
         if not self._full.done():
@@ -136,11 +174,17 @@ class Downstream:
 
     def set_source(self, source: BlobSource) -> None:
         self._source = source
+        manifest = getattr(source, "manifest", None)
+        if self.blob_sizes is None and manifest is not None:
+            self.blob_sizes = [n for _, n in manifest.blobs]
         self._source_ready.set()
 
+    def _size(self, index: int) -> int:
+        return self.blob_sizes[index] if self.blob_sizes is not None else 0
+
     # -- attaching ----------------------------------------------------------------------
-    def attach_soon(self, node: TreeNode) -> None:
-        task = asyncio.create_task(self.attach(node))
+    def attach_soon(self, node: TreeNode, lost: tuple[Loss, str] | None = None) -> None:
+        task = asyncio.create_task(self.attach(node, lost))
         self._attaching.add(task)
         task.add_done_callback(self._attach_done)
 
@@ -153,24 +197,61 @@ class Downstream:
         self._changed.set()
         self.on_attached()
 
-    async def attach(self, node: TreeNode) -> None:
-        """Connect to ``node``, send it the push and its subtree, register its NEED."""
+    async def attach(self, node: TreeNode, lost: tuple[Loss, str] | None = None) -> None:
+        """Connect to ``node``, send it the push and its subtree, register its NEED.
+
+        ``lost``: why the previous connection to ``node`` ended; this is then a reconnect.
+        A child reached during this push whose connection drops is retried as
+        :meth:`Recovery.retry_delay` says before it is reported failed. Attempts count until
+        a reconnect finds the child lacking fewer blobs than before (progress), so a child
+        that keeps taking connections and dropping them is not retried forever.
+        """
+        origin = lost
+        attempt = 0
+        while True:
+            if lost is not None:
+                origin = origin or lost
+                attempt += 1
+                self._strikes[node.peer] += 1
+                reached = node.peer in self._reached
+                delay = self.recovery.retry_delay(
+                    lost[0], self._strikes[node.peer], reached=reached
+                )
+                if delay is None:
+                    why = origin[1] if lost is origin else f"{origin[1]} (reconnect: {lost[1]})"
+                    self._record_failure(node, why)
+                    return
+                log.debug("%s: reconnecting to %s in %.2fs (%s)", self.sender, node.peer,
+                          delay, lost[1])  # fmt: skip
+                await asyncio.sleep(delay)
+            # A live agent answers a challenge at once: reconnects wait less for it.
+            lost = await self._connect(node, self.stall_timeout / 2 if attempt else None)
+            if lost is None:
+                if attempt:
+                    self._reconnects[node.peer] += 1
+                return
+
+    async def _connect(self, node: TreeNode, timeout: float | None) -> tuple[Loss, str] | None:
+        """One attempt of :meth:`attach`: None once the child is fed, else why it failed."""
         try:
             conn = await connect(
                 node.peer,
                 self.token,
                 {"push_id": self.push_id, "sender": self.sender},
-                self.stall_timeout,
+                timeout or self.stall_timeout,
             )
-        except (PeerLost, BadToken) as exc:
-            self._record_failure(node, str(exc))
-            return
+        except BadToken as exc:
+            return Loss.ANSWERED, str(exc)
+        except PeerLost as exc:
+            return Loss.UNREACHABLE, str(exc)
+        self._reached.add(node.peer)
         try:
             head = {
                 "push_id": self.push_id,
                 "tree": node.to_json(),
                 "blobs": self.blob_count,
                 "root": self.root,
+                "recovery": self.recovery.to_json(),
             }
             if self.patch is not None:
                 conn.send(manifest_frame({**head, **self.patch[0]}, self.patch[1]))
@@ -178,24 +259,35 @@ class Downstream:
                 conn.send(manifest_frame(head, await self._full))
             while True:
                 frame = await conn.recv(self.stall_timeout)
-                if frame.type is FrameType.MANIFEST_WANTED:  # no base for the patch there
-                    conn.send(manifest_frame(head, await self._full))
-                elif frame.type is FrameType.NODE_DONE:  # a grandchild that needed nothing
-                    self.on_node_done(decode_json(frame))
-                elif frame.type is not FrameType.HEARTBEAT:
+                kind = frame.type
+                if kind is FrameType.NEED:
                     break
-            if frame.type is not FrameType.NEED:
-                conn.unread(frame)
-                frame = await conn.expect(FrameType.NEED, self.stall_timeout)
+                if kind is FrameType.MANIFEST_WANTED:  # no base for the patch there
+                    conn.send(manifest_frame(head, await self._full))
+                elif kind is FrameType.NODE_DONE:  # a grandchild that needed nothing
+                    self.on_node_done(decode_json(frame))
+                elif kind is FrameType.ERROR:
+                    raise _answer(node.peer, frame)
+                elif kind is not FrameType.HEARTBEAT:
+                    raise SyncProtocolError(f"{node.peer}: expected NEED, got {kind.name}")
             need = indices_from_bitmap(frame.payload, self.blob_count)
             await self._source_ready.wait()
-        except (SyncError, TimeoutError, OSError) as exc:
+        except TimeoutError:
             conn.close()
-            self._record_failure(
-                node, str(exc) or f"stalled: no NEED within {self.stall_timeout:g}s"
-            )
-            return
+            return Loss.STALLED, f"stalled: no NEED within {self.stall_timeout:g}s"
+        except (_Answered, BadToken) as exc:
+            conn.close()
+            return Loss.ANSWERED, str(exc)
+        except (SyncProtocolError, ValueError) as exc:
+            conn.close()
+            return Loss.PROTOCOL, str(exc)
+        except (SyncError, OSError) as exc:
+            conn.close()
+            return Loss.DROPPED, str(exc) or type(exc).__name__
         child = _Child(node, conn)
+        child.asked = len(need)
+        if len(need) < self._asked.get(node.peer, len(need) + 1):
+            self._strikes[node.peer] = 0  # it got something since it was last lost
         self.children[node.peer] = child
         self.relay.add_child(node.peer, need)
         self._feed_backlog(child)
@@ -203,45 +295,100 @@ class Downstream:
             asyncio.create_task(self._send_loop(child)),
             asyncio.create_task(self._read_loop(child)),
         ]
+        if self._watcher is None and self.recovery.moves:
+            self._watcher = asyncio.create_task(self._watch())
+        return None
 
     def _feed_backlog(self, child: _Child) -> None:
         assert self._source is not None
         for i in self.relay.backlog(child.node.peer, self._source.has):
-            child.enqueue(i, None)
-            if self.blob_sizes is not None:
-                self.bytes_requested += self.blob_sizes[i]
+            size = self._size(i)
+            child.enqueue(i, None, size)
+            self.bytes_requested += size
         missing = self.relay.pending[child.node.peer]
         if missing:
             self.on_need_more(set(missing))
 
     def _record_failure(self, node: TreeNode, reason: str) -> None:
-        self.results.append(failed_result(node.peer, reason))
-        for grandchild in node.children:  # re-attach orphans here
-            self.attach_soon(grandchild)
+        result = failed_result(node.peer, reason)
+        self._annotate(node.peer, [result])
+        self.results.append(result)
+        self._adopt(node, "lost")  # re-attach orphans here
         self._changed.set()
+
+    def _adopt(self, node: TreeNode, why: str) -> None:
+        """Attach ``node``'s planned children here, those not already moved here."""
+        for grandchild in node.children:
+            if grandchild.peer in self._moved_from or grandchild.peer in self.children:
+                continue
+            self._moved_from[grandchild.peer] = (node.peer, why)
+            self.attach_soon(grandchild)
+
+    def _annotate(self, peer: str, results: list[NodeResult]) -> None:
+        """Mark a direct child's subtree results: who fed it, whether it was moved here."""
+        moved = self._moved_from.get(peer)
+        for r in results:
+            if not isinstance(r, dict):
+                continue
+            if r.get("peer") == peer:
+                r["parent"] = self.sender
+                if self._reconnects[peer]:
+                    r["reconnects"] = self._reconnects[peer]
+            if moved is not None and "moved_from" not in r:
+                r["moved_from"], r["moved_reason"] = moved
+
+    # -- slow children --------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Sample every child's backlog; move the children of one that is the bottleneck."""
+        while True:
+            await asyncio.sleep(self.recovery.sample_every)
+            samples = {}
+            for peer, child in self.children.items():
+                buffered = child.conn.write_buffered
+                samples[peer] = (child.owed + buffered, child.handed - buffered)
+            for peer in self._detector.observe(time.monotonic(), self.bytes_in, samples):
+                slow = self.children.get(peer)
+                if slow is not None:
+                    self._move_children(slow)
+
+    def _move_children(self, child: _Child) -> None:
+        """``child`` is alive but slow: feed its children from here; it keeps being fed."""
+        node = child.node
+        if not node.children or node.peer in self._moved_out or node.peer in self._moved_from:
+            return  # nothing to move, moved once already, or part of a subtree moved here
+        self._moved_out.add(node.peer)
+        log.info("%s: %s is slow; attaching its children here", self.sender, node.peer)
+        self._adopt(node, "slow")
 
     # -- forwarding ---------------------------------------------------------------------
     def offer(self, index: int, data: Payload) -> None:
         """A verified blob is available here: queue it for every child that wants it."""
+        self.bytes_in += len(data)
         for peer in self.relay.route(index):
             child = self.children[peer]
-            child.enqueue(index, data if child.queued_bytes < self.queue_limit else None)
+            held = child.queued_bytes < self.queue_limit
+            child.enqueue(index, data if held else None, len(data))
 
     def offer_many(self, items: list[tuple[int, Payload]]) -> None:
         """:meth:`offer` for a run of verified blobs (one BLOBS frame's worth)."""
         if not self.children:
             return
+        self.bytes_in += sum([len(data) for _, data in items])
         routes = self.relay.route_many([index for index, _ in items])
         for peer, positions in routes.items():
             child = self.children[peer]
             queue = child.queue
+            owed = 0
             for k in positions:
                 index, data = items[k]
+                n = len(data)
+                owed += n
                 if child.queued_bytes < self.queue_limit:
                     queue.append((index, data))
-                    child.queued_bytes += len(data)
+                    child.queued_bytes += n
                 else:  # past the limit: keep the index, read it back from disk when sending
                     queue.append((index, None))
+            child.owed += owed
             child.wake.set()
 
     async def _send_loop(self, child: _Child) -> None:
@@ -265,13 +412,16 @@ class Downstream:
                 datas: list[Payload] = []
                 batch = size = 0
                 queue = child.queue
+                owed = 0
                 while queue and batch < WRITE_BYTES:
                     index, data = queue.popleft()
                     if data is None:
                         assert self._source is not None
                         data = self._source.read_blob(index)
+                        owed += self._size(index) if self.blob_sizes is not None else len(data)
                     else:
                         child.queued_bytes -= len(data)
+                        owed += len(data)
                     if self.fault is not None:
                         data = self.fault(peer, index, data)
                     n = len(data)
@@ -285,7 +435,11 @@ class Downstream:
                     batch += n
                 parts.append(encode_blobs_header(items))
                 parts += datas
+                child.owed = max(0, child.owed - owed)
+                if self.pace is not None:
+                    await asyncio.sleep(self.pace(peer, batch))
                 conn.send_parts(parts)
+                child.handed += batch
                 self.bytes_sent += batch
                 sent += 1
                 if conn.write_buffered > 4 * 1024 * 1024:
@@ -293,9 +447,9 @@ class Downstream:
                 elif sent % 8 == 0:
                     await asyncio.sleep(0)  # let readers and heartbeats run
         except TimeoutError:
-            self._lose(child, "stalled: not reading")
+            self._lose(child, Loss.STALLED, "stalled: not reading")
         except (SyncError, OSError) as exc:
-            self._lose(child, str(exc))
+            self._lose(child, Loss.DROPPED, str(exc) or type(exc).__name__)
 
     async def _read_loop(self, child: _Child) -> None:
         conn = child.conn
@@ -307,33 +461,41 @@ class Downstream:
                 if kind is FrameType.HEARTBEAT:
                     continue
                 if kind in (FrameType.BLOBS, FrameType.BLOB, FrameType.MANIFEST):
-                    raise PeerLost(peer, f"unexpected {kind.name} from a child")
+                    raise SyncProtocolError(f"{peer}: unexpected {kind.name} from a child")
                 if kind is FrameType.NEED:
                     more = indices_from_bitmap(frame.payload, self.blob_count)
+                    child.asked += len(more)
                     self.relay.pending[peer] |= more
                     self._feed_backlog(child)
                 elif kind is FrameType.REFETCH:
                     (index,) = struct.unpack("!I", frame.payload)
                     child.refetches[index] += 1
                     if child.refetches[index] > MAX_REFETCH:
-                        raise PeerLost(peer, f"blob {index} corrupted {MAX_REFETCH} times")
-                    child.enqueue(index, None)
+                        raise SyncProtocolError(
+                            f"{peer}: blob {index} corrupted {MAX_REFETCH} times"
+                        )
+                    child.enqueue(index, None, self._size(index))
                 elif kind is FrameType.NODE_DONE:
                     self.on_node_done(decode_json(frame))
                 elif kind is FrameType.RESULT:
-                    self.results.extend(decode_json(frame))
+                    results = decode_json(frame)
+                    self._annotate(peer, results)
+                    self.results.extend(results)
                     self._finish_child(child)
                     return
                 elif kind is FrameType.ERROR:
-                    err = decode_json(frame)
-                    if err.get("code") == "reparented":  # an ancestor adopted it: not ours now
+                    if decode_json(frame).get("code") == "reparented":  # adopted: not ours now
                         self._finish_child(child)
                         return
-                    raise PeerLost(peer, f"{err.get('code')}: {err.get('message')}")
+                    raise _answer(peer, frame)  # it failed itself: no reconnecting
         except TimeoutError:
-            self._lose(child, f"stalled: silent for {self.stall_timeout:g}s")
-        except (SyncError, OSError, ValueError) as exc:
-            self._lose(child, str(exc))
+            self._lose(child, Loss.STALLED, f"stalled: silent for {self.stall_timeout:g}s")
+        except (_Answered, BadToken) as exc:
+            self._lose(child, Loss.ANSWERED, str(exc))
+        except (SyncProtocolError, ValueError) as exc:
+            self._lose(child, Loss.PROTOCOL, str(exc))
+        except (SyncError, OSError) as exc:
+            self._lose(child, Loss.DROPPED, str(exc) or type(exc).__name__)
 
     def _finish_child(self, child: _Child) -> None:
         child.finished = True
@@ -342,14 +504,18 @@ class Downstream:
                 t.cancel()
         child.conn.close()
         self.relay.drop_child(child.node.peer)
-        self.children.pop(child.node.peer, None)
+        if self.children.get(child.node.peer) is child:
+            del self.children[child.node.peer]
+        self._detector.forget(child.node.peer)
         self._changed.set()
 
-    def _lose(self, child: _Child, reason: str) -> None:
+    def _lose(self, child: _Child, loss: Loss, reason: str) -> None:
+        """The connection to ``child`` ended: reconnect if worth it, else report it failed."""
         if child.finished:
             return
         self._finish_child(child)
-        self._record_failure(child.node, reason)
+        self._asked[child.node.peer] = child.asked
+        self.attach_soon(child.node, (loss, reason))
 
     # -- ending -------------------------------------------------------------------------
     async def finish(self) -> list[NodeResult]:
@@ -357,9 +523,16 @@ class Downstream:
         while self.children or self._attaching:
             self._changed.clear()
             await self._changed.wait()
+        self._stop_watching()
         return self.results
 
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
     def abort(self) -> None:
+        self._stop_watching()
         for task in list(self._attaching):
             task.cancel()
         for child in list(self.children.values()):

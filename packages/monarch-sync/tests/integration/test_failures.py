@@ -73,6 +73,11 @@ def test_node_lost_mid_push_children_reattach_and_finish(
     for i in (0, 2, 3):
         assert snapshot(agent_procs[i][2] / "current") == snapshot(src)
     assert "stalled" in (report.failed[0].error or "") or how == "kill"
+    # The orphans were tried again first (it may only have been the connection), then moved.
+    assert "reconnect" in (report.failed[0].error or "")
+    moved = [(n.peer, n.moved_from, n.moved_reason) for n in report.moved]
+    assert moved == [(peers[2], peers[1], "lost"), (peers[3], peers[1], "lost")]
+    assert report.nodes[2].parent == peers[0]
 
 
 def test_cli_push_exit_status_and_report(

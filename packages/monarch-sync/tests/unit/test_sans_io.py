@@ -5,7 +5,7 @@ from pathlib import Path
 
 import monarch_sync
 
-CORE = ["frames.py", "manifest.py", "diff.py", "tree.py", "relay.py"]
+CORE = ["frames.py", "manifest.py", "diff.py", "tree.py", "relay.py", "recovery.py"]
 FORBIDDEN = {"asyncio", "socket", "os", "subprocess", "threading"}
 
 
