@@ -20,6 +20,7 @@ from .agent import Agent
 from .client import push
 from .conn import parse_peer
 from .exceptions import SyncError
+from .memory import keep_freed_memory
 from .progress import default_progress
 from .recovery import Recovery
 from .store import Store, synced_path
@@ -107,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run_agent(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(message)s")
     host, port = parse_peer(args.listen)
@@ -130,6 +132,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
 
 async def _run_push(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     peers = read_peers(args.to, args.peers_file)
     if not peers:
         print("monarch-sync: no peers (use --to or --peers-file)", file=sys.stderr)
