@@ -26,7 +26,7 @@ from .progress import Progress
 from .recovery import Recovery
 from .scan import StatCache, scan_tree
 from .staging import Readers
-from .tree import choose_fanout, plan_tree
+from .tree import choose_fanout, plan_tree, shared_host
 
 __all__ = ["NodeReport", "PushReport", "default_cache_dir", "push", "push_sync"]
 
@@ -193,7 +193,8 @@ async def push(
         changed, removed = manifest.patch_from(last)
         if len(changed) < len(body) // 2:
             patch = ({"base": last.root_hash, "removed": removed}, changed)
-    k = fanout or choose_fanout(len(peers), _estimate_delta(manifest, last))
+    delta = _estimate_delta(manifest, last)
+    k = fanout or choose_fanout(len(peers), delta, shared_host=shared_host(peers))
     tree = plan_tree(peers, k)
     done = failed = 0
 

@@ -1,7 +1,14 @@
 import pytest
 
 from monarch_sync.relay import RelayState
-from monarch_sync.tree import TreeNode, choose_fanout, model_time, plan_tree, tree_depth
+from monarch_sync.tree import (
+    TreeNode,
+    choose_fanout,
+    model_time,
+    plan_tree,
+    shared_host,
+    tree_depth,
+)
 
 PEERS = [f"h{i}:1" for i in range(10)]
 
@@ -42,6 +49,23 @@ def test_fanout_wide_for_small_deltas_narrow_for_bulk() -> None:
     assert choose_fanout(64, 10_000) >= 8
     assert choose_fanout(64, 200e6) <= 2
     assert model_time(64, 200e6, 1) < model_time(64, 200e6, 8)
+
+
+def test_agents_sharing_one_machine_get_a_shallow_tree_for_bulk() -> None:
+    # Same work for the machine whatever the shape: only depth matters, so no chain.
+    assert choose_fanout(32, 200e6, shared_host=True) >= 3
+    assert tree_depth(32, choose_fanout(32, 200e6, shared_host=True)) <= 4
+    assert model_time(32, 200e6, 1, shared_host=True) > model_time(32, 200e6, 3, shared_host=True)
+    assert choose_fanout(64, 10_000, shared_host=True) == choose_fanout(64, 10_000)
+
+
+def test_shared_host_detection() -> None:
+    assert shared_host(["127.0.0.1:1", "127.0.0.1:2"])
+    assert shared_host(["127.0.0.2:7000", "127.0.0.3:7000", "[::1]:9", "localhost:4"])
+    assert shared_host(["node-a:1", "node-a:2"])
+    assert not shared_host(["10.0.0.1:1", "10.0.0.2:1"])
+    assert not shared_host(["node-a:1", "node-b:1"])
+    assert not shared_host(["127.0.0.1:1"])  # one agent: nothing to share
 
 
 def test_relay_routes_each_blob_once_and_backlogs_on_adoption() -> None:
