@@ -28,8 +28,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import blake3
-
 from .conn import Conn, accept, serve
 from .downstream import (
     Downstream,
@@ -47,7 +45,7 @@ from .frames import (
     encode_frame,
     encode_json,
 )
-from .manifest import Manifest
+from .manifest import Manifest, chunk_digest
 from .recovery import Recovery
 from .staging import Staging, begin_staging
 from .store import Store, synced_path
@@ -379,7 +377,7 @@ class NodeSession:
                 for index, data in batch:  # verified one by one, passed on as one run
                     if index in self.got or index >= len(blobs):
                         continue
-                    if blake3.blake3(data).digest() != blobs[index][0]:
+                    if chunk_digest(data) != blobs[index][0]:
                         self.refetches[index] += 1
                         if self.refetches[index] > MAX_REFETCH:
                             raise DigestMismatch(f"blob {index}", blobs[index][0].hex(), "corrupt")

@@ -1,11 +1,17 @@
 """Content-addressed manifest of a tree.
 
 A manifest is the sorted list of entries (files, folders, symlinks) under a root. A file is a
-list of chunks ``(blake3 digest, size)``: one chunk for small files, FastCDC chunks for large
-ones. The unique chunk digests, in manifest order, form the *blob table*; the wire refers to
-blobs by their index in it. The root hash is the BLAKE3 of the canonical encoding, so two trees
-have the same root hash exactly when they have the same paths, kinds, exec bits, contents and
-link targets.
+list of chunks ``(digest, size)``: one chunk for small files, FastCDC chunks for large ones. The
+unique chunk digests, in manifest order, form the *blob table*; the wire refers to blobs by their
+index in it. The root hash is the BLAKE3 of the canonical encoding, so two trees have the same
+root hash exactly when they have the same paths, kinds, exec bits, contents and link targets.
+
+Chunk digests are XXH3-128 (:func:`chunk_digest`), not BLAKE3: every agent hashes every byte it
+receives to verify it, and BLAKE3 cost 0.05 s of CPU per agent for a 200 MB tree, 11% of a full
+push to 8 agents on 2 cores, where XXH3-128 runs at 39-54 GB/s against BLAKE3's 3-6 GB/s (20 KB
+to 1 MiB inputs, measured here). The digest catches corruption and identifies content for reuse;
+it does not need to resist forgery: peers are authenticated with the token (keyed BLAKE3), and
+whoever can write the workspace already decides what runs. rsync verifies with XXH128 likewise.
 
 Every decoded manifest is validated: paths are relative and normalised, every parent is a
 folder of the manifest (so nothing is written through a symlink) and symlinks resolve inside
@@ -21,16 +27,31 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import blake3
+import xxhash
 
 from .exceptions import PathEscape, SyncProtocolError
 
-__all__ = ["Entry", "Kind", "Manifest", "validate_link", "validate_path"]
+__all__ = [
+    "DIGEST_SIZE",
+    "Entry",
+    "Kind",
+    "Manifest",
+    "chunk_digest",
+    "validate_link",
+    "validate_path",
+]
 
-MAGIC = b"MSM1"
+MAGIC = b"MSM2"  # MSM1 held BLAKE3 chunk digests
 COUNT = struct.Struct("!I")
 ENTRY = struct.Struct("!BBHQI")  # kind, executable, path length, size, chunk count
-CHUNK = struct.Struct("!32sI")
+DIGEST_SIZE = 16
+CHUNK = struct.Struct(f"!{DIGEST_SIZE}sI")
 TARGET = struct.Struct("!H")
+
+
+def chunk_digest(data: bytes | memoryview) -> bytes:
+    """The content id of a chunk (XXH3-128; see the module docstring for why not BLAKE3)."""
+    return xxhash.xxh3_128_digest(data)
 
 
 class Kind(enum.IntEnum):
@@ -208,6 +229,8 @@ def encode_entries(entries: list[Entry]) -> bytes:
             target = e.target.encode()
             parts.append(TARGET.pack(len(target)))
             parts.append(target)
+        if any(len(d) != DIGEST_SIZE for d, _ in e.chunks):  # pack() would pad or cut it
+            raise ValueError(f"{e.path}: chunk digests must be {DIGEST_SIZE} bytes")
         parts.extend(CHUNK.pack(d, n) for d, n in e.chunks)
     return b"".join(parts)
 

@@ -17,12 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import blake3
 from pyfastcdc import FastCDC
 
 from .exceptions import PathEscape
 from .ignore import IgnoreRules
-from .manifest import Chunk, Entry, Kind, Manifest, validate_link
+from .manifest import DIGEST_SIZE, Chunk, Entry, Kind, Manifest, chunk_digest, validate_link
 
 __all__ = ["CDC_THRESHOLD", "StatCache", "chunk_file", "scan_tree"]
 
@@ -47,7 +46,7 @@ class StatCache:
                 for rel, (key, chunks) in raw.items():
                     self.entries[rel] = (
                         (key[0], key[1], key[2]),
-                        tuple((bytes.fromhex(d), n) for d, n in chunks),
+                        tuple((_digest(d), n) for d, n in chunks),
                     )
             except (ValueError, TypeError, KeyError):
                 self.entries = {}  # a corrupt cache only costs a re-hash
@@ -66,19 +65,26 @@ class StatCache:
         os.replace(tmp, self.path)
 
 
+def _digest(hex_digest: str) -> bytes:
+    digest = bytes.fromhex(hex_digest)
+    if len(digest) != DIGEST_SIZE:  # a cache written with another digest: scan again
+        raise ValueError("digest size")
+    return digest
+
+
 def chunk_file(path: str | Path, size: int) -> tuple[Chunk, ...]:
     if size == 0:
-        return ((blake3.blake3(b"").digest(), 0),)
+        return ((chunk_digest(b""), 0),)
     with open(path, "rb") as f:
         if size <= CDC_THRESHOLD:
             data = f.read()
-            return ((blake3.blake3(data).digest(), len(data)),)
+            return ((chunk_digest(data), len(data)),)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             cdc = FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
             view = memoryview(mm)
             try:
                 return tuple(
-                    (blake3.blake3(view[c.offset : c.offset + c.length]).digest(), c.length)
+                    (chunk_digest(view[c.offset : c.offset + c.length]), c.length)
                     for c in cdc.cut_buf(view)
                 )
             finally:

@@ -12,11 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
-import blake3
-
 from .diff import Plan, diff
 from .exceptions import DigestMismatch
-from .manifest import Kind, Manifest
+from .manifest import Kind, Manifest, chunk_digest
 from .store import Store
 
 __all__ = ["Readers", "Staging", "begin_staging", "local_index"]
@@ -177,7 +175,7 @@ class Staging:
                             data = read_at(loc)
                         else:
                             data = read_at(self.local[digest])
-                            if blake3.blake3(data).digest() != digest:
+                            if chunk_digest(data) != digest:
                                 raise DigestMismatch(e.path, digest.hex(), "local copy")
                         os.pwrite(fd, data, off)
                     off += size

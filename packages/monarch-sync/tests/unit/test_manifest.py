@@ -1,9 +1,16 @@
 import pytest
 
 from monarch_sync.exceptions import PathEscape, SyncProtocolError
-from monarch_sync.manifest import Entry, Kind, Manifest, validate_link, validate_path
+from monarch_sync.manifest import (
+    DIGEST_SIZE,
+    Entry,
+    Kind,
+    Manifest,
+    validate_link,
+    validate_path,
+)
 
-D1, D2 = b"\x01" * 32, b"\x02" * 32
+D1, D2 = b"\x01" * DIGEST_SIZE, b"\x02" * DIGEST_SIZE
 
 
 def sample(exe: bool = False) -> Manifest:
@@ -23,6 +30,12 @@ def test_roundtrip_and_root_hash_is_stable() -> None:
     assert again.entries == m.entries
     assert again.root_hash == m.root_hash
     assert [e.path for e in m.entries] == ["a", "a/big", "a/link", "b.txt"]
+
+
+def test_digests_of_the_wrong_size_are_refused_not_truncated() -> None:
+    bad = Manifest([Entry("f", Kind.FILE, False, 1, ((b"\x01" * 32, 1),))])
+    with pytest.raises(ValueError, match="16 bytes"):
+        bad.encode()
 
 
 def test_root_hash_covers_exec_bit() -> None:
