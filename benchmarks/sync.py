@@ -206,8 +206,13 @@ def free(path: Path) -> None:
 
 
 # -- loopback runs -----------------------------------------------------------------------
+REPEATS: int | None = None  # --repeats: full pushes per tool at every N
+
+
 def full_repeats(n: int, quick: bool) -> int:
     """Full pushes per tool at this N; the median is reported (this VM's timings are noisy)."""
+    if REPEATS is not None:
+        return REPEATS
     return 3 if n <= 8 or (n <= 32 and not quick) else 1
 
 
@@ -607,14 +612,16 @@ def main() -> int:
     p.add_argument("--simulate", action="store_true", help="only the simulation")
     p.add_argument("--fanout-full", type=int, help="force the full push's fan-out")
     p.add_argument("--no-rsync", action="store_true", help="skip the rsync baselines")
+    p.add_argument("--repeats", type=int, help="full pushes per tool and N (median reported)")
     p.add_argument("--_netns-client", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     # so that `finally` blocks stop agents and remove temporary trees on SIGTERM too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     global FULL_FANOUT
     FULL_FANOUT = args.fanout_full
-    global USE_RSYNC
+    global USE_RSYNC, REPEATS
     USE_RSYNC = not args.no_rsync
+    REPEATS = args.repeats
     if args._netns_client:
         netns_client(*args._netns_client)
         return 0
