@@ -247,6 +247,7 @@ def loopback(ns: list[int], work: Path, out: dict, *, quick: bool) -> None:
             base.mkdir()
             shutil.rmtree(work / "cache", ignore_errors=True)
             with agents(n, base) as peers:
+                os.sync()  # start from a clean disk: the last run's writeback is not this one's
                 fulls.append(asyncio.run(timed_push(src, peers, work / "cache", FULL_FANOUT)))
                 if r < repeats - 1:
                     continue
@@ -285,6 +286,7 @@ def loopback(ns: list[int], work: Path, out: dict, *, quick: bool) -> None:
                     for i in range(n):  # fresh targets for every full push
                         free(base / f"r{i}")
                         (base / f"r{i}").mkdir()
+                os.sync()
                 runs.append(rsync_push(src, port, list(range(n)), parallel=True))
             par_full, par_full_bytes = sorted(runs)[len(runs) // 2]
             out.setdefault("rsync_parallel_full_runs_s", {})[key] = [t for t, _ in runs]
