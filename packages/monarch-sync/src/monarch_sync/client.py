@@ -18,6 +18,7 @@ from typing import Any
 
 import blake3
 
+from .conn import parse_peer
 from .downstream import Downstream, NodeResult
 from .exceptions import SyncError
 from .frames import Payload
@@ -194,7 +195,8 @@ async def push(
         if len(changed) < len(body) // 2:
             patch = ({"base": last.root_hash, "removed": removed}, changed)
     delta = _estimate_delta(manifest, last)
-    k = fanout or choose_fanout(len(peers), delta, shared_host=shared_host(peers))
+    hosts = [parse_peer(peer)[0] for peer in peers]
+    k = fanout or choose_fanout(len(peers), delta, shared_host=shared_host(hosts))
     tree = plan_tree(peers, k)
     done = failed = 0
 

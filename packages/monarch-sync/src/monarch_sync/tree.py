@@ -138,13 +138,13 @@ def choose_fanout(
     return min(range(1, max_fanout + 1), key=cost)
 
 
-def shared_host(peers: Sequence[str]) -> bool:
-    """True when every peer (``host:port``) is on one machine: one host name or address, or
-    loopback addresses only (127.0.0.0/8 is all this machine)."""
-    hosts = {peer.rpartition(":")[0].strip("[]") for peer in peers}
-    if len(peers) < 2:
+def shared_host(hosts: Sequence[str]) -> bool:
+    """True when the agents' hosts (one entry per agent) are one machine: a single host name or
+    address, or loopback addresses only (127.0.0.0/8 is all this machine)."""
+    if len(hosts) < 2:
         return False
-    return len(hosts) == 1 or all(_loopback(h) for h in hosts)
+    distinct = set(hosts)
+    return len(distinct) == 1 or all(_loopback(h) for h in distinct)
 
 
 def _loopback(host: str) -> bool:

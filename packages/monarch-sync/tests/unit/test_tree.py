@@ -60,12 +60,12 @@ def test_agents_sharing_one_machine_get_a_shallow_tree_for_bulk() -> None:
 
 
 def test_shared_host_detection() -> None:
-    assert shared_host(["127.0.0.1:1", "127.0.0.1:2"])
-    assert shared_host(["127.0.0.2:7000", "127.0.0.3:7000", "[::1]:9", "localhost:4"])
-    assert shared_host(["node-a:1", "node-a:2"])
-    assert not shared_host(["10.0.0.1:1", "10.0.0.2:1"])
-    assert not shared_host(["node-a:1", "node-b:1"])
-    assert not shared_host(["127.0.0.1:1"])  # one agent: nothing to share
+    assert shared_host(["127.0.0.1", "127.0.0.1"])
+    assert shared_host(["127.0.0.2", "127.0.0.3", "::1", "localhost"])
+    assert shared_host(["node-a", "node-a"])
+    assert not shared_host(["10.0.0.1", "10.0.0.2"])
+    assert not shared_host(["node-a", "node-b"])
+    assert not shared_host(["127.0.0.1"])  # one agent: nothing to share
 
 
 def test_relay_routes_each_blob_once_and_backlogs_on_adoption() -> None:
