@@ -130,6 +130,17 @@ class Manifest:
         return {d: i for i, (d, _) in enumerate(self.blobs)}
 
     @cached_property
+    def first_locations(self) -> dict[bytes, tuple[str, int, int]]:
+        """digest -> (path, offset, size) of the chunk's first occurrence in the tree."""
+        out: dict[bytes, tuple[str, int, int]] = {}
+        for e in self.entries:
+            off = 0
+            for digest, size in e.chunks:
+                out.setdefault(digest, (e.path, off, size))
+                off += size
+        return out
+
+    @cached_property
     def total_bytes(self) -> int:
         return sum(e.size for e in self.entries)
 

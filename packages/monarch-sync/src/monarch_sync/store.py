@@ -119,7 +119,8 @@ class Store:
                     tampered.append(e.path)
                     continue
             keep.append(e)
-        return Manifest(keep), tampered
+        # Untouched (the common case): the same object, whose cached tables serve every push.
+        return (Manifest(keep) if tampered else manifest), tampered
 
     # -- building ------------------------------------------------------------------------
     def begin(self, push_id: str, base_hash: str | None, base: Manifest | None) -> Path:
@@ -217,6 +218,8 @@ class Store:
             (self.versions / f"{root_hash}.stat").write_text(json.dumps(record))
         self._prune()
         self._make_spare(root_hash, manifest)
+        # The next push diffs against this version: build its lookup tables now, not then.
+        manifest.by_path, manifest.first_locations  # noqa: B018
 
     def rollback(self) -> str:
         """Swap ``current`` and ``previous``; returns the root hash now live."""
