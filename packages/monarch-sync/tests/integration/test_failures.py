@@ -54,13 +54,16 @@ def test_node_lost_mid_push_children_reattach_and_finish(
     peers = [addr for _, addr, _ in agent_procs]
     victim = agent_procs[1][0]
     sent = 0
+    lost = False
 
     def lose_node_after_a_quarter(peer: str, index: int, data: bytes) -> bytes:
-        nonlocal sent
+        nonlocal sent, lost
         sent += len(data)
-        if sent > 6_000_000 and victim.poll() is None and victim.returncode is None:
+        if sent > 6_000_000 and not lost:
+            # Not recorded in victim.returncode: the fixture must still see a stopped agent as
+            # running, to continue and kill it.
             victim.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-            victim.returncode = -1  # only once
+            lost = True
         return data
 
     # A chain, so the lost node has a live child that must be re-attached to an ancestor.
