@@ -18,6 +18,7 @@ from sync_helpers import apply_local, snapshot
 from sync_ops import apply_op, op
 
 from monarch_sync import Store, cli, scan_tree
+from monarch_sync.manifest import Manifest
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -79,7 +80,8 @@ def test_tampered_file_in_current_version_is_refetched(tmp_path: Path) -> None:
     assert m.blob_index[m.by_path["a"].chunks[0][0]] in plan.need
 
 
-def test_rollback_switches_back(tmp_path: Path) -> None:
+def two_versions(tmp_path: Path) -> tuple[Store, Manifest]:
+    """An agent store that applied two versions of a one-file tree; returns it and the first."""
     src, store = tmp_path / "src", Store(tmp_path / "agent")
     src.mkdir()
     (src / "a").write_text("one")
@@ -87,18 +89,17 @@ def test_rollback_switches_back(tmp_path: Path) -> None:
     apply_local(store, src, v1)
     (src / "a").write_text("two")
     apply_local(store, src, scan_tree(src))
+    return store, v1
+
+
+def test_rollback_switches_back(tmp_path: Path) -> None:
+    store, v1 = two_versions(tmp_path)
     assert store.rollback() == v1.root_hash
     assert (store.root / "current" / "a").read_text() == "one"
 
 
 def test_cli_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    src, store = tmp_path / "src", Store(tmp_path / "agent")
-    src.mkdir()
-    (src / "a").write_text("one")
-    v1 = scan_tree(src)
-    apply_local(store, src, v1)
-    (src / "a").write_text("two")
-    apply_local(store, src, scan_tree(src))
+    store, v1 = two_versions(tmp_path)
     assert cli.main(["rollback", "--root", str(store.root)]) == 0
     assert capsys.readouterr().out.strip() == v1.root_hash
     assert (store.root / "current" / "a").read_text() == "one"

@@ -1,26 +1,33 @@
 """A slow child must not make a node hold the data it has not yet sent."""
 
 import asyncio
+from collections.abc import Iterable
 
 from monarch_sync.downstream import Downstream, _Child
 from monarch_sync.tree import TreeNode
 
 
+def slow_child(wants: Iterable[int]) -> tuple[Downstream, _Child]:
+    """A node (queue limit 1000 bytes) with one child that wants ``wants`` and reads nothing."""
+    ds = Downstream(
+        push_id="p",
+        token="t",
+        sender="me",
+        manifest_bytes=b"",
+        blob_count=100,
+        root="",
+        stall_timeout=5,
+        queue_limit=1000,
+    )
+    child = _Child(TreeNode("slow:1"), conn=None)  # type: ignore[arg-type]
+    ds.children["slow:1"] = child
+    ds.relay.add_child("slow:1", wants)
+    return ds, child
+
+
 def test_queue_keeps_indices_only_past_the_limit() -> None:
     async def scenario() -> None:
-        ds = Downstream(
-            push_id="p",
-            token="t",
-            sender="me",
-            manifest_bytes=b"",
-            blob_count=100,
-            root="",
-            stall_timeout=5,
-            queue_limit=1000,
-        )
-        child = _Child(TreeNode("slow:1"), conn=None)  # type: ignore[arg-type]
-        ds.children["slow:1"] = child
-        ds.relay.add_child("slow:1", range(100))
+        ds, child = slow_child(range(100))
         for i in range(100):
             ds.offer(i, b"x" * 300)
         held = [data for _, data in child.queue if data is not None]
@@ -33,19 +40,7 @@ def test_queue_keeps_indices_only_past_the_limit() -> None:
 
 def test_runs_of_blobs_respect_the_same_limit() -> None:
     async def scenario() -> None:
-        ds = Downstream(
-            push_id="p",
-            token="t",
-            sender="me",
-            manifest_bytes=b"",
-            blob_count=100,
-            root="",
-            stall_timeout=5,
-            queue_limit=1000,
-        )
-        child = _Child(TreeNode("slow:1"), conn=None)  # type: ignore[arg-type]
-        ds.children["slow:1"] = child
-        ds.relay.add_child("slow:1", range(0, 100, 2))  # wants the even blobs only
+        ds, child = slow_child(range(0, 100, 2))  # wants the even blobs only
         for start in range(0, 100, 10):
             ds.offer_many([(i, b"x" * 300) for i in range(start, start + 10)])
         held = [data for _, data in child.queue if data is not None]
