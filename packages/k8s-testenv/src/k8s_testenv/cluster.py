@@ -30,6 +30,7 @@ from k8s_testenv.build import KUBE_VERSION, Binaries, ensure_binaries
 from k8s_testenv.exceptions import StartupError
 from k8s_testenv.kubelet.agent import KubeletConfig, NodeSpec
 from k8s_testenv.kubelet.api import RestClient
+from k8s_testenv.kubelet.network import pick_pod_network
 from k8s_testenv.kubelet.runtime import KubeletSettings
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ def _start(
         server=server, token=token, ca_file=str(ca_file), workdir=str(workdir / "kubelet"),
         port=ports["kubelet"],
         cert=str(certs / "apiserver.crt"), key=str(certs / "apiserver.key"),
-        kube_version=KUBE_VERSION, nodes=nodes, settings=settings,
+        kube_version=KUBE_VERSION, nodes=nodes, settings=settings, pod_network=pick_pod_network(),
     )  # fmt: skip
     config_path = workdir / "kubelet.json"
     config_path.write_text(json.dumps(kubelet_config.to_dict(), indent=2))

@@ -62,6 +62,7 @@ class KubeletConfig:
     nodes: list[NodeSpec]
     settings: KubeletSettings = field(default_factory=KubeletSettings)
     heartbeat: float = 10.0
+    pod_network: str = "127.10.0.0/16"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KubeletConfig:
@@ -85,7 +86,7 @@ class Kubelet:
         self.workdir = Path(config.workdir)
         self.pgid_dir = self.workdir / "pgids"
         self.hosts_file = self.workdir / "hosts"
-        self.ips = IpPool()
+        self.ips = IpPool(config.pod_network)
         self.workers: dict[str, PodWorker] = {}
         self._by_name: dict[tuple[str, str], PodWorker] = {}
         self._reported: dict[str, dict[str, Any]] = {}

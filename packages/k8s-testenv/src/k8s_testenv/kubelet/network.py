@@ -1,7 +1,8 @@
 """Pod addresses and the per-pod sandbox (hostname and /etc/hosts).
 
-Every pod gets its own loopback address from 127.10.0.0/16 (Linux routes all of 127/8 to lo,
-so a pod's servers can bind their pod IP without root). When the kernel lets us create mount
+Every pod gets its own loopback address from the cluster's pod network, a /16 of 127/8 chosen per
+cluster (Linux routes all of 127/8 to lo, so a pod's servers can bind their pod IP without root;
+clusters started side by side, e.g. by parallel test runs, get different networks). When the kernel lets us create mount
 and UTS namespaces (as root, or via a user namespace), each pod runs under ``unshare`` with its
 own hostname and with a kubelet-maintained hosts file bind-mounted over /etc/hosts, so
 ``socket.gethostname()`` and names such as ``web-0.web.default.svc.cluster.local`` resolve to
@@ -13,12 +14,18 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import secrets
 import shutil
 import subprocess
 
-__all__ = ["IpPool", "sandbox_prefix", "sandbox_support"]
+__all__ = ["IpPool", "pick_pod_network", "sandbox_prefix", "sandbox_support"]
 
 _SANDBOX_SCRIPT = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
+
+
+def pick_pod_network() -> str:
+    """A random 127.X.0.0/16 (X in 16..254): two clusters on one machine rarely share one."""
+    return f"127.{secrets.randbelow(239) + 16}.0.0/16"
 
 
 class IpPool:
