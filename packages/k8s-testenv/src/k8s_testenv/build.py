@@ -1,9 +1,10 @@
 """Build (once) and locate the control-plane binaries.
 
-The Go module in ``tools/k8s-testenv`` builds kube-apiserver, kube-controller-manager and
-kube-scheduler from ``k8s.io/kubernetes``; its ``etcd/`` sub-module builds etcd. Binaries go to
+The Go module in ``tools/k8s-testenv`` builds kube-apiserver, kube-controller-manager,
+kube-scheduler and kubectl from ``k8s.io/kubernetes`` and its staging modules, plus the kubelet's
+streaming helper (``kubelet-streaming``); its ``etcd/`` sub-module builds etcd. Binaries go to
 ``tools/k8s-testenv/bin`` (git-ignored) together with a fingerprint of the Go sources, so a
-later run reuses them without even invoking ``go`` unless go.mod, go.sum or a main changed.
+later run reuses them without even invoking ``go`` unless go.mod, go.sum or a .go file changed.
 """
 
 from __future__ import annotations
@@ -32,22 +33,32 @@ KUBE_VERSION = "v1.37.2"
 _RELEASE_DATE = "2026-10-27T12:01:04Z"  # from the module proxy's .info for KUBE_VERSION
 #: Where Go's official tarball installs it, which is often not on PATH.
 GO_FALLBACKS: tuple[str, ...] = ("/usr/local/go/bin/go",)
-KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+#: Everything ``./cmd/...`` builds (one folder per program).
+KUBE_COMPONENTS = (
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kubelet-streaming",
+)
 _GO_HINT = (
     "Install Go >= 1.26 (https://go.dev/dl/, or put it at /usr/local/go/bin/go) so the "
     "control plane can be built from the Go module proxy, or set K8S_TESTENV_BIN_DIR to a "
-    "folder holding prebuilt kube-apiserver, kube-controller-manager, kube-scheduler and etcd."
+    "folder holding prebuilt kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, "
+    "kubelet-streaming and etcd."
 )
 
 
 @dataclass(frozen=True)
 class Binaries:
-    """Paths of the four programs a cluster needs."""
+    """Paths of the programs a cluster needs, and of the matching kubectl."""
 
     etcd: Path
     kube_apiserver: Path
     kube_controller_manager: Path
     kube_scheduler: Path
+    kubectl: Path
+    kubelet_streaming: Path
 
 
 def tools_dir() -> Path:
@@ -91,7 +102,7 @@ def _version_ldflags() -> str:
 
 def _fingerprint(tools: Path) -> str:
     digest = hashlib.sha256(KUBE_VERSION.encode())
-    sources = sorted(tools.glob("go.*")) + sorted(tools.glob("cmd/*/main.go"))
+    sources = sorted(tools.glob("go.*")) + sorted(tools.glob("cmd/**/*.go"))
     sources += sorted(tools.glob("etcd/go.*")) + sorted(tools.glob("etcd/*.go"))
     for path in sources:
         digest.update(str(path.relative_to(tools)).encode())
@@ -105,6 +116,8 @@ def _binaries_in(folder: Path) -> Binaries:
         kube_apiserver=folder / "kube-apiserver",
         kube_controller_manager=folder / "kube-controller-manager",
         kube_scheduler=folder / "kube-scheduler",
+        kubectl=folder / "kubectl",
+        kubelet_streaming=folder / "kubelet-streaming",
     )
 
 

@@ -56,6 +56,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         kubeconfig = args.kubeconfig
     print(f"k8s-testenv: Kubernetes {KUBE_VERSION} is up at {cluster.server} ({len(nodes)} nodes)")
     print(f"export KUBECONFIG={kubeconfig}")
+    if cluster.kubectl_path is not None:
+        # kubectl of the server's version first on PATH; plugins named kubectl-* still resolve
+        print(f"export PATH={cluster.kubectl_path.parent}:$PATH")
     return 0
 
 

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from k8s_testenv import procs
 from k8s_testenv.build import KUBE_VERSION, Binaries, ensure_binaries
-from k8s_testenv.exceptions import StartupError
+from k8s_testenv.exceptions import K8sTestenvError, StartupError
 from k8s_testenv.kubelet.agent import KubeletConfig, NodeSpec
 from k8s_testenv.kubelet.api import RestClient
 from k8s_testenv.kubelet.network import pick_pod_network
@@ -57,6 +58,8 @@ class Cluster:
     nodes: list[NodeSpec]
     pids: dict[str, int] = field(default_factory=dict)
     remove_workdir: bool = True
+    #: kubectl of the server's version (the one on PATH may be years older)
+    kubectl_path: Path | None = None
 
     def rest(self) -> RestClient:
         """A plain JSON client (what the kubelet uses)."""
@@ -69,6 +72,27 @@ class Cluster:
         from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def kubectl_env(self) -> dict[str, str]:
+        """The environment to run kubectl in: this cluster's kubeconfig, and the binaries'
+        folder first on PATH, so the matching kubectl (and plugins ``kubectl-*``) are found."""
+        if self.kubectl_path is None:
+            raise K8sTestenvError("this Cluster was made without binaries: no kubectl")
+        path = f"{self.kubectl_path.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": path}
+
+    def kubectl(
+        self, *args: str, input: bytes | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the cluster's kubectl with ``args``; the result carries its exit code and output."""
+        env = self.kubectl_env()  # raises when there is no kubectl
+        return subprocess.run(
+            [str(self.kubectl_path), *args],
+            env=env,
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def logs(self, component: str, lines: int = 50) -> str:
         return procs.log_tail(self.workdir / "logs" / f"{component}.log", lines)
@@ -245,6 +269,7 @@ def _start(
         port=ports["kubelet"],
         cert=str(certs / "apiserver.crt"), key=str(certs / "apiserver.key"),
         kube_version=KUBE_VERSION, nodes=nodes, settings=settings, pod_network=pick_pod_network(),
+        streaming_binary=str(binaries.kubelet_streaming),
     )  # fmt: skip
     config_path = workdir / "kubelet.json"
     config_path.write_text(json.dumps(kubelet_config.to_dict(), indent=2))
@@ -260,7 +285,7 @@ def _start(
     )
     return Cluster(
         workdir=workdir, kubeconfig=kubeconfig, server=server, token=token, nodes=nodes,
-        pids=dict(launcher.pids), remove_workdir=own_dir,
+        pids=dict(launcher.pids), remove_workdir=own_dir, kubectl_path=binaries.kubectl,
     )  # fmt: skip
 
 

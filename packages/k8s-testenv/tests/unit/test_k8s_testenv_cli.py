@@ -54,7 +54,7 @@ def test_cli_exits_non_zero_naming_go_when_it_is_missing(
 def test_prebuilt_binary_folder_without_etcd_names_etcd(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+    for name in build.KUBE_COMPONENTS:
         (tmp_path / name).write_text("#!/bin/sh\n")
         (tmp_path / name).chmod(0o755)
     monkeypatch.setenv("K8S_TESTENV_BIN_DIR", str(tmp_path))
@@ -68,3 +68,10 @@ def test_down_without_a_cluster_is_a_no_op(
 ) -> None:
     assert cli.main(["down", "--dir", str(tmp_path)]) == 0
     assert "no cluster" in capsys.readouterr().out
+
+
+def test_fingerprint_covers_every_go_file_under_cmd(no_go: Path) -> None:
+    before = build._fingerprint(no_go)
+    helper = no_go / "cmd" / "kubelet-streaming" / "runtime.go"
+    helper.write_text(helper.read_text() + "\n// changed\n")
+    assert build._fingerprint(no_go) != before

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from k8s_testenv.kubelet.network import IpPool, sandbox_support
 from k8s_testenv.kubelet.podspec import PodNetwork, hostname_of, render_hosts
 from k8s_testenv.kubelet.runtime import KubeletSettings, PodWorker
 from k8s_testenv.kubelet.status import State, rfc3339
+from k8s_testenv.kubelet.streaming import StreamingServer, pod_facts
 
 __all__ = ["Kubelet", "KubeletConfig", "NodeSpec"]
 
@@ -63,6 +65,8 @@ class KubeletConfig:
     settings: KubeletSettings = field(default_factory=KubeletSettings)
     heartbeat: float = 10.0
     pod_network: str = "127.10.0.0/16"
+    #: the kubelet-streaming binary, which serves ``port`` (see kubelet/streaming.py)
+    streaming_binary: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KubeletConfig:
@@ -109,13 +113,22 @@ class Kubelet:
         self.pgid_dir.mkdir(parents=True, exist_ok=True)
         self._write_hosts()
         sandbox_support()  # probe once, before the first pod
-        logs = LogServer(
+        token = secrets.token_hex(16)
+        logs = LogServer(locate=self._locate, facts=self._facts, token=token)
+        logs.start()
+        streaming = StreamingServer(
+            Path(self.config.streaming_binary),
             port=self.config.port,
             cert=Path(self.config.cert),
             key=Path(self.config.key),
-            locate=self._locate,
+            backend=f"http://127.0.0.1:{logs.port}",
+            token=token,
         )
-        logs.start()
+        try:
+            streaming.start()
+        except BaseException:
+            logs.stop()
+            raise
         for node in self.config.nodes:
             self._register(node)
         watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True)
@@ -134,6 +147,7 @@ class Kubelet:
         finally:
             for worker in self.workers.values():
                 worker.kill_now()
+            streaming.stop()
             logs.stop()
 
     # -- nodes -----------------------------------------------------------------------------
@@ -365,6 +379,10 @@ class Kubelet:
         if kind == "secret":
             return {k: base64.b64decode(v).decode() for k, v in data.items()}
         return dict(data)
+
+    def _facts(self, namespace: str, pod: str) -> dict[str, Any] | None:
+        worker = self._by_name.get((namespace, pod))
+        return None if worker is None else pod_facts(worker, namespaces=bool(sandbox_support()))
 
     def _locate(self, namespace: str, pod: str, container: str, previous: bool) -> Any:
         worker = self._by_name.get((namespace, pod))

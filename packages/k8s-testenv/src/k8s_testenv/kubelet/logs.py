@@ -1,36 +1,42 @@
-"""The kubelet's HTTPS endpoint, so ``kubectl logs`` works through the API server.
+"""The kubelet's log endpoint, so ``kubectl logs`` works through the API server.
 
 kube-apiserver proxies ``pods/log`` to ``https://<node InternalIP>:<kubelet port>/containerLogs/
 <namespace>/<pod>/<container>``; with no ``--kubelet-certificate-authority`` it does not verify
-our certificate. Supported query parameters: ``tailLines``, ``previous``, ``follow``.
+our certificate. The Go streaming helper (:mod:`k8s_testenv.kubelet.streaming`) terminates TLS on
+that port and proxies these paths here, a plain-HTTP server on a loopback port. Supported query
+parameters: ``tailLines``, ``previous``, ``follow``.
+
+``/runtime/<namespace>/<pod>`` (only with the helper's bearer token) answers the pod's facts,
+which the helper needs to exec into a container or port-forward to it.
 """
 
 from __future__ import annotations
 
-import ssl
+import hmac
+import json
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 __all__ = ["LogServer"]
 
 #: ``(namespace, pod, container, previous)`` -> (log file, is the container still running)
 Locate = Callable[[str, str, str, bool], tuple[Path, Callable[[], bool]] | None]
+#: ``(namespace, pod)`` -> the pod's runtime facts (JSON-able), or None for a pod not run here
+Facts = Callable[[str, str], dict[str, Any] | None]
 
 
 class LogServer:
-    """A TLS HTTP server answering ``/containerLogs`` and ``/healthz`` in a daemon thread."""
+    """A loopback HTTP server answering ``/containerLogs``, ``/healthz`` and ``/runtime``."""
 
-    def __init__(self, *, port: int, cert: Path, key: Path, locate: Locate) -> None:
-        handler = _make_handler(locate)
+    def __init__(self, *, locate: Locate, facts: Facts, token: str, port: int = 0) -> None:
+        handler = _make_handler(locate, facts, token)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self._server.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(cert), str(key))
-        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -45,7 +51,7 @@ class LogServer:
         self._server.server_close()
 
 
-def _make_handler(locate: Locate) -> type[BaseHTTPRequestHandler]:
+def _make_handler(locate: Locate, facts: Facts, token: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:  # quiet
             pass
@@ -55,6 +61,9 @@ def _make_handler(locate: Locate) -> type[BaseHTTPRequestHandler]:
             parts = url.path.strip("/").split("/")
             if parts == ["healthz"]:
                 self._reply(200, b"ok")
+                return
+            if len(parts) == 3 and parts[0] == "runtime":
+                self._facts(parts[1], parts[2])
                 return
             if len(parts) != 4 or parts[0] != "containerLogs":
                 self._reply(404, b"not found")
@@ -96,6 +105,17 @@ def _make_handler(locate: Locate) -> type[BaseHTTPRequestHandler]:
                             time.sleep(0.2)
             except (BrokenPipeError, ConnectionResetError):
                 return
+
+        def _facts(self, namespace: str, pod: str) -> None:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self._reply(403, b"forbidden")
+                return
+            found = facts(namespace, pod)
+            if found is None:
+                self._reply(404, b"pod does not exist")
+                return
+            self._reply(200, json.dumps(found).encode())
 
         def _reply(self, code: int, body: bytes) -> None:
             self.send_response(code)

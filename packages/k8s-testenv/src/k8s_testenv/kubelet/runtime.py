@@ -38,6 +38,7 @@ from k8s_testenv.kubelet.status import (
     rfc3339,
     should_restart,
 )
+from k8s_testenv.kubelet.streaming import container_stdin
 
 __all__ = ["KubeletSettings", "PodWorker", "kill_on_parent_death"]
 
@@ -98,6 +99,8 @@ class PodWorker:
         self._probes: dict[tuple[str, str], tuple[subprocess.Popen[bytes], float]] = {}
         self._probe_last: dict[tuple[str, str], float] = {}
         self._conditions: list[dict[str, Any]] = []
+        #: the environment each container was last started with (exec runs with it)
+        self.envs: dict[str, dict[str, str]] = {}
         self.kill_deadline: float | None = None
         root.mkdir(parents=True, exist_ok=True)
 
@@ -207,13 +210,15 @@ class PodWorker:
             return
         hostname, _ = podspec.hostname_of(self.pod)
         workdir = container.get("workingDir") or str(self.root)
+        self.envs[record.name] = env
+        stdin = container_stdin(self.root, container)
         with self.log_path(record.name).open("ab") as log:
             try:
                 proc = subprocess.Popen(
                     [*sandbox_prefix(str(self.hosts_file), hostname), *argv],
                     env=env,
                     cwd=workdir,
-                    stdin=subprocess.DEVNULL,
+                    stdin=stdin,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -223,6 +228,9 @@ class PodWorker:
                 log.write(f"failed to start {argv!r}: {exc}\n".encode())
                 self._exited(record, 127, now, now)
                 return
+            finally:
+                if stdin >= 0:  # the child holds its own copy
+                    os.close(stdin)
         (self.pgid_dir / str(proc.pid)).touch()
         self._procs[record.name] = proc
         record.state, record.reason = State.RUNNING, ""
