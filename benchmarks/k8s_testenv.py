@@ -8,7 +8,11 @@ Measures (binaries already built; run ``k8s-testenv build`` first or let this bu
 * ``statefulset_running_s``: for StatefulSets of 1, 16 and 64 replicas
   (``podManagementPolicy: Parallel``, each pod a ``sleep`` process), the time from the create
   call until every pod reports phase Running. Each StatefulSet is deleted (and its pods
-  gone) before the next one.
+  gone) before the next one;
+* ``portforward_mb_s`` / ``direct_mb_s``: download rate of a 64 MiB HTTP response from a pod,
+  through ``kubectl port-forward`` (kubectl -> API server -> kubelet streaming helper -> pod)
+  and straight to the pod IP; ``portforward_rtt_ms`` / ``direct_rtt_ms``: one small HTTP
+  request's round trip on a kept-alive connection, the same two ways. Medians of ``--runs``.
 
 Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--json FILE]``
 """
@@ -16,9 +20,13 @@ Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--json FI
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
+import re
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +72,82 @@ def time_statefulset(rest: RestClient, replicas: int, timeout: float) -> float:
     return elapsed
 
 
+PODSERVER = (
+    Path(__file__).resolve().parents[1] / "packages/k8s-testenv/tests/integration/podserver.py"
+)
+
+
+def _download_mb_s(host: str, port: int, size: int) -> float:
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    started = time.perf_counter()
+    conn.request("GET", f"/bytes/{size}")
+    resp = conn.getresponse()
+    got = 0
+    while chunk := resp.read(1 << 20):
+        got += len(chunk)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    assert got == size, f"read {got} of {size} bytes"
+    return size / elapsed / 1e6
+
+
+def _rtt_ms(host: str, port: int, rounds: int = 200) -> float:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        conn.request("GET", "/bytes/1")
+        conn.getresponse().read()
+        times.append(time.perf_counter() - started)
+    conn.close()
+    return statistics.median(times) * 1e3
+
+
+def portforward_figures(cluster: Cluster, runs: int, size: int = 64 << 20) -> dict[str, float]:
+    """Throughput and round trip through ``kubectl port-forward`` and directly to the pod IP."""
+    rest = cluster.rest()
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    container = {"name": "web", "image": "python", "command": [sys.executable, str(PODSERVER)]}
+    pod = {"metadata": {"name": "bench-web"}, "spec": {"containers": [{**container, "env": env}]}}
+    rest.request("POST", "/api/v1/namespaces/default/pods", pod)
+    forward: subprocess.Popen[bytes] | None = None
+    try:
+
+        def serving() -> str | None:
+            ip = (
+                rest.get("/api/v1/namespaces/default/pods/bench-web").get("status", {}).get("podIP")
+            )
+            try:
+                return ip if ip and _rtt_ms(ip, 8080, rounds=1) >= 0 else None
+            except OSError:
+                return None
+
+        pod_ip = wait_until(serving, timeout=60, what="bench-web serving")
+        forward = subprocess.Popen(
+            [str(cluster.kubectl_path), "port-forward", "pod/bench-web", ":8080"],
+            env=cluster.kubectl_env(), stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert forward.stdout is not None
+        local = int(re.findall(rb"127\.0\.0\.1:(\d+)", forward.stdout.readline())[0])
+        paths = {"portforward": ("127.0.0.1", local), "direct": (pod_ip, 8080)}
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        rtts: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(runs):  # interleaved, so both ways see the same machine load
+            for name, (host, port) in paths.items():
+                rates[name].append(_download_mb_s(host, port, size))
+                rtts[name].append(_rtt_ms(host, port))
+    finally:
+        if forward is not None:
+            forward.terminate()
+            forward.wait(10)
+        rest.request("DELETE", "/api/v1/namespaces/default/pods/bench-web")
+    figures = {}
+    for name in paths:
+        figures[f"{name}_mb_s"] = round(statistics.median(rates[name]), 1)
+        figures[f"{name}_rtt_ms"] = round(statistics.median(rtts[name]), 3)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,6 +155,7 @@ def main() -> None:
     parser.add_argument("--replicas", default="1,16,64", help="comma-separated StatefulSet sizes")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--runs", type=int, default=5, help="port-forward runs (medians)")
     args = parser.parse_args()
     sizes = [int(n) for n in args.replicas.split(",")]
 
@@ -88,6 +173,13 @@ def main() -> None:
         for replicas in sizes:
             running[str(replicas)] = round(time_statefulset(rest, replicas, args.timeout), 3)
             print(f"StatefulSet of {replicas}: all Running after {running[str(replicas)]:.2f}s")
+        forwarding = portforward_figures(cluster, args.runs)
+        print(
+            f"port-forward / direct: {forwarding['portforward_mb_s'] / forwarding['direct_mb_s']:.2f}x"
+            f" throughput ({forwarding['portforward_mb_s']} vs {forwarding['direct_mb_s']} MB/s),"
+            f" {forwarding['portforward_rtt_ms'] / forwarding['direct_rtt_ms']:.1f}x round trip"
+            f" ({forwarding['portforward_rtt_ms']} vs {forwarding['direct_rtt_ms']} ms)"
+        )
     finally:
         cluster.stop()
     result = {
@@ -96,6 +188,7 @@ def main() -> None:
         "binaries_ready_s": round(build_s, 3),
         "cold_start_s": round(cold_start_s, 3),
         "statefulset_running_s": running,
+        **forwarding,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,9 @@ PATTERN = bytes(range(256)) * 4096  # 1 MiB
 
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so round trips can be timed on one connection
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
+
     def do_GET(self) -> None:
         if self.path.startswith("/bytes/"):
             self._send_bytes(int(self.path.removeprefix("/bytes/")))

@@ -141,23 +141,32 @@ def test_python_client_port_forward_streams_concurrently_and_reports_a_closed_po
         core.api_client.close()
 
 
+def kubectl_port_forward(
+    cluster: Cluster, namespace: str, port: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``kubectl port-forward pod/web :<port>``; return it and the local port it picked."""
+    proc = subprocess.Popen(
+        [str(cluster.kubectl_path), "-n", namespace, "port-forward", "pod/web", f":{port}"],
+        env=cluster.kubectl_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    match = re.search(rf"Forwarding from 127\.0\.0\.1:(\d+) -> {port}", line)
+    if match is None:
+        proc.kill()
+        raise AssertionError(f"kubectl port-forward printed {line!r}")
+    return proc, int(match.group(1))
+
+
 @pytest.fixture
 def kubectl_forward(
     k8s_cluster: Cluster, web: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``kubectl port-forward pod/web :8080`` and the local port it picked."""
-    proc = subprocess.Popen(
-        [str(k8s_cluster.kubectl_path), "-n", web, "port-forward", "pod/web", ":8080"],
-        env=k8s_cluster.kubectl_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc, local = kubectl_port_forward(k8s_cluster, web, 8080)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        match = re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> 8080", line)
-        assert match, f"kubectl port-forward printed {line!r}"
-        yield proc, int(match.group(1))
+        yield proc, local
     finally:
         proc.terminate()
         proc.wait(10)
@@ -190,15 +199,8 @@ def test_kubectl_port_forward_carries_concurrent_requests_and_64_mib_both_ways(
 def test_kubectl_port_forward_to_a_closed_port_reports_the_kubelets_error(
     k8s_cluster: Cluster, web: str
 ) -> None:
-    proc = subprocess.Popen(
-        [str(k8s_cluster.kubectl_path), "-n", web, "port-forward", "pod/web", ":9999"],
-        env=k8s_cluster.kubectl_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc, port = kubectl_port_forward(k8s_cluster, web, 9999)
     try:
-        assert proc.stdout is not None
-        port = int(re.findall(r":(\d+) -> 9999", proc.stdout.readline().decode())[0])
         with pytest.raises((ConnectionError, http.client.HTTPException)):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             get(conn, "/")

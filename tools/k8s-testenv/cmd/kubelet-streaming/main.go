@@ -113,48 +113,49 @@ func lookup(w http.ResponseWriter, r *http.Request, facts *factsClient) (*podFac
 	return pod, true
 }
 
-func serveExec(w http.ResponseWriter, r *http.Request, facts *factsClient) {
+// remoteCommand resolves an exec or attach request to its stream options and a running
+// container, or answers it with the error notFound (the kubelet's message) spells.
+func remoteCommand(w http.ResponseWriter, r *http.Request, facts *factsClient,
+	notFound func(pod *podFacts, name string) error) (*remotecommand.Options, *containerRuntime, bool) {
 	opts, err := remotecommand.NewOptions(r)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
-		return
+		return nil, nil, false
 	}
 	pod, ok := lookup(w, r, facts)
 	if !ok {
-		return
+		return nil, nil, false
 	}
 	name := r.PathValue("container")
 	container := pod.Containers[name]
-	if container == nil || !container.Running {
-		// kubelet_pods.go GetExec: only running containers are found
-		_ = streaming.WriteError(fmt.Errorf("container not found (%q)", name), w)
+	if container == nil || !container.Running { // the kubelet finds running containers only
+		_ = streaming.WriteError(notFound(pod, name), w)
+		return nil, nil, false
+	}
+	return opts, &containerRuntime{facts: facts, pod: pod, container: container}, true
+}
+
+func serveExec(w http.ResponseWriter, r *http.Request, facts *factsClient) {
+	opts, runtime, ok := remoteCommand(w, r, facts, func(pod *podFacts, name string) error {
+		return fmt.Errorf("container not found (%q)", name) // kubelet_pods.go GetExec
+	})
+	if !ok {
 		return
 	}
+	pod, name := runtime.pod, runtime.container.Name
 	cmd := r.URL.Query()["command"]
-	runtime := &containerRuntime{facts: facts, pod: pod, container: container}
 	remotecommand.ServeExec(w, r, runtime, pod.FullName, pod.UID, name, cmd, opts,
 		idleTimeout, creationTimeout, remotecommand.SupportedStreamingProtocols)
 }
 
 func serveAttach(w http.ResponseWriter, r *http.Request, facts *factsClient) {
-	opts, err := remotecommand.NewOptions(r)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
-		return
-	}
-	pod, ok := lookup(w, r, facts)
+	opts, runtime, ok := remoteCommand(w, r, facts, func(pod *podFacts, name string) error {
+		return fmt.Errorf("container %s not found in pod %s", name, pod.FullName) // GetAttach
+	})
 	if !ok {
 		return
 	}
-	name := r.PathValue("container")
-	container := pod.Containers[name]
-	if container == nil || !container.Running {
-		// kubelet_pods.go GetAttach
-		msg := fmt.Errorf("container %s not found in pod %s", name, pod.FullName)
-		_ = streaming.WriteError(msg, w)
-		return
-	}
-	runtime := &containerRuntime{facts: facts, pod: pod, container: container}
+	pod, name := runtime.pod, runtime.container.Name
 	remotecommand.ServeAttach(w, r, runtime, pod.FullName, pod.UID, name, opts,
 		idleTimeout, creationTimeout, remotecommand.SupportedStreamingProtocols)
 }
