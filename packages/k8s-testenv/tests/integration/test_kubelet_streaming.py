@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from k8s_testenv import Cluster
-from k8s_testenv.testing import wait_until
+from k8s_testenv.testing import pid_alive, wait_until
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import portforward, stream
@@ -249,6 +249,26 @@ def test_kubectl_exec_runs_in_the_container_and_returns_the_exit_code(
         )
     assert err.value.status == 400
     assert "container nope is not valid for pod web" in str(err.value.body)
+
+
+def test_an_exec_dies_with_its_container(k8s_cluster: Cluster, web: str) -> None:
+    """Like every process of a container, a command exec'd into it ends when the pod goes."""
+    proc = subprocess.Popen(
+        [str(k8s_cluster.kubectl_path), "-n", web, "exec", "web", "-c", "server", "--",
+         "sh", "-c", "echo $$; exec sleep 300"],
+        env=k8s_cluster.kubectl_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        assert pid_alive(pid)
+        done = k8s_cluster.kubectl("-n", web, "delete", "pod", "web", "--wait=false")
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: not pid_alive(pid), timeout=30, what="the exec'd sleep killed")
+        assert proc.wait(30) == 137  # SIGKILL, as kubectl reports it
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_kubectl_exec_with_a_tty_sees_a_terminal_of_the_clients_size(

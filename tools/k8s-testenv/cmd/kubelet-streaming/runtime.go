@@ -126,6 +126,8 @@ func (rt *containerRuntime) command(cmd []string) (*exec.Cmd, error) {
 		argv = append([]string{nsenter, "--target", strconv.Itoa(c.Pid), "--mount", "--uts", "--"}, argv...)
 	}
 	proc := exec.Command(argv[0], argv[1:]...)
+	// its own group, so it can be killed with the container; and never outlive this helper
+	proc.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	proc.Env = make([]string, 0, len(c.Env)+1)
 	for k, v := range c.Env {
 		proc.Env = append(proc.Env, k+"="+v)
@@ -152,13 +154,16 @@ func (rt *containerRuntime) ExecInContainer(ctx context.Context, name, uid, cont
 	if err != nil {
 		return err
 	}
+	done := make(chan struct{})
+	defer close(done)
+	started := func() { go rt.killWithContainer(proc, done) }
 	if tty {
 		if _, set := rt.container.Env["TERM"]; !set {
 			proc.Env = append(proc.Env, "TERM=xterm") // as containerd does for a TTY exec
 		}
-		err = runWithTTY(proc, in, out, resize)
+		err = runWithTTY(proc, in, out, resize, started)
 	} else {
-		err = runWithPipes(proc, in, out, errOut)
+		err = runWithPipes(proc, in, out, errOut, started)
 	}
 	if err != nil {
 		return err
@@ -166,7 +171,23 @@ func (rt *containerRuntime) ExecInContainer(ctx context.Context, name, uid, cont
 	return exitError(proc.ProcessState)
 }
 
-func runWithPipes(proc *exec.Cmd, in io.Reader, out, errOut io.Writer) error {
+// killWithContainer kills the command's process group once the container stops, as a runtime
+// does with every process of a container; done is closed when the command has finished.
+func (rt *containerRuntime) killWithContainer(proc *exec.Cmd, done <-chan struct{}) {
+	for {
+		select {
+		case <-done:
+			return
+		case <-time.After(time.Second):
+		}
+		if !rt.stillRunning() {
+			_ = syscall.Kill(-proc.Process.Pid, syscall.SIGKILL)
+			return
+		}
+	}
+}
+
+func runWithPipes(proc *exec.Cmd, in io.Reader, out, errOut io.Writer, started func()) error {
 	if out != nil {
 		proc.Stdout = out
 	}
@@ -186,6 +207,7 @@ func runWithPipes(proc *exec.Cmd, in io.Reader, out, errOut io.Writer) error {
 	if err := proc.Start(); err != nil {
 		return err
 	}
+	started()
 	if stdin != nil {
 		go func() {
 			_, _ = io.Copy(stdin, in)

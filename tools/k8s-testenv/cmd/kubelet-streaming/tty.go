@@ -11,12 +11,14 @@ import (
 
 // runWithTTY runs proc on a new pseudo-terminal (its controlling terminal, in a new session),
 // copying in to it and its output to out, and applying the client's resize events.
-func runWithTTY(proc *exec.Cmd, in io.Reader, out io.Writer, resize <-chan remotecommand.TerminalSize) error {
+func runWithTTY(proc *exec.Cmd, in io.Reader, out io.Writer, resize <-chan remotecommand.TerminalSize, started func()) error {
+	proc.SysProcAttr.Setpgid = false // a new session is a new group already (setpgid would fail)
 	terminal, err := pty.Start(proc)
 	if err != nil {
 		return err
 	}
 	defer terminal.Close()
+	started()
 	if resize != nil {
 		go func() {
 			for size := range resize {
