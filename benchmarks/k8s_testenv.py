@@ -13,6 +13,8 @@ Measures (binaries already built; run ``k8s-testenv build`` first or let this bu
   through ``kubectl port-forward`` (kubectl -> API server -> kubelet streaming helper -> pod)
   and straight to the pod IP; ``portforward_rtt_ms`` / ``direct_rtt_ms``: one small HTTP
   request's round trip on a kept-alive connection, the same two ways. Medians of ``--runs``.
+  ``portforward_python_mb_s`` / ``portforward_python_rtt_ms``: the same through the official
+  Python client's ``kubernetes.stream.portforward`` (what ``KubernetesJob`` uses).
 
 Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--json FILE]``
 """
@@ -29,15 +31,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 # This file shares its name with the package: drop its folder from sys.path before importing.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import kubernetes.client  # noqa: E402
 from k8s_testenv import KUBE_VERSION, Cluster, ensure_binaries, start_cluster  # noqa: E402
 from k8s_testenv.kubelet.api import RestClient  # noqa: E402
 from k8s_testenv.testing import statefulset_manifest, wait_until  # noqa: E402
+from kubernetes.stream import portforward  # noqa: E402
 
 
 def statefulset(name: str, replicas: int) -> dict[str, Any]:
@@ -77,8 +82,11 @@ PODSERVER = (
 )
 
 
-def _download_mb_s(host: str, port: int, size: int) -> float:
-    conn = http.client.HTTPConnection(host, port, timeout=120)
+Connect = Callable[[], http.client.HTTPConnection]
+
+
+def _download_mb_s(connect: Connect, size: int) -> float:
+    conn = connect()
     started = time.perf_counter()
     conn.request("GET", f"/bytes/{size}")
     resp = conn.getresponse()
@@ -91,8 +99,8 @@ def _download_mb_s(host: str, port: int, size: int) -> float:
     return size / elapsed / 1e6
 
 
-def _rtt_ms(host: str, port: int, rounds: int = 200) -> float:
-    conn = http.client.HTTPConnection(host, port, timeout=30)
+def _rtt_ms(connect: Connect, rounds: int = 200) -> float:
+    conn = connect()
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
@@ -104,13 +112,16 @@ def _rtt_ms(host: str, port: int, rounds: int = 200) -> float:
 
 
 def portforward_figures(cluster: Cluster, runs: int, size: int = 64 << 20) -> dict[str, float]:
-    """Throughput and round trip through ``kubectl port-forward`` and directly to the pod IP."""
+    """Throughput and round trip to a pod's HTTP server: directly to the pod IP, through
+    ``kubectl port-forward``, and through the Python client's ``portforward``."""
     rest = cluster.rest()
     env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     container = {"name": "web", "image": "python", "command": [sys.executable, str(PODSERVER)]}
     pod = {"metadata": {"name": "bench-web"}, "spec": {"containers": [{**container, "env": env}]}}
     rest.request("POST", "/api/v1/namespaces/default/pods", pod)
     forward: subprocess.Popen[bytes] | None = None
+    api = cluster.api_client()
+    tunnels: list[Any] = []
     try:
 
         def serving() -> str | None:
@@ -118,7 +129,9 @@ def portforward_figures(cluster: Cluster, runs: int, size: int = 64 << 20) -> di
                 rest.get("/api/v1/namespaces/default/pods/bench-web").get("status", {}).get("podIP")
             )
             try:
-                return ip if ip and _rtt_ms(ip, 8080, rounds=1) >= 0 else None
+                return (
+                    ip if ip and _rtt_ms(lambda: http.client.HTTPConnection(ip, 8080), 1) else None
+                )
             except OSError:
                 return None
 
@@ -129,14 +142,31 @@ def portforward_figures(cluster: Cluster, runs: int, size: int = 64 << 20) -> di
         )  # fmt: skip
         assert forward.stdout is not None
         local = int(re.findall(rb"127\.0\.0\.1:(\d+)", forward.stdout.readline())[0])
-        paths = {"portforward": ("127.0.0.1", local), "direct": (pod_ip, 8080)}
+
+        def python_client() -> http.client.HTTPConnection:
+            core = kubernetes.client.CoreV1Api(api)
+            pf = portforward(core.connect_get_namespaced_pod_portforward, "bench-web", "default",
+                             ports="8080")  # fmt: skip
+            tunnels.append(pf)
+            conn = http.client.HTTPConnection("bench-web", 8080, timeout=120)
+            conn.sock = pf.socket(8080)
+            return conn
+
+        paths: dict[str, Connect] = {
+            "direct": lambda: http.client.HTTPConnection(pod_ip, 8080, timeout=120),
+            "portforward": lambda: http.client.HTTPConnection("127.0.0.1", local, timeout=120),
+            "portforward_python": python_client,
+        }
         rates: dict[str, list[float]] = {name: [] for name in paths}
         rtts: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(runs):  # interleaved, so both ways see the same machine load
-            for name, (host, port) in paths.items():
-                rates[name].append(_download_mb_s(host, port, size))
-                rtts[name].append(_rtt_ms(host, port))
+        for _ in range(runs):  # interleaved, so every way sees the same machine load
+            for name, connect in paths.items():
+                rates[name].append(_download_mb_s(connect, size))
+                rtts[name].append(_rtt_ms(connect))
     finally:
+        for pf in tunnels:
+            pf.close()
+        api.close()
         if forward is not None:
             forward.terminate()
             forward.wait(10)
@@ -178,7 +208,11 @@ def main() -> None:
             f"port-forward / direct: {forwarding['portforward_mb_s'] / forwarding['direct_mb_s']:.2f}x"
             f" throughput ({forwarding['portforward_mb_s']} vs {forwarding['direct_mb_s']} MB/s),"
             f" {forwarding['portforward_rtt_ms'] / forwarding['direct_rtt_ms']:.1f}x round trip"
-            f" ({forwarding['portforward_rtt_ms']} vs {forwarding['direct_rtt_ms']} ms)"
+            f" ({forwarding['portforward_rtt_ms']} vs {forwarding['direct_rtt_ms']} ms);"
+            f" Python client: {forwarding['portforward_python_mb_s'] / forwarding['direct_mb_s']:.2f}x"
+            f" ({forwarding['portforward_python_mb_s']} MB/s),"
+            f" {forwarding['portforward_python_rtt_ms'] / forwarding['direct_rtt_ms']:.1f}x round trip"
+            f" ({forwarding['portforward_python_rtt_ms']} ms)"
         )
     finally:
         cluster.stop()

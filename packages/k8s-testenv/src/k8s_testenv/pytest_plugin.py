@@ -2,7 +2,8 @@
 
 Fixtures:
 
-* ``k8s_cluster`` (session): a running :class:`~k8s_testenv.cluster.Cluster`.
+* ``k8s_cluster`` (session): a running :class:`~k8s_testenv.cluster.Cluster`;
+  ``k8s_cluster.kubectl(...)`` runs the kubectl built with it (v1.37.2, not the one on PATH).
 * ``k8s_api`` (session): an official ``kubernetes.client.ApiClient`` for it.
 * ``k8s_namespace`` (function): a fresh namespace, deleted after the test (the namespace
   controller then removes everything in it, and the kubelet kills the processes).
