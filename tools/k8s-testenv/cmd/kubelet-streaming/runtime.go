@@ -62,6 +62,8 @@ func (p *podFacts) anyRunning() bool {
 	return false
 }
 
+var factsHTTP = &http.Client{Timeout: 10 * time.Second}
+
 type factsClient struct {
 	base  *url.URL
 	token string
@@ -75,7 +77,7 @@ func (f *factsClient) pod(namespace, name string) (*podFacts, error) {
 		return nil, err
 	}
 	req.Header.Set("Authorization", "Bearer "+f.token)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := factsHTTP.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("asking the kubelet about %s/%s: %w", namespace, name, err)
 	}
@@ -110,11 +112,8 @@ func (rt *containerRuntime) command(cmd []string) (*exec.Cmd, error) {
 		return nil, errors.New("no command given")
 	}
 	c := rt.container
-	if !strings.Contains(cmd[0], "/") {
-		// as runc reports it; looked up in the host's view, which the container shares
-		if _, err := lookPath(cmd[0], c.Env["PATH"]); err != nil {
-			return nil, fmt.Errorf("exec: %q: executable file not found in $PATH", cmd[0])
-		}
+	if !strings.Contains(cmd[0], "/") && !rt.onPath(cmd[0]) {
+		return nil, fmt.Errorf("exec: %q: executable file not found in $PATH", cmd[0]) // runc's words
 	}
 	argv := []string{"/bin/sh", "-c", `cd "$1" && shift && exec "$@"`, "sh", c.WorkingDir}
 	argv = append(argv, cmd...)
@@ -135,15 +134,23 @@ func (rt *containerRuntime) command(cmd []string) (*exec.Cmd, error) {
 	return proc, nil
 }
 
-// lookPath finds an executable named name in the directories of path (a PATH value).
-func lookPath(name, path string) (string, error) {
-	for _, dir := range filepath.SplitList(path) {
-		candidate := filepath.Join(dir, name)
-		if info, err := os.Stat(candidate); err == nil && !info.IsDir() && info.Mode()&0o111 != 0 {
-			return candidate, nil
+// onPath tells whether the container's PATH has an executable called name, looking through
+// /proc/<pid>/root (the container's mounts) when it has its own mount namespace.
+func (rt *containerRuntime) onPath(name string) bool {
+	root := "/"
+	if rt.pod.Namespaces {
+		inside := "/proc/" + strconv.Itoa(rt.container.Pid) + "/root"
+		if _, err := os.Stat(inside); err == nil {
+			root = inside
 		}
 	}
-	return "", exec.ErrNotFound
+	for _, dir := range filepath.SplitList(rt.container.Env["PATH"]) {
+		info, err := os.Stat(filepath.Join(root, dir, name))
+		if err == nil && !info.IsDir() && info.Mode()&0o111 != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // ExecInContainer runs cmd in the container; a non-zero exit becomes a utilexec.ExitError,
@@ -310,7 +317,10 @@ func (rt *containerRuntime) AttachContainer(ctx context.Context, name, uid, cont
 // stillRunning asks the kubelet whether this run of the container is still going.
 func (rt *containerRuntime) stillRunning() bool {
 	pod, err := rt.facts.pod(rt.pod.Namespace, rt.pod.Name)
-	if err != nil || pod == nil || pod.UID != rt.pod.UID {
+	if err != nil {
+		return true // the kubelet is busy: ask again later
+	}
+	if pod == nil || pod.UID != rt.pod.UID {
 		return false
 	}
 	now := pod.Containers[rt.container.Name]
