@@ -244,11 +244,11 @@ func exitError(state *os.ProcessState) error {
 }
 
 // AttachContainer streams the container's output (its log, from now on) until it stops or
-// the client goes away. Stdin reaches the container only when its spec has stdin: true.
+// the client goes away (seen when a write fails). Stdin reaches the container only when its
+// spec has stdin: true; the end of the client's input ends nothing, as with stdinOnce: false.
 func (rt *containerRuntime) AttachContainer(ctx context.Context, name, uid, container string,
 	in io.Reader, out, errOut io.WriteCloser, tty bool, resize <-chan remotecommand.TerminalSize) error {
 	c := rt.container
-	gone := make(chan struct{})
 	if resize != nil {
 		go func() {
 			for range resize { // containers never run on a terminal: nothing to resize
@@ -257,9 +257,8 @@ func (rt *containerRuntime) AttachContainer(ctx context.Context, name, uid, cont
 	}
 	if in != nil {
 		go func() {
-			defer close(gone)
 			if !c.Stdin || c.StdinPath == "" {
-				_, _ = io.Copy(io.Discard, in) // kubelet: stdin of a container without stdin is ignored
+				_, _ = io.Copy(io.Discard, in) // the container has no input to write to
 				return
 			}
 			// O_RDWR never blocks on a FIFO, even if the container stopped reading
@@ -299,8 +298,6 @@ func (rt *containerRuntime) AttachContainer(ctx context.Context, name, uid, cont
 			continue
 		}
 		select {
-		case <-gone:
-			return nil
 		case <-ctx.Done():
 			return nil
 		case <-time.After(100 * time.Millisecond):
