@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from k8s_testenv.kubelet.api import ApiError, RestClient
+from k8s_testenv.kubelet.events import EventRecorder
 from k8s_testenv.kubelet.logs import LogServer
+from k8s_testenv.kubelet.mounts import PodVolumes
 from k8s_testenv.kubelet.network import IpPool, sandbox_support
+from k8s_testenv.kubelet.objects import ApiSources
 from k8s_testenv.kubelet.podspec import PodNetwork, hostname_of, render_hosts
 from k8s_testenv.kubelet.runtime import KubeletSettings, PodWorker
 from k8s_testenv.kubelet.status import State, rfc3339
@@ -87,6 +90,8 @@ class Kubelet:
         self.pgid_dir = self.workdir / "pgids"
         self.hosts_file = self.workdir / "hosts"
         self.ips = IpPool(config.pod_network)
+        self.sources = ApiSources(self.client)
+        self.events = EventRecorder(self.client)
         self.workers: dict[str, PodWorker] = {}
         self._by_name: dict[tuple[str, str], PodWorker] = {}
         self._reported: dict[str, dict[str, Any]] = {}
@@ -109,6 +114,8 @@ class Kubelet:
         self.pgid_dir.mkdir(parents=True, exist_ok=True)
         self._write_hosts()
         sandbox_support()  # probe once, before the first pod
+        self.sources.start(stop)
+        self.events.start(stop)
         logs = LogServer(
             port=self.config.port,
             cert=Path(self.config.cert),
@@ -134,6 +141,8 @@ class Kubelet:
         finally:
             for worker in self.workers.values():
                 worker.kill_now()
+                if worker.volumes is not None:
+                    worker.volumes.teardown()
             logs.stop()
 
     # -- nodes -----------------------------------------------------------------------------
@@ -280,16 +289,26 @@ class Kubelet:
         net = PodNetwork(
             pod_ip=self.ips.allocate(), host_ip="127.0.0.1", node_name=pod["spec"]["nodeName"]
         )
+        root = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        volumes = PodVolumes(
+            pod,
+            root,
+            net=net,
+            sources=self.sources,
+            node_memory=self.nodes[pod["spec"]["nodeName"]].memory,
+            warn=lambda reason, message: self.events.warning(worker.pod, reason, message),
+        )
         worker = PodWorker(
             pod,
             net=net,
-            root=self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}",
+            root=root,
             hosts_file=self.hosts_file,
             base_env=self.base_env,
             lookup=self._lookup,
             settings=self.config.settings,
             pgid_dir=self.pgid_dir,
             now=now,
+            volumes=volumes,
         )
         self.workers[meta["uid"]] = worker
         self._by_name[(meta["namespace"], meta["name"])] = worker
@@ -298,6 +317,8 @@ class Kubelet:
     def _drop(self, uid: str) -> None:
         worker = self.workers.pop(uid)
         worker.kill_now()
+        if worker.volumes is not None:
+            worker.volumes.teardown()
         self.ips.release(worker.net.pod_ip)
         self._reported.pop(uid, None)
         key = (worker.pod["metadata"]["namespace"], worker.pod["metadata"]["name"])
@@ -354,13 +375,9 @@ class Kubelet:
         self._hosts_text = text
 
     def _lookup(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
-        plural = "configmaps" if kind == "configmap" else "secrets"
-        try:
-            obj = self.client.get(f"/api/v1/namespaces/{namespace}/{plural}/{name}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        obj = self.sources.object(kind, namespace, name)
+        if obj is None:
+            return None
         data = obj.get("data") or {}
         if kind == "secret":
             return {k: base64.b64decode(v).decode() for k, v in data.items()}

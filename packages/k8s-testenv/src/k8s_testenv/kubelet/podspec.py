@@ -28,6 +28,7 @@ __all__ = [
     "probe_due",
     "render_hosts",
     "resolve_port",
+    "resource_field",
 ]
 
 Lookup = Callable[[str, str, str], Mapping[str, str] | None]
@@ -99,7 +100,8 @@ def _quantity(text: str) -> float:
     return float(text)
 
 
-def _resource_ref(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+def resource_field(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+    """Value of a ``resourceFieldRef`` (0 when the resource is not set)."""
     kind, _, name = ref["resource"].partition(".")
     value = container.get("resources", {}).get(kind, {}).get(name)
     if value is None:
@@ -141,7 +143,7 @@ def build_env(
         if "fieldRef" in source:
             env[name] = field_ref(pod, source["fieldRef"]["fieldPath"], net)
         elif "resourceFieldRef" in source:
-            env[name] = _resource_ref(container, source["resourceFieldRef"])
+            env[name] = resource_field(container, source["resourceFieldRef"])
         else:
             kind, key = (
                 ("configmap", "configMapKeyRef")

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from k8s_testenv.kubelet import podspec
+from k8s_testenv.kubelet import podspec, volumes
+from k8s_testenv.kubelet.mounts import PodVolumes
 from k8s_testenv.kubelet.network import sandbox_prefix
 from k8s_testenv.kubelet.status import (
     ContainerRecord,
@@ -77,6 +78,7 @@ class PodWorker:
         settings: KubeletSettings,
         pgid_dir: Path,
         now: float,
+        volumes: PodVolumes | None = None,
     ) -> None:
         self.pod = pod
         self.net = net
@@ -87,6 +89,7 @@ class PodWorker:
         self.settings = settings
         self.pgid_dir = pgid_dir
         self.started_at = now
+        self.volumes = volumes
         spec = pod["spec"]
         self.policy = RestartPolicy(spec.get("restartPolicy", "Always"))
         self.init_records = [ContainerRecord(c["name"]) for c in spec.get("initContainers", [])]
@@ -98,6 +101,8 @@ class PodWorker:
         self._probes: dict[tuple[str, str], tuple[subprocess.Popen[bytes], float]] = {}
         self._probe_last: dict[tuple[str, str], float] = {}
         self._conditions: list[dict[str, Any]] = []
+        #: each container's sandbox argv prefix (with its volume mounts), reused by exec probes
+        self._sandbox: dict[str, list[str]] = {}
         self.kill_deadline: float | None = None
         root.mkdir(parents=True, exist_ok=True)
 
@@ -120,6 +125,8 @@ class PodWorker:
         phase = pod_phase(self.policy, self.init_records, self.records)
         if phase in (Phase.SUCCEEDED, Phase.FAILED):
             return
+        if self.volumes is not None and not self.volumes.sync(self.pod, now):
+            return  # containers stay waiting in ContainerCreating, as while a kubelet mounts
         state, record = init_outcome(self.policy, self.init_records)
         if state == "failed":
             return
@@ -136,7 +143,12 @@ class PodWorker:
         """The pod ``status`` this worker reports (phase, conditions, IPs, containers)."""
         phase = pod_phase(self.policy, self.init_records, self.records)
         self._conditions = pod_conditions(
-            phase, self.init_records, self.records, now=now, previous=self._conditions
+            phase,
+            self.init_records,
+            self.records,
+            now=now,
+            previous=self._conditions,
+            sandbox_ready=self.volumes is None or self.volumes.ready,
         )
         status: dict[str, Any] = {
             "phase": phase.value,
@@ -200,17 +212,20 @@ class PodWorker:
                 self.pod, container, self.net, base=self.base_env, lookup=self.lookup
             )
             argv = podspec.command_line(container, env)
-        except podspec.ConfigError as exc:
+            mounts = self.volumes.mounts_for(container, env) if self.volumes else []
+        except (podspec.ConfigError, OSError) as exc:
             record.state, record.reason = State.WAITING, "CreateContainerConfigError"
             record.extra["message"] = str(exc)
             record.restart_at = now + self.settings.backoff_cap
             return
         hostname, _ = podspec.hostname_of(self.pod)
         workdir = container.get("workingDir") or str(self.root)
+        prefix = sandbox_prefix(str(self.hosts_file), hostname, volumes.mount_script(mounts))
+        self._sandbox[record.name] = prefix
         with self.log_path(record.name).open("ab") as log:
             try:
                 proc = subprocess.Popen(
-                    [*sandbox_prefix(str(self.hosts_file), hostname), *argv],
+                    [*prefix, *argv],
                     env=env,
                     cwd=workdir,
                     stdin=subprocess.DEVNULL,
@@ -331,8 +346,11 @@ class PodWorker:
                 self.pod, container, self.net, base=self.base_env, lookup=self.lookup
             )
             hostname, _ = podspec.hostname_of(self.pod)
+            prefix = self._sandbox.get(record.name) or sandbox_prefix(
+                str(self.hosts_file), hostname
+            )
             proc = subprocess.Popen(
-                [*sandbox_prefix(str(self.hosts_file), hostname), *probe["exec"]["command"]],
+                [*prefix, *probe["exec"]["command"]],
                 env=env,
                 cwd=container.get("workingDir") or str(self.root),
                 stdin=subprocess.DEVNULL,
