@@ -8,9 +8,13 @@ Measures (binaries already built; run ``k8s-testenv build`` first or let this bu
 * ``statefulset_running_s``: for StatefulSets of 1, 16 and 64 replicas
   (``podManagementPolicy: Parallel``, each pod a ``sleep`` process), the time from the create
   call until every pod reports phase Running. Each StatefulSet is deleted (and its pods
-  gone) before the next one.
+  gone) before the next one;
+* ``pvc_pod_running_s``: the time from creating a PersistentVolumeClaim (default StorageClass,
+  host-path provisioner) and a pod that mounts it to the pod Running, median of ``--runs``,
+  beside ``plain_pod_running_s``, the same for a pod without any volume (not even the
+  service-account token), measured in the same run.
 
-Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--json FILE]``
+Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--runs 5] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,6 +69,45 @@ def time_statefulset(rest: RestClient, replicas: int, timeout: float) -> float:
     return elapsed
 
 
+def time_pod(rest: RestClient, name: str, *, with_claim: bool, timeout: float) -> float:
+    """Seconds from creating (a claim and) a pod to the pod Running; both deleted after."""
+    ns = "/api/v1/namespaces/default"
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 0,
+        "automountServiceAccountToken": False,
+        "containers": [{"name": "main", "image": "none", "command": ["sleep", "3600"]}],
+    }
+    claim = {
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    if with_claim:
+        spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": name}}]
+        spec["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/tmp/bench-pvc"}]
+    started = time.perf_counter()
+    if with_claim:
+        rest.request("POST", f"{ns}/persistentvolumeclaims", claim)
+    rest.request("POST", f"{ns}/pods", {"metadata": {"name": name}, "spec": spec})
+    wait_until(
+        lambda: rest.get(f"{ns}/pods/{name}").get("status", {}).get("phase") == "Running",
+        timeout=timeout,
+        what=f"{name} Running",
+    )
+    elapsed = time.perf_counter() - started
+    rest.request("DELETE", f"{ns}/pods/{name}")
+    if with_claim:
+        rest.request("DELETE", f"{ns}/persistentvolumeclaims/{name}")
+    gone = [f"{ns}/pods"] + (
+        [f"{ns}/persistentvolumeclaims", "/api/v1/persistentvolumes"] if with_claim else []
+    )
+    wait_until(
+        lambda: not any(rest.get(path)["items"] for path in gone),
+        timeout=timeout,
+        what=f"{name} deleted",
+    )
+    return elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,6 +115,7 @@ def main() -> None:
     parser.add_argument("--replicas", default="1,16,64", help="comma-separated StatefulSet sizes")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--runs", type=int, default=5, help="pods timed per volume case")
     args = parser.parse_args()
     sizes = [int(n) for n in args.replicas.split(",")]
 
@@ -88,6 +133,18 @@ def main() -> None:
         for replicas in sizes:
             running[str(replicas)] = round(time_statefulset(rest, replicas, args.timeout), 3)
             print(f"StatefulSet of {replicas}: all Running after {running[str(replicas)]:.2f}s")
+        pods: dict[str, list[float]] = {"plain": [], "pvc": []}
+        for i in range(args.runs):  # interleaved, so both cases see the same conditions
+            for case in pods:
+                seconds = time_pod(
+                    rest, f"{case}-{i}", with_claim=case == "pvc", timeout=args.timeout
+                )
+                pods[case].append(seconds)
+        plain_s, pvc_s = (round(statistics.median(pods[c]), 3) for c in ("plain", "pvc"))
+        print(
+            f"pod with a PVC Running after {pvc_s:.2f}s, without volumes {plain_s:.2f}s "
+            f"(x{pvc_s / plain_s:.1f}; medians of {args.runs})"
+        )
     finally:
         cluster.stop()
     result = {
@@ -96,6 +153,9 @@ def main() -> None:
         "binaries_ready_s": round(build_s, 3),
         "cold_start_s": round(cold_start_s, 3),
         "statefulset_running_s": running,
+        "pvc_pod_running_s": pvc_s,
+        "plain_pod_running_s": plain_s,
+        "pvc_vs_plain_ratio": round(pvc_s / plain_s, 2),
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,8 @@ class Kubelet:
         self.ips = IpPool(config.pod_network)
         self.sources = ApiSources(self.client)
         self.events = EventRecorder(self.client)
+        # volume set-up waits on the API server (TokenRequests); pods do it side by side
+        self.volume_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="volumes")
         self.workers: dict[str, PodWorker] = {}
         self._by_name: dict[tuple[str, str], PodWorker] = {}
         self._reported: dict[str, dict[str, Any]] = {}
@@ -297,6 +300,7 @@ class Kubelet:
             sources=self.sources,
             node_memory=self.nodes[pod["spec"]["nodeName"]].memory,
             warn=lambda reason, message: self.events.warning(worker.pod, reason, message),
+            executor=self.volume_pool,
         )
         worker = PodWorker(
             pod,

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -102,9 +103,9 @@ def _file_type(path: str) -> str | None:
 
 
 class PodVolumes:
-    """The volumes of one pod. :meth:`sync` is called from the kubelet loop and never blocks
-    for long: it sets up what is missing (retrying with back-off, an Event per failure) and
-    refreshes written volumes."""
+    """The volumes of one pod. :meth:`sync` is called from the kubelet loop and does not wait
+    on the network: set-up (TokenRequests, claims) runs on ``executor``, is retried with
+    back-off and records an Event per failure; written volumes are refreshed in place."""
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class PodVolumes:
         sources: Sources,
         node_memory: str,
         warn: Callable[[str, str], None],
+        executor: Executor | None = None,
     ) -> None:
         self.pod = pod
         self.root = root / "volumes"
@@ -122,6 +124,8 @@ class PodVolumes:
         self.sources = sources
         self.node_memory = node_memory
         self.warn = warn
+        self.executor = executor
+        self._pending: Future[None] | None = None
         self._specs = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         #: volume name -> (host path, mounted read-only) once set up
         self.paths: dict[str, tuple[str, bool]] = {}
@@ -142,11 +146,20 @@ class PodVolumes:
         self.pod = pod
         generation = self.sources.generation
         if not self.ready:
+            if self._pending is not None:
+                if not self._pending.done():
+                    return False
+                self._pending = None
+                if self.ready:
+                    return True
             if now < self._retry_at and self._checked == (generation, ""):
                 return False
             self._checked = (generation, "")
-            self._setup(now)
-            return self.ready
+            if self.executor is None:
+                self._setup(now)
+                return self.ready
+            self._pending = self.executor.submit(self._setup, now)
+            return False
         version = (generation, str(pod["metadata"].get("resourceVersion", "")))
         if version != self._checked or now >= self._check_at:
             self._checked, self._check_at = version, now + _REFRESH_S
@@ -164,7 +177,7 @@ class PodVolumes:
                 continue
             try:
                 self.paths[name] = self._setup_one(spec, now)
-            except (vol.VolumeError, OSError) as exc:
+            except Exception as exc:  # VolumeError, OSError, or a spec we did not foresee
                 self._failed(name, exc)
                 failed = True
         if failed:
@@ -272,6 +285,8 @@ class PodVolumes:
 
     def teardown(self) -> None:
         """Unmount tmpfs volumes and delete the pod's volume folders (host folders stay)."""
+        if self._pending is not None:
+            self._pending.exception()  # let a running set-up finish first
         for folder in self._tmpfs:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
         self._tmpfs.clear()

@@ -26,6 +26,7 @@ __all__ = [
     "field_ref",
     "hostname_of",
     "probe_due",
+    "quantity",
     "render_hosts",
     "resolve_port",
     "resource_field",
@@ -91,7 +92,8 @@ def field_ref(pod: Mapping[str, Any], path: str, net: PodNetwork) -> str:
 _SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
 
 
-def _quantity(text: str) -> float:
+def quantity(text: str) -> float:
+    """A resource quantity (``64Mi``, ``500m``, ``1G``) as a number."""
     if text.endswith("m"):
         return float(text[:-1]) / 1000
     for suffix, factor in _SUFFIX.items():
@@ -106,8 +108,8 @@ def resource_field(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
     value = container.get("resources", {}).get(kind, {}).get(name)
     if value is None:
         return "0"
-    divisor = _quantity(str(ref.get("divisor", "1")))
-    return str(math.ceil(_quantity(str(value)) / divisor))
+    divisor = quantity(str(ref.get("divisor", "1")))
+    return str(math.ceil(quantity(str(value)) / divisor))
 
 
 def build_env(

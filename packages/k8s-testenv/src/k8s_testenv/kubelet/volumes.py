@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes.utils import parse_quantity
-
 from k8s_testenv.kubelet import podspec
 
 __all__ = [
@@ -286,16 +284,16 @@ def token_needs_refresh(spec: TokenSpec, expires_at: float, now: float) -> bool:
 def memory_size(volume: Mapping[str, Any], pod: Mapping[str, Any], node_memory: str) -> int:
     """Bytes of a ``medium: Memory`` emptyDir's tmpfs (upstream calculateEmptyDirMemorySize):
     node allocatable memory, lowered to the pod's memory limit, then to ``sizeLimit``."""
-    size = int(parse_quantity(node_memory))
+    size = int(podspec.quantity(node_memory))
     spec = pod.get("spec", {})
     limits = [
         (c.get("resources") or {}).get("limits", {}).get("memory")
         for c in spec.get("containers", [])
     ]
     if limits and all(limits):
-        pod_limit = sum(int(parse_quantity(str(x))) for x in limits)
+        pod_limit = sum(int(podspec.quantity(str(x))) for x in limits)
         init = [
-            int(parse_quantity(str(m)))
+            int(podspec.quantity(str(m)))
             for c in spec.get("initContainers", [])
             if (m := (c.get("resources") or {}).get("limits", {}).get("memory"))
         ]
@@ -303,7 +301,7 @@ def memory_size(volume: Mapping[str, Any], pod: Mapping[str, Any], node_memory: 
         if 0 < pod_limit <= size:
             size = pod_limit
     limit = volume["emptyDir"].get("sizeLimit")
-    if limit is not None and 0 < (wanted := int(parse_quantity(str(limit)))) <= size:
+    if limit is not None and 0 < (wanted := int(podspec.quantity(str(limit)))) <= size:
         size = wanted
     return size
 
