@@ -253,22 +253,24 @@ def _empty_dir(cluster: Cluster, p: Any, name: str) -> Path:
     )
 
 
-def test_empty_dirs_sub_paths_read_only_mounts_and_memory_tmpfs_go_with_the_pod(
+def test_empty_dirs_host_paths_sub_paths_read_only_mounts_and_memory_tmpfs(
     k8s_cluster: Cluster, k8s_api: client.ApiClient, k8s_namespace: str, mnt: str
 ) -> None:
     core, ns = client.CoreV1Api(k8s_api), k8s_namespace
     volumes = [
         {"name": "scratch", "emptyDir": {}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Mi"}},
+        {"name": "host", "hostPath": {"path": f"{mnt}/on-host", "type": "DirectoryOrCreate"}},
     ]
     mounts = [
         {"name": "scratch", "mountPath": f"{mnt}/scratch"},
         {"name": "scratch", "mountPath": f"{mnt}/work", "subPath": "a/b"},
         {"name": "scratch", "mountPath": f"{mnt}/scratch-ro", "readOnly": True},
         {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "host", "mountPath": f"{mnt}/host"},
     ]
     script = (
-        "echo data > $M/work/f && cat $M/scratch/a/b/f $M/scratch-ro/a/b/f && "
+        "echo via-host > $M/host/h && echo data > $M/work/f && cat $M/scratch/a/b/f $M/scratch-ro/a/b/f && "
         "((touch $M/scratch-ro/x 2>/dev/null && echo ro-writable) || echo ro-refused) && "
         "grep ' /dev/shm ' /proc/self/mountinfo | tail -n1 | grep -o ' - tmpfs ' && "
         "echo \"shm-bytes $(($(stat -f -c '%b * %S' /dev/shm)))\" && echo done && sleep 300"
@@ -286,6 +288,7 @@ def test_empty_dirs_sub_paths_read_only_mounts_and_memory_tmpfs_go_with_the_pod(
     p = core.read_namespaced_pod("scratch", ns)
     folder, shm = _empty_dir(k8s_cluster, p, "scratch"), _empty_dir(k8s_cluster, p, "shm")
     assert (folder / "a" / "b" / "f").read_text() == "data\n"
+    assert (Path(mnt) / "on-host" / "h").read_text() == "via-host\n"
     kubelet_mounts = Path(f"/proc/{k8s_cluster.pids['kubelet']}/mountinfo")
     assert f" {shm} " in kubelet_mounts.read_text()  # the tmpfs, in the kubelet's namespace
     core.delete_namespaced_pod("scratch", ns)

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from k8s_testenv.kubelet.events import EventRecorder
 from k8s_testenv.kubelet.logs import LogServer
 from k8s_testenv.kubelet.mounts import PodVolumes
 from k8s_testenv.kubelet.network import IpPool, sandbox_support
-from k8s_testenv.kubelet.objects import ApiSources
+from k8s_testenv.kubelet.objects import ApiSources, list_watch
 from k8s_testenv.kubelet.podspec import PodNetwork, hostname_of, render_hosts
 from k8s_testenv.kubelet.runtime import KubeletSettings, PodWorker
 from k8s_testenv.kubelet.status import State, rfc3339
@@ -219,39 +220,27 @@ class Kubelet:
 
     # -- pods ------------------------------------------------------------------------------
     def _watch(self, stop: threading.Event) -> None:
-        selector = "spec.nodeName!="
-        while not stop.is_set():
-            try:
-                listing = self.client.get("/api/v1/pods", fieldSelector=selector)
-                pods = {p["metadata"]["uid"]: p for p in listing.get("items", [])}
-                with self._lock:
-                    self._pods = pods
-                self._wake.set()
-                version = listing["metadata"]["resourceVersion"]
-                for event in self.client.watch(
-                    "/api/v1/pods",
-                    fieldSelector=selector,
-                    resourceVersion=version,
-                    allowWatchBookmarks="true",
-                    timeoutSeconds="240",
-                ):
-                    if stop.is_set():
-                        return
-                    kind, obj = event.get("type"), event.get("object", {})
-                    if kind == "ERROR":
-                        break  # typically 410 Gone: list again
-                    if kind == "BOOKMARK":
-                        continue
-                    with self._lock:
-                        if kind == "DELETED":
-                            self._pods.pop(obj["metadata"]["uid"], None)
-                        else:
-                            self._pods[obj["metadata"]["uid"]] = obj
-                    self._wake.set()
-            except Exception as exc:  # the API server may be restarting; list again
-                if not stop.is_set():
-                    log.warning("pod watch failed: %s", exc)
-                    stop.wait(0.5)
+        def relist(items: Iterable[dict[str, Any]]) -> None:
+            with self._lock:
+                self._pods = {p["metadata"]["uid"]: p for p in items}
+            self._wake.set()
+
+        def change(kind: str, obj: dict[str, Any]) -> None:
+            with self._lock:
+                if kind == "DELETED":
+                    self._pods.pop(obj["metadata"]["uid"], None)
+                else:
+                    self._pods[obj["metadata"]["uid"]] = obj
+            self._wake.set()
+
+        list_watch(
+            self.client,
+            "/api/v1/pods",
+            stop,
+            on_list=relist,
+            on_event=change,
+            fieldSelector="spec.nodeName!=",
+        )
 
     def _sync(self, now: float) -> None:
         with self._lock:
