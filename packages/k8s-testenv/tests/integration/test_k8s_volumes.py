@@ -117,6 +117,30 @@ def test_a_claim_written_by_one_pod_is_read_by_another_and_lives_in_the_cluster_
     wait_until(lambda: not folder.exists(), timeout=60, what="provisioned folder deleted")
 
 
+def test_an_ephemeral_volume_gets_its_own_claim_that_goes_with_the_pod(
+    k8s_api: client.ApiClient, k8s_namespace: str, mnt: str
+) -> None:
+    core, ns = client.CoreV1Api(k8s_api), k8s_namespace
+    template = {
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    }
+    core.create_namespaced_pod(
+        ns,
+        pod("eph", "echo kept > $M/scratch/f && cat $M/scratch/f && sleep 300",
+            volumes=[{"name": "scratch", "ephemeral": {"volumeClaimTemplate": template}}],
+            mounts=[{"name": "scratch", "mountPath": f"{mnt}/scratch"}], mnt=mnt),
+    )  # fmt: skip
+    assert wait_log(core, ns, "eph", "kept").strip() == "kept"
+    pvc = core.read_namespaced_persistent_volume_claim("eph-scratch", ns)
+    assert pvc.status.phase == "Bound" and pvc.metadata.owner_references[0].name == "eph"
+    core.delete_namespaced_pod("eph", ns)
+    wait_until(
+        lambda: not core.list_namespaced_persistent_volume_claim(ns).items,
+        timeout=60,
+        what="the ephemeral claim garbage-collected",
+    )
+
+
 def test_secret_config_map_and_downward_api_files_have_their_modes_and_follow_updates(
     k8s_api: client.ApiClient, k8s_namespace: str, mnt: str
 ) -> None:
@@ -338,6 +362,8 @@ def test_a_missing_config_map_keeps_the_pod_creating_with_a_failed_mount_event_u
     )
     waiting = core.read_namespaced_pod("waiting", ns)
     assert waiting.status.phase == "Pending"
+    conditions = {c.type: c.status for c in waiting.status.conditions}
+    assert conditions["PodReadyToStartContainers"] == "False"
     assert waiting.status.container_statuses[0].state.waiting.reason == "ContainerCreating"
     wait_log(core, ns, "fine", "fine")
 

@@ -15,6 +15,7 @@ from k8s_testenv.kubelet.volumes import (
     Mount,
     TokenSpec,
     VolumeError,
+    claim_of,
     claim_path,
     container_mounts,
     hostpath_action,
@@ -253,6 +254,26 @@ def test_claim_must_be_bound_to_a_host_path_or_local_volume() -> None:
         claim_path("data", None, None)
     with pytest.raises(VolumeError, match="neither hostPath nor local"):
         claim_path("data", bound, {"spec": {"nfs": {"path": "/x"}}})
+
+
+def test_an_ephemeral_volume_uses_the_claim_its_pod_controls() -> None:
+    volume = {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}
+    assert claim_of(volume, POD) == ("web-0-scratch", False)
+    pvc = {
+        "metadata": {"ownerReferences": [{"uid": "u-1", "controller": True}]},
+        "spec": {"volumeName": "pv-1"},
+        "status": {"phase": "Bound"},
+    }
+    pv = {"spec": {"hostPath": {"path": "/p"}}}
+    assert claim_path("web-0-scratch", pvc, pv, owner=POD) == "/p"
+    stranger = {**pvc, "metadata": {"ownerReferences": [{"uid": "other", "controller": True}]}}
+    with pytest.raises(VolumeError) as err:
+        claim_path("web-0-scratch", stranger, pv, owner=POD)
+    assert str(err.value) == (
+        "PVC team/web-0-scratch was not created for pod team/web-0 (pod is not owner)"
+    )
+    claim = {"name": "d", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}
+    assert claim_of(claim, POD) == ("data", True)
 
 
 def test_container_mounts_resolve_sub_paths_and_sort_parents_first() -> None:

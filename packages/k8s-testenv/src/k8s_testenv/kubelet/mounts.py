@@ -202,10 +202,11 @@ class PodVolumes:
             elif action == "touch":
                 Path(path).touch(0o644)
             return path, False
-        if kind == "persistentVolumeClaim":
-            claim = spec["persistentVolumeClaim"]
-            pvc, pv = self.sources.claim(self.pod["metadata"]["namespace"], claim["claimName"])
-            return vol.claim_path(claim["claimName"], pvc, pv), bool(claim.get("readOnly"))
+        if kind in ("persistentVolumeClaim", "ephemeral"):
+            claim, read_only = vol.claim_of(spec, self.pod)
+            pvc, pv = self.sources.claim(self.pod["metadata"]["namespace"], claim)
+            owner = self.pod if kind == "ephemeral" else None
+            return vol.claim_path(claim, pvc, pv, owner=owner), read_only
         folder = self.root / str(vol.plugin_dir(spec)) / spec["name"]
         if kind == "emptyDir":
             folder.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ __all__ = [
     "Mount",
     "TokenSpec",
     "VolumeError",
+    "claim_of",
     "claim_path",
     "container_mounts",
     "hostpath_action",
@@ -51,7 +52,7 @@ PLUGIN_DIRS = {
     "downwardAPI": "kubernetes.io~downward-api",
     "projected": "kubernetes.io~projected",
 }
-SUPPORTED = (*PLUGIN_DIRS, "hostPath", "persistentVolumeClaim")
+SUPPORTED = (*PLUGIN_DIRS, "hostPath", "persistentVolumeClaim", "ephemeral")
 #: volumes whose files the kubelet writes are always mounted read-only
 _WRITTEN = ("configMap", "secret", "downwardAPI", "projected")
 _TOKEN_MAX_AGE = 24 * 3600.0
@@ -347,12 +348,38 @@ def hostpath_action(path: str, path_type: str, found: str | None) -> str | None:
     raise VolumeError(f"hostPath type check failed: {path} is not a {expected}, it's a {found}")
 
 
-def claim_path(claim: str, pvc: Mapping[str, Any] | None, pv: Mapping[str, Any] | None) -> str:
-    """The host path of a bound claim's hostPath or local PersistentVolume."""
+def claim_of(volume: Mapping[str, Any], pod: Mapping[str, Any]) -> tuple[str, bool]:
+    """(claim name, read-only) of a persistentVolumeClaim or generic ephemeral volume; the
+    ephemeral volume controller names its claim ``<pod>-<volume>``."""
+    if "ephemeral" in volume:
+        return f"{pod['metadata']['name']}-{volume['name']}", False
+    source = volume["persistentVolumeClaim"]
+    return str(source["claimName"]), bool(source.get("readOnly"))
+
+
+def claim_path(
+    claim: str,
+    pvc: Mapping[str, Any] | None,
+    pv: Mapping[str, Any] | None,
+    *,
+    owner: Mapping[str, Any] | None = None,
+) -> str:
+    """The host path of a bound claim's hostPath or local PersistentVolume.
+
+    ``owner`` (for ephemeral volumes) is the pod that must control the claim.
+    """
     if pvc is None:
         raise VolumeError(
             f'failed to fetch PVC from API server: persistentvolumeclaims "{claim}" not found'
         )
+    if owner is not None:
+        meta = owner["metadata"]
+        refs = pvc.get("metadata", {}).get("ownerReferences") or []
+        if not any(r.get("controller") and r.get("uid") == meta["uid"] for r in refs):
+            raise VolumeError(
+                f"PVC {meta['namespace']}/{claim} was not created for pod "
+                f"{meta['namespace']}/{meta['name']} (pod is not owner)"
+            )
     if pvc.get("metadata", {}).get("deletionTimestamp"):
         raise VolumeError("PVC is being deleted")
     volume_name = pvc.get("spec", {}).get("volumeName")
