@@ -20,7 +20,13 @@ from typing import Any
 from k8s_testenv.kubelet.api import ApiError, RestClient
 from k8s_testenv.kubelet.network import sandbox_support
 
-__all__ = ["DEFAULT_STORAGE_CLASS", "PROVISIONER_DIR", "provisioner_prefix", "remove_provisioned"]
+__all__ = [
+    "DEFAULT_STORAGE_CLASS",
+    "PROVISIONER_DIR",
+    "create_default_class",
+    "provisioner_prefix",
+    "remove_provisioned",
+]
 
 PROVISIONER_DIR = "/tmp/hostpath_pv"
 DEFAULT_STORAGE_CLASS: dict[str, Any] = {
@@ -48,6 +54,7 @@ def provisioner_prefix(pv_dir: Path) -> list[str]:
 
 
 def create_default_class(rest: RestClient) -> None:
+    """Create :data:`DEFAULT_STORAGE_CLASS` (an existing one is kept)."""
     try:
         rest.request("POST", "/apis/storage.k8s.io/v1/storageclasses", DEFAULT_STORAGE_CLASS)
     except ApiError as exc:

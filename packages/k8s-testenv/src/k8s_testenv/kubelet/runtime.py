@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from k8s_testenv.kubelet import podspec, volumes
+from k8s_testenv.kubelet import podspec
 from k8s_testenv.kubelet.mounts import PodVolumes
 from k8s_testenv.kubelet.network import sandbox_prefix
 from k8s_testenv.kubelet.status import (
@@ -39,6 +39,7 @@ from k8s_testenv.kubelet.status import (
     rfc3339,
     should_restart,
 )
+from k8s_testenv.kubelet.volumes import mount_script
 
 __all__ = ["KubeletSettings", "PodWorker", "kill_on_parent_death"]
 
@@ -220,7 +221,7 @@ class PodWorker:
             return
         hostname, _ = podspec.hostname_of(self.pod)
         workdir = container.get("workingDir") or str(self.root)
-        prefix = sandbox_prefix(str(self.hosts_file), hostname, volumes.mount_script(mounts))
+        prefix = sandbox_prefix(str(self.hosts_file), hostname, mount_script(mounts))
         self._sandbox[record.name] = prefix
         with self.log_path(record.name).open("ab") as log:
             try:
