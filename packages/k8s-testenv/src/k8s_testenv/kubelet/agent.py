@@ -290,6 +290,7 @@ class Kubelet:
             node_memory=self.nodes[pod["spec"]["nodeName"]].memory,
             warn=lambda reason, message: self.events.warning(worker.pod, reason, message),
             executor=self.volume_pool,
+            wake=self._wake.set,
         )
         worker = PodWorker(
             pod,

@@ -117,6 +117,7 @@ class PodVolumes:
         node_memory: str,
         warn: Callable[[str, str], None],
         executor: Executor | None = None,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.pod = pod
         self.root = root / "volumes"
@@ -125,6 +126,7 @@ class PodVolumes:
         self.node_memory = node_memory
         self.warn = warn
         self.executor = executor
+        self.wake = wake  # called when a set-up on the executor ends, so sync runs again soon
         self._pending: Future[None] | None = None
         self._specs = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         #: volume name -> (host path, mounted read-only) once set up
@@ -159,6 +161,7 @@ class PodVolumes:
                 self._setup(now)
                 return self.ready
             self._pending = self.executor.submit(self._setup, now)
+            self._pending.add_done_callback(lambda _: self.wake())
             return False
         version = (generation, str(pod["metadata"].get("resourceVersion", "")))
         if version != self._checked or now >= self._check_at:
