@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s_testenv.kubelet.mounts import write_atomic
+from k8s_testenv.kubelet.mounts import PodVolumes, write_atomic
 from k8s_testenv.kubelet.podspec import ConfigError, PodNetwork
 from k8s_testenv.kubelet.volumes import (
     File,
@@ -337,3 +337,69 @@ def test_atomic_writer_swaps_data_and_prunes_removed_keys(tmp_path: Path) -> Non
         "..data",
         "a",
     ]
+
+
+class NoSources:
+    """Volume sources for volumes that need no API object."""
+
+    generation = 0
+
+    def object(self, kind: str, namespace: str, name: str) -> None:
+        return None
+
+    def claim(self, namespace: str, name: str) -> tuple[None, None]:
+        return None, None
+
+    def token(self, pod: Any, spec: TokenSpec) -> tuple[str, float]:
+        raise AssertionError("no token expected")
+
+
+def pod_volumes(tmp_path: Path, volumes: list[dict[str, Any]]) -> tuple[PodVolumes, list[str]]:
+    warnings: list[str] = []
+    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u"}, "spec": {"volumes": volumes}}
+    volumes_ = PodVolumes(
+        pod,
+        tmp_path / "pod",
+        net=NET,
+        sources=NoSources(),
+        node_memory="1Gi",
+        warn=lambda reason, message: warnings.append(f"{reason}: {message}"),
+    )
+    return volumes_, warnings
+
+
+def test_sub_paths_are_created_inside_the_volume_and_may_not_escape_it(tmp_path: Path) -> None:
+    volumes, warnings = pod_volumes(tmp_path, [{"name": "v", "emptyDir": {}}])
+    assert volumes.sync(volumes.pod, now=0.0) and not warnings
+    root = Path(volumes.paths["v"][0])
+    assert oct(root.stat().st_mode & 0o777) == oct(0o777)
+    target = tmp_path / "mnt" / "work"
+    container = {
+        "name": "c",
+        "volumeMounts": [{"name": "v", "mountPath": str(target), "subPath": "a/b"}],
+    }
+    (mount,) = volumes.mounts_for(container, {})
+    assert mount.source == str(root / "a" / "b") and (root / "a" / "b").is_dir()
+    assert target.is_dir()  # the mount point, created on the host
+    (root / "out").symlink_to(tmp_path)
+    container["volumeMounts"][0]["subPath"] = "out"
+    with pytest.raises(ConfigError) as err:
+        volumes.mounts_for(container, {})
+    assert str(err.value) == 'failed to prepare subPath for volumeMount "v" of container "c"'
+    volumes.teardown()
+    assert not (tmp_path / "pod" / "volumes").exists() and tmp_path.exists()
+
+
+def test_a_failed_host_path_check_is_retried_and_reported_as_failed_mount(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    spec = {"name": "h", "hostPath": {"path": str(missing), "type": "Directory"}}
+    volumes, warnings = pod_volumes(tmp_path, [spec])
+    assert not volumes.sync(volumes.pod, now=0.0)
+    assert warnings == [
+        f'FailedMount: MountVolume.SetUp failed for volume "h" : hostPath type check failed, '
+        f"{missing} is not a directory, unable to determine its type: stat {missing}: no such "
+        "file or directory"
+    ]
+    assert not volumes.sync(volumes.pod, now=0.1) and len(warnings) == 1  # back-off
+    missing.mkdir()
+    assert volumes.sync(volumes.pod, now=1.0) and volumes.paths == {"h": (str(missing), False)}

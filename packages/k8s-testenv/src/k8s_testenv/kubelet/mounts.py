@@ -220,7 +220,7 @@ class PodVolumes:
                 self._tmpfs.append(folder)
             return str(folder), False
         self._write(spec, now)
-        return str(folder), True
+        return str(folder), True  # volumes the kubelet writes are always read-only, as upstream
 
     def _write(self, spec: Mapping[str, Any], now: float) -> None:
         """(Re)compute a written volume's files and publish them if they changed."""

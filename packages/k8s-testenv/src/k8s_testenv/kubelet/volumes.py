@@ -40,6 +40,7 @@ __all__ = [
     "plugin_dir",
     "token_needs_refresh",
     "token_specs",
+    "volume_kind",
 ]
 
 DEFAULT_MODE = 0o644
@@ -53,8 +54,6 @@ PLUGIN_DIRS = {
     "projected": "kubernetes.io~projected",
 }
 SUPPORTED = (*PLUGIN_DIRS, "hostPath", "persistentVolumeClaim", "ephemeral")
-#: volumes whose files the kubelet writes are always mounted read-only
-_WRITTEN = ("configMap", "secret", "downwardAPI", "projected")
 _TOKEN_MAX_AGE = 24 * 3600.0
 
 
@@ -105,11 +104,6 @@ def volume_kind(volume: Mapping[str, Any]) -> str:
 def plugin_dir(volume: Mapping[str, Any]) -> str | None:
     """The folder name upstream uses for this volume's kind, or None for host-backed kinds."""
     return PLUGIN_DIRS.get(volume_kind(volume))
-
-
-def written(volume: Mapping[str, Any]) -> bool:
-    """Whether the kubelet writes this volume's files (and refreshes them)."""
-    return volume_kind(volume) in _WRITTEN
 
 
 def _sources(volume: Mapping[str, Any]) -> list[Mapping[str, Any]]:
