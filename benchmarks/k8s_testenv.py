@@ -14,9 +14,13 @@ Measures (binaries already built; run ``k8s-testenv build`` first or let this bu
   and straight to the pod IP; ``portforward_rtt_ms`` / ``direct_rtt_ms``: one small HTTP
   request's round trip on a kept-alive connection, the same two ways. Medians of ``--runs``.
   ``portforward_python_mb_s`` / ``portforward_python_rtt_ms``: the same through the official
-  Python client's ``kubernetes.stream.portforward`` (what ``KubernetesJob`` uses).
+  Python client's ``kubernetes.stream.portforward`` (what ``KubernetesJob`` uses);
+* ``pvc_pod_running_s``: the time from creating a PersistentVolumeClaim (default StorageClass,
+  host-path provisioner) and a pod that mounts it to the pod Running, median of ``--runs``,
+  beside ``plain_pod_running_s``, the same for a pod without any volume (not even the
+  service-account token), measured in the same run.
 
-Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--json FILE]``
+Usage: ``uv run python benchmarks/k8s_testenv.py [--replicas 1,16,64] [--runs 5] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -111,6 +115,45 @@ def _rtt_ms(connect: Connect, rounds: int = 200) -> float:
     return statistics.median(times) * 1e3
 
 
+def time_pod(rest: RestClient, name: str, *, with_claim: bool, timeout: float) -> float:
+    """Seconds from creating (a claim and) a pod to the pod Running; both deleted after."""
+    ns = "/api/v1/namespaces/default"
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 0,
+        "automountServiceAccountToken": False,
+        "containers": [{"name": "main", "image": "none", "command": ["sleep", "3600"]}],
+    }
+    claim = {
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    if with_claim:
+        spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": name}}]
+        spec["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/tmp/bench-pvc"}]
+    started = time.perf_counter()
+    if with_claim:
+        rest.request("POST", f"{ns}/persistentvolumeclaims", claim)
+    rest.request("POST", f"{ns}/pods", {"metadata": {"name": name}, "spec": spec})
+    # poll every 10 ms (wait_until's 0.2 s would be the whole measurement)
+    while rest.get(f"{ns}/pods/{name}").get("status", {}).get("phase") != "Running":
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"{name} not Running after {timeout:.0f}s")
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    rest.request("DELETE", f"{ns}/pods/{name}")
+    if with_claim:
+        rest.request("DELETE", f"{ns}/persistentvolumeclaims/{name}")
+    gone = [f"{ns}/pods"] + (
+        [f"{ns}/persistentvolumeclaims", "/api/v1/persistentvolumes"] if with_claim else []
+    )
+    wait_until(
+        lambda: not any(rest.get(path)["items"] for path in gone),
+        timeout=timeout,
+        what=f"{name} deleted",
+    )
+    return elapsed
+
+
 def portforward_figures(cluster: Cluster, runs: int, size: int = 64 << 20) -> dict[str, float]:
     """Throughput and round trip to a pod's HTTP server: directly to the pod IP, through
     ``kubectl port-forward``, and through the Python client's ``portforward``."""
@@ -185,7 +228,7 @@ def main() -> None:
     parser.add_argument("--replicas", default="1,16,64", help="comma-separated StatefulSet sizes")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--runs", type=int, default=5, help="port-forward runs (medians)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (medians)")
     args = parser.parse_args()
     sizes = [int(n) for n in args.replicas.split(",")]
 
@@ -203,6 +246,18 @@ def main() -> None:
         for replicas in sizes:
             running[str(replicas)] = round(time_statefulset(rest, replicas, args.timeout), 3)
             print(f"StatefulSet of {replicas}: all Running after {running[str(replicas)]:.2f}s")
+        pods: dict[str, list[float]] = {"plain": [], "pvc": []}
+        for i in range(args.runs):  # interleaved, so both cases see the same conditions
+            for case in pods:
+                seconds = time_pod(
+                    rest, f"{case}-{i}", with_claim=case == "pvc", timeout=args.timeout
+                )
+                pods[case].append(seconds)
+        plain_s, pvc_s = (round(statistics.median(pods[c]), 3) for c in ("plain", "pvc"))
+        print(
+            f"pod with a PVC Running: x{pvc_s / plain_s:.1f} the time of a pod without volumes "
+            f"({pvc_s:.3f}s vs {plain_s:.3f}s; medians of {args.runs})"
+        )
         forwarding = portforward_figures(cluster, args.runs)
         print(
             f"port-forward / direct: {forwarding['portforward_mb_s'] / forwarding['direct_mb_s']:.2f}x"
@@ -222,6 +277,9 @@ def main() -> None:
         "binaries_ready_s": round(build_s, 3),
         "cold_start_s": round(cold_start_s, 3),
         "statefulset_running_s": running,
+        "pvc_vs_plain_ratio": round(pvc_s / plain_s, 2),
+        "pvc_pod_running_s": pvc_s,
+        "plain_pod_running_s": plain_s,
         **forwarding,
     }
     if args.json:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from k8s_testenv import procs
+from k8s_testenv import procs, storage
 from k8s_testenv.build import KUBE_VERSION, Binaries, ensure_binaries
 from k8s_testenv.exceptions import K8sTestenvError, StartupError
 from k8s_testenv.kubelet.agent import KubeletConfig, NodeSpec
@@ -249,17 +249,21 @@ def _start(
         "--endpoint-reconciler-type=none", "--profiling=false",
     ])  # fmt: skip
     launcher.wait("kube-apiserver", lambda: rest.text("/readyz") == "ok", timeout)
+    storage.create_default_class(rest)
     kubeconfig = workdir / "kubeconfig"
     kubeconfig.write_text(json.dumps(_kubeconfig(server, token, ca_file), indent=2))
-    launcher.save(server=server, kubeconfig=str(kubeconfig))
+    # the host-path provisioner's /tmp/hostpath_pv is the cluster's pv/ for these two
+    in_pv_ns = storage.provisioner_prefix(workdir / "pv")
+    launcher.save(server=server, kubeconfig=str(kubeconfig), pv_in_workdir=bool(in_pv_ns))
 
     common = [
         f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
         f"--authorization-kubeconfig={kubeconfig}", "--bind-address=127.0.0.1", "--leader-elect=false",
     ]  # fmt: skip
     launcher.start("kube-controller-manager", [
-        str(binaries.kube_controller_manager), *common, f"--secure-port={ports['kcm']}",
+        *in_pv_ns, str(binaries.kube_controller_manager), *common, f"--secure-port={ports['kcm']}",
         f"--service-account-private-key-file={sa_key}", f"--root-ca-file={certs / 'apiserver.crt'}",
+        "--enable-hostpath-provisioner",
     ])  # fmt: skip
     launcher.start("kube-scheduler", [
         str(binaries.kube_scheduler), *common, f"--secure-port={ports['scheduler']}",
@@ -273,7 +277,9 @@ def _start(
     )  # fmt: skip
     config_path = workdir / "kubelet.json"
     config_path.write_text(json.dumps(kubelet_config.to_dict(), indent=2))
-    launcher.start("kubelet", [sys.executable, "-m", "k8s_testenv.kubelet", str(config_path)])
+    launcher.start(
+        "kubelet", [*in_pv_ns, sys.executable, "-m", "k8s_testenv.kubelet", str(config_path)]
+    )
 
     launcher.wait("kube-controller-manager", lambda: _https_ok(ports["kcm"]), timeout)
     launcher.wait("kube-scheduler", lambda: _https_ok(ports["scheduler"]), timeout)
@@ -318,6 +324,19 @@ def _nodes_ready(rest: RestClient, nodes: list[NodeSpec]) -> bool:
     return {n.name for n in nodes} <= ready
 
 
+def _remove_provisioned(workdir: Path) -> None:
+    try:
+        config = json.loads((workdir / "kubeconfig").read_text())
+        rest = RestClient(
+            config["clusters"][0]["cluster"]["server"],
+            config["users"][0]["user"]["token"],
+            ca_file=str(workdir / "certs" / "apiserver.crt"),
+        )
+        storage.remove_provisioned(rest)
+    except Exception:  # best effort: the API server may already be gone
+        pass
+
+
 def stop_cluster(workdir: Path, *, remove: bool = True) -> None:
     """Stop every process of the cluster in ``workdir`` and (optionally) delete the folder.
 
@@ -325,14 +344,15 @@ def stop_cluster(workdir: Path, *, remove: bool = True) -> None:
     then the controllers, the API server and etcd.
     """
     state_path = workdir / STATE_FILE
-    pids: dict[str, int] = (
-        json.loads(state_path.read_text()).get("pids", {}) if state_path.exists() else {}
-    )
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    pids: dict[str, int] = state.get("pids", {})
     if "kubelet" in pids:
         procs.stop_groups([pids["kubelet"]], grace=10)
     pgid_dir = workdir / "kubelet" / "pgids"
     if pgid_dir.is_dir():
         procs.stop_groups([int(p.name) for p in pgid_dir.iterdir() if p.name.isdigit()], grace=0)
+    if state.get("pv_in_workdir") is False and "kube-apiserver" in pids:
+        _remove_provisioned(workdir)
     for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
         if name in pids:
             procs.stop_groups([pids[name]], grace=10)

@@ -20,13 +20,18 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from k8s_testenv.kubelet.api import ApiError, RestClient
+from k8s_testenv.kubelet.events import EventRecorder
 from k8s_testenv.kubelet.logs import LogServer
+from k8s_testenv.kubelet.mounts import PodVolumes
 from k8s_testenv.kubelet.network import IpPool, sandbox_support
+from k8s_testenv.kubelet.objects import ApiSources, list_watch
 from k8s_testenv.kubelet.podspec import PodNetwork, hostname_of, render_hosts
 from k8s_testenv.kubelet.runtime import KubeletSettings, PodWorker
 from k8s_testenv.kubelet.status import State, rfc3339
@@ -91,6 +96,10 @@ class Kubelet:
         self.pgid_dir = self.workdir / "pgids"
         self.hosts_file = self.workdir / "hosts"
         self.ips = IpPool(config.pod_network)
+        self.sources = ApiSources(self.client)
+        self.events = EventRecorder(self.client)
+        # volume set-up waits on the API server (TokenRequests); pods do it side by side
+        self.volume_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="volumes")
         self.workers: dict[str, PodWorker] = {}
         self._by_name: dict[tuple[str, str], PodWorker] = {}
         self._reported: dict[str, dict[str, Any]] = {}
@@ -113,6 +122,8 @@ class Kubelet:
         self.pgid_dir.mkdir(parents=True, exist_ok=True)
         self._write_hosts()
         sandbox_support()  # probe once, before the first pod
+        self.sources.start(stop)
+        self.events.start(stop)
         token = secrets.token_hex(16)
         logs = LogServer(locate=self._locate, facts=self._facts, token=token)
         logs.start()
@@ -147,6 +158,8 @@ class Kubelet:
         finally:
             for worker in self.workers.values():
                 worker.kill_now()
+                if worker.volumes is not None:
+                    worker.volumes.teardown()
             streaming.stop()
             logs.stop()
 
@@ -221,39 +234,27 @@ class Kubelet:
 
     # -- pods ------------------------------------------------------------------------------
     def _watch(self, stop: threading.Event) -> None:
-        selector = "spec.nodeName!="
-        while not stop.is_set():
-            try:
-                listing = self.client.get("/api/v1/pods", fieldSelector=selector)
-                pods = {p["metadata"]["uid"]: p for p in listing.get("items", [])}
-                with self._lock:
-                    self._pods = pods
-                self._wake.set()
-                version = listing["metadata"]["resourceVersion"]
-                for event in self.client.watch(
-                    "/api/v1/pods",
-                    fieldSelector=selector,
-                    resourceVersion=version,
-                    allowWatchBookmarks="true",
-                    timeoutSeconds="240",
-                ):
-                    if stop.is_set():
-                        return
-                    kind, obj = event.get("type"), event.get("object", {})
-                    if kind == "ERROR":
-                        break  # typically 410 Gone: list again
-                    if kind == "BOOKMARK":
-                        continue
-                    with self._lock:
-                        if kind == "DELETED":
-                            self._pods.pop(obj["metadata"]["uid"], None)
-                        else:
-                            self._pods[obj["metadata"]["uid"]] = obj
-                    self._wake.set()
-            except Exception as exc:  # the API server may be restarting; list again
-                if not stop.is_set():
-                    log.warning("pod watch failed: %s", exc)
-                    stop.wait(0.5)
+        def relist(items: Iterable[dict[str, Any]]) -> None:
+            with self._lock:
+                self._pods = {p["metadata"]["uid"]: p for p in items}
+            self._wake.set()
+
+        def change(kind: str, obj: dict[str, Any]) -> None:
+            with self._lock:
+                if kind == "DELETED":
+                    self._pods.pop(obj["metadata"]["uid"], None)
+                else:
+                    self._pods[obj["metadata"]["uid"]] = obj
+            self._wake.set()
+
+        list_watch(
+            self.client,
+            "/api/v1/pods",
+            stop,
+            on_list=relist,
+            on_event=change,
+            fieldSelector="spec.nodeName!=",
+        )
 
     def _sync(self, now: float) -> None:
         with self._lock:
@@ -294,16 +295,28 @@ class Kubelet:
         net = PodNetwork(
             pod_ip=self.ips.allocate(), host_ip="127.0.0.1", node_name=pod["spec"]["nodeName"]
         )
+        root = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        volumes = PodVolumes(
+            pod,
+            root,
+            net=net,
+            sources=self.sources,
+            node_memory=self.nodes[pod["spec"]["nodeName"]].memory,
+            warn=lambda reason, message: self.events.warning(worker.pod, reason, message),
+            executor=self.volume_pool,
+            wake=self._wake.set,
+        )
         worker = PodWorker(
             pod,
             net=net,
-            root=self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}",
+            root=root,
             hosts_file=self.hosts_file,
             base_env=self.base_env,
             lookup=self._lookup,
             settings=self.config.settings,
             pgid_dir=self.pgid_dir,
             now=now,
+            volumes=volumes,
         )
         self.workers[meta["uid"]] = worker
         self._by_name[(meta["namespace"], meta["name"])] = worker
@@ -312,6 +325,8 @@ class Kubelet:
     def _drop(self, uid: str) -> None:
         worker = self.workers.pop(uid)
         worker.kill_now()
+        if worker.volumes is not None:
+            worker.volumes.teardown()
         self.ips.release(worker.net.pod_ip)
         self._reported.pop(uid, None)
         key = (worker.pod["metadata"]["namespace"], worker.pod["metadata"]["name"])
@@ -368,13 +383,9 @@ class Kubelet:
         self._hosts_text = text
 
     def _lookup(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
-        plural = "configmaps" if kind == "configmap" else "secrets"
-        try:
-            obj = self.client.get(f"/api/v1/namespaces/{namespace}/{plural}/{name}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        obj = self.sources.object(kind, namespace, name)
+        if obj is None:
+            return None
         data = obj.get("data") or {}
         if kind == "secret":
             return {k: base64.b64decode(v).decode() for k, v in data.items()}

@@ -77,9 +77,16 @@ def sandbox_support() -> tuple[str, ...] | None:
     return None
 
 
-def sandbox_prefix(hosts_file: str, hostname: str) -> list[str]:
-    """argv prefix that runs a command in the pod's sandbox (empty when unsupported)."""
+def sandbox_prefix(hosts_file: str, hostname: str, mounts: str = "") -> list[str]:
+    """argv prefix that runs a command in the pod's sandbox (empty when unsupported).
+
+    ``mounts`` is a shell command (the container's volume bind mounts) run inside the new
+    mount namespace before the command.
+    """
     flags = sandbox_support()
     if flags is None:
         return []
-    return [*flags, "--", "/bin/sh", "-c", _SANDBOX_SCRIPT, hosts_file, hostname]
+    script = (
+        _SANDBOX_SCRIPT.replace("exec ", f"{mounts} && exec ", 1) if mounts else _SANDBOX_SCRIPT
+    )
+    return [*flags, "--", "/bin/sh", "-c", script, hosts_file, hostname]

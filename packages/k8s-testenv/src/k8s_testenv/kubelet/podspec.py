@@ -26,8 +26,10 @@ __all__ = [
     "field_ref",
     "hostname_of",
     "probe_due",
+    "quantity",
     "render_hosts",
     "resolve_port",
+    "resource_field",
 ]
 
 Lookup = Callable[[str, str, str], Mapping[str, str] | None]
@@ -90,7 +92,8 @@ def field_ref(pod: Mapping[str, Any], path: str, net: PodNetwork) -> str:
 _SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
 
 
-def _quantity(text: str) -> float:
+def quantity(text: str) -> float:
+    """A resource quantity (``64Mi``, ``500m``, ``1G``) as a number."""
     if text.endswith("m"):
         return float(text[:-1]) / 1000
     for suffix, factor in _SUFFIX.items():
@@ -99,13 +102,14 @@ def _quantity(text: str) -> float:
     return float(text)
 
 
-def _resource_ref(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+def resource_field(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+    """Value of a ``resourceFieldRef`` (0 when the resource is not set)."""
     kind, _, name = ref["resource"].partition(".")
     value = container.get("resources", {}).get(kind, {}).get(name)
     if value is None:
         return "0"
-    divisor = _quantity(str(ref.get("divisor", "1")))
-    return str(math.ceil(_quantity(str(value)) / divisor))
+    divisor = quantity(str(ref.get("divisor", "1")))
+    return str(math.ceil(quantity(str(value)) / divisor))
 
 
 def build_env(
@@ -141,7 +145,7 @@ def build_env(
         if "fieldRef" in source:
             env[name] = field_ref(pod, source["fieldRef"]["fieldPath"], net)
         elif "resourceFieldRef" in source:
-            env[name] = _resource_ref(container, source["resourceFieldRef"])
+            env[name] = resource_field(container, source["resourceFieldRef"])
         else:
             kind, key = (
                 ("configmap", "configMapKeyRef")

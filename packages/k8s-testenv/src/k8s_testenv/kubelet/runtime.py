@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from k8s_testenv.kubelet import podspec
+from k8s_testenv.kubelet.mounts import PodVolumes
 from k8s_testenv.kubelet.network import sandbox_prefix
 from k8s_testenv.kubelet.status import (
     ContainerRecord,
@@ -39,6 +40,7 @@ from k8s_testenv.kubelet.status import (
     should_restart,
 )
 from k8s_testenv.kubelet.streaming import container_stdin
+from k8s_testenv.kubelet.volumes import mount_script
 
 __all__ = ["KubeletSettings", "PodWorker", "kill_on_parent_death"]
 
@@ -78,6 +80,7 @@ class PodWorker:
         settings: KubeletSettings,
         pgid_dir: Path,
         now: float,
+        volumes: PodVolumes | None = None,
     ) -> None:
         self.pod = pod
         self.net = net
@@ -88,6 +91,7 @@ class PodWorker:
         self.settings = settings
         self.pgid_dir = pgid_dir
         self.started_at = now
+        self.volumes = volumes
         spec = pod["spec"]
         self.policy = RestartPolicy(spec.get("restartPolicy", "Always"))
         self.init_records = [ContainerRecord(c["name"]) for c in spec.get("initContainers", [])]
@@ -101,6 +105,8 @@ class PodWorker:
         self._conditions: list[dict[str, Any]] = []
         #: the environment each container was last started with (exec runs with it)
         self.envs: dict[str, dict[str, str]] = {}
+        #: each container's sandbox argv prefix (with its volume mounts), reused by exec probes
+        self._sandbox: dict[str, list[str]] = {}
         self.kill_deadline: float | None = None
         root.mkdir(parents=True, exist_ok=True)
 
@@ -123,6 +129,8 @@ class PodWorker:
         phase = pod_phase(self.policy, self.init_records, self.records)
         if phase in (Phase.SUCCEEDED, Phase.FAILED):
             return
+        if self.volumes is not None and not self.volumes.sync(self.pod, now):
+            return  # containers stay waiting in ContainerCreating, as while a kubelet mounts
         state, record = init_outcome(self.policy, self.init_records)
         if state == "failed":
             return
@@ -139,7 +147,12 @@ class PodWorker:
         """The pod ``status`` this worker reports (phase, conditions, IPs, containers)."""
         phase = pod_phase(self.policy, self.init_records, self.records)
         self._conditions = pod_conditions(
-            phase, self.init_records, self.records, now=now, previous=self._conditions
+            phase,
+            self.init_records,
+            self.records,
+            now=now,
+            previous=self._conditions,
+            sandbox_ready=self.volumes is None or self.volumes.ready,
         )
         status: dict[str, Any] = {
             "phase": phase.value,
@@ -203,7 +216,8 @@ class PodWorker:
                 self.pod, container, self.net, base=self.base_env, lookup=self.lookup
             )
             argv = podspec.command_line(container, env)
-        except podspec.ConfigError as exc:
+            mounts = self.volumes.mounts_for(container, env) if self.volumes else []
+        except (podspec.ConfigError, OSError) as exc:
             record.state, record.reason = State.WAITING, "CreateContainerConfigError"
             record.extra["message"] = str(exc)
             record.restart_at = now + self.settings.backoff_cap
@@ -212,10 +226,12 @@ class PodWorker:
         workdir = container.get("workingDir") or str(self.root)
         self.envs[record.name] = env
         stdin = container_stdin(self.root, container)
+        prefix = sandbox_prefix(str(self.hosts_file), hostname, mount_script(mounts))
+        self._sandbox[record.name] = prefix
         with self.log_path(record.name).open("ab") as log:
             try:
                 proc = subprocess.Popen(
-                    [*sandbox_prefix(str(self.hosts_file), hostname), *argv],
+                    [*prefix, *argv],
                     env=env,
                     cwd=workdir,
                     stdin=stdin,
@@ -339,8 +355,11 @@ class PodWorker:
                 self.pod, container, self.net, base=self.base_env, lookup=self.lookup
             )
             hostname, _ = podspec.hostname_of(self.pod)
+            prefix = self._sandbox.get(record.name) or sandbox_prefix(
+                str(self.hosts_file), hostname
+            )
             proc = subprocess.Popen(
-                [*sandbox_prefix(str(self.hosts_file), hostname), *probe["exec"]["command"]],
+                [*prefix, *probe["exec"]["command"]],
                 env=env,
                 cwd=container.get("workingDir") or str(self.root),
                 stdin=subprocess.DEVNULL,

@@ -176,17 +176,19 @@ def pod_conditions(
     *,
     now: float,
     previous: Iterable[Mapping[str, Any]] = (),
+    sandbox_ready: bool = True,
 ) -> list[dict[str, Any]]:
     """PodScheduled, PodReadyToStartContainers, Initialized, ContainersReady and Ready.
 
     ``lastTransitionTime`` is carried over from ``previous`` when a condition keeps its status.
+    ``sandbox_ready`` is False while the pod's volumes are not set up yet.
     """
     initialized = init_outcome(RestartPolicy.NEVER, init_records)[0] == "done"
     terminal = phase in (Phase.SUCCEEDED, Phase.FAILED)
     ready = initialized and not terminal and all(r.ready for r in records)
     not_ready_reason = "PodCompleted" if terminal else "ContainersNotReady"
     fresh = [
-        _condition("PodReadyToStartContainers", True, now),
+        _condition("PodReadyToStartContainers", sandbox_ready, now),
         _condition("Initialized", initialized, now, "ContainersNotInitialized"),
         _condition("Ready", ready, now, not_ready_reason),
         _condition("ContainersReady", ready, now, not_ready_reason),
