@@ -94,8 +94,8 @@ class WorkerMonitor:
         return None
 
     async def _run(self) -> None:
-        probed = [(w, tcp_endpoint(w.address)) for w in self.workers]
-        while True:
+        while True:  # the list changes as workers are replaced (see membership.py)
+            probed = [(w, tcp_endpoint(w.address)) for w in self.workers]
             live = [(w, ep) for w, ep in probed if ep is not None and w not in self.liveness.dead]
             results = await asyncio.gather(*(self._probe(*ep) for _, ep in live))
             for (worker, _), reachable in zip(live, results, strict=True):
