@@ -68,7 +68,8 @@ class MeshService:
 
     def host_entry(self, name: str) -> Entry:
         """A whole host mesh as it is now."""
-        return Entry("host", self.host_meshes[name], name, tuple(self.workers[name]), name, True)
+        workers = tuple(self.workers[name])
+        return Entry("host", self.host_meshes[name], name, workers, name, whole=True)
 
     def meshes(self, table: HandleTable) -> Result:
         described = {}
