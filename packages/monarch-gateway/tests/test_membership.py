@@ -27,10 +27,13 @@ class Probe(Actor):
 
 def test_gone_workers_are_paired_with_fresh_listed_addresses_in_order() -> None:
     current = ["a", "b", "c"]
-    assert plan_replacements(current, {"b"}, ["a", "b", "c"]) == []  # nothing new listed yet
+    assert plan_replacements(current, set(), ["a", "b", "c"]) == []  # all well
     assert plan_replacements(current, {"b"}, ["a", "c", "d"]) == [(1, "d")]
     assert plan_replacements(current, set(), ["a", "c", "d"]) == [(1, "d")]  # b left the list
     assert plan_replacements(current, {"a", "c"}, ["b", "e"]) == [(0, "e")]  # c waits
+    # Recreated at the same address: the dead worker's own address, once nothing fresher is.
+    assert plan_replacements(current, {"b"}, ["a", "b", "c"]) == [(1, "b")]
+    assert plan_replacements(current, {"b", "c"}, ["a", "b", "c", "d"]) == [(1, "d"), (2, "c")]
     assert plan_replacements(current, {"a"}, None) == []  # the source cannot tell right now
 
 

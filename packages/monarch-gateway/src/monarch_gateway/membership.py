@@ -41,16 +41,19 @@ Attach = Callable[[str, list[str]], Awaitable[Any]]
 def plan_replacements(
     current: list[str], dead: set[str], listed: list[str] | None
 ) -> list[tuple[int, str]]:
-    """(slot, new address) for each gone worker that a fresh listed address can replace.
+    """(slot, new address) for each gone worker that a listed address can replace.
 
-    Gone: judged dead, or no longer listed. Fresh: listed and not in use. Slots and addresses
-    pair in order; a gone worker with no fresh address waits for the next poll.
+    Gone: judged dead, or no longer listed. Fresh addresses (listed, not in use) replace gone
+    workers in order; a dead worker whose own address is listed again (a pod recreated at the
+    same IP) is then replaced by that address. Others wait for the next poll.
     """
     if listed is None:
         return []
     gone = [i for i, a in enumerate(current) if a in dead or a not in listed]
     fresh = [a for a in listed if a not in current]
-    return list(zip(gone, fresh, strict=False))
+    plan = list(zip(gone, fresh, strict=False))
+    plan += [(i, current[i]) for i in gone[len(plan) :] if current[i] in listed]
+    return plan
 
 
 def sync_member(worker_address: str, sync_port: int) -> str | None:
@@ -167,7 +170,9 @@ class Membership:
         for slot, address in plan:
             addresses[slot] = address
         host_mesh = await self.attach(name, addresses)
-        replaced = [Worker(name, i, a) for i, a in enumerate(addresses)]
+        replaced = list(workers)
+        for slot, address in plan:
+            replaced[slot] = Worker(name, slot, address, workers[slot].generation + 1)
         self.service.host_meshes[name] = host_mesh
         self.service.workers[name] = replaced
         self.monitor.workers = [w for ws in self.service.workers.values() for w in ws]

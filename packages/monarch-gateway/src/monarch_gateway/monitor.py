@@ -22,6 +22,7 @@ class Worker:
     mesh: str
     index: int
     address: str
+    generation: int = 0  # a replacement at the same address is another worker
 
     def describe(self) -> str:
         return f"worker {self.address} (host {self.index} of mesh {self.mesh!r})"
