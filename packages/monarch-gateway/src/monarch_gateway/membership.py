@@ -121,6 +121,9 @@ class Membership:
         self.sync = sync
         self.poll_s = poll_s
         self._task: asyncio.Task[None] | None = None
+        # Addresses a source stopped listing since they were attached: gone for good, even if
+        # they are listed again (a pod recreated at the same IP is another process).
+        self._unlisted: dict[str, set[str]] = {name: set() for name in sources}
 
     def state(self) -> dict[str, Any]:
         """What clients are told: per mesh, its workers, the dead ones, whether it is whole."""
@@ -157,8 +160,12 @@ class Membership:
     async def _poll(self, name: str, source: WorkerSource) -> None:
         workers = self.service.workers[name]
         current = [w.address for w in workers]
-        dead = {w.address for w in workers if w in self.monitor.liveness.dead}
-        plan = plan_replacements(current, dead, await source.addresses())
+        listed = await source.addresses()
+        unlisted = self._unlisted[name]
+        if listed is not None:
+            unlisted |= set(current) - set(listed)
+        dead = {w.address for w in workers if w in self.monitor.liveness.dead} | unlisted
+        plan = plan_replacements(current, dead, listed)
         if not plan:
             return
         new = [address for _, address in plan]
@@ -173,6 +180,7 @@ class Membership:
         replaced = list(workers)
         for slot, address in plan:
             replaced[slot] = Worker(name, slot, address, workers[slot].generation + 1)
+        unlisted -= {address for _, address in plan}
         self.service.host_meshes[name] = host_mesh
         self.service.workers[name] = replaced
         self.monitor.workers = [w for ws in self.service.workers.values() for w in ws]
