@@ -648,9 +648,10 @@ def serve_relay(root_agent: str) -> None:
         runner.run(run())
 
 
-def gateway_vs_direct(work: Path, out: dict, *, quick: bool) -> None:
+def gateway_vs_direct(work: Path, out: dict, *, quick: bool, ns: list[int] | None = None) -> None:
     """Edits to 16 and 64 hosts, full pushes to 8 and 32: through the gateway and direct."""
     runs = [("edit", 16), ("edit", 64), ("full", 8), ("full", 32)]
+    runs = [(kind, n) for kind, n in runs if not ns or n in ns]
     repeats = REPEATS or (1 if quick else 3)
     src = work / "gw-src"
     for kind, n in runs:
@@ -744,7 +745,7 @@ def main() -> int:
         elif args.netns:
             netns_run(work, out)
         elif args.gateway:
-            gateway_vs_direct(work, out, quick=args.quick)
+            gateway_vs_direct(work, out, quick=args.quick, ns=args.ns)
         else:
             ns = args.ns or ([8, 32] if args.quick else [8, 32, 64])
             loopback(ns, work, out, quick=args.quick)

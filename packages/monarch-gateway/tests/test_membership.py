@@ -21,7 +21,9 @@ from monarch.actor import Actor, endpoint
 class Probe(Actor):
     @endpoint
     def where(self):
-        return os.environ["MONARCH_SYNC_ROOT"]
+        return os.environ["MONARCH_SYNC_ROOT"], VERSION
+
+VERSION = {version}
 """
 
 
@@ -41,7 +43,7 @@ def test_restarted_worker_is_reattached_synced_and_used_by_new_meshes(tmp_path: 
     src = tmp_path / "src"
     (src / "probepkg").mkdir(parents=True)
     (src / "probepkg" / "__init__.py").write_text("")
-    (src / "probepkg" / "probe.py").write_text(textwrap.dedent(PROBE))
+    (src / "probepkg" / "probe.py").write_text(textwrap.dedent(PROBE.format(version=1)))
     with LocalCluster(2, sync=True, stream_output=False).start() as cluster:
         job = cluster.connect()
         events: list[dict[str, Any]] = []
@@ -59,6 +61,10 @@ def test_restarted_worker_is_reattached_synced_and_used_by_new_meshes(tmp_path: 
         old_address = cluster.addresses[1]
         new_address = cluster.restart_worker(1)
         assert lost.wait(30)  # the gateway noticed (its probes), and told us
+        # A push meanwhile reaches the live hosts (the dead worker's agent is left out) and
+        # reloads the meshes that still work; the replacement is brought to this version.
+        (src / "probepkg" / "probe.py").write_text(textwrap.dedent(PROBE.format(version=2)))
+        assert job.sync(str(src)).changed == ["probepkg/probe.py"]
         state = job.wait_for_workers(timeout=120)
         assert state["whole"] and new_address in state["meshes"]["hosts"]["workers"]
         assert whole_again.wait(10)
@@ -73,6 +79,7 @@ def test_restarted_worker_is_reattached_synced_and_used_by_new_meshes(tmp_path: 
         # its fresh agent was brought to the current version before it was reported ready.
         after = job.hosts.spawn_procs(per_host={"procs": 1}).spawn("q", "probepkg.probe:Probe")
         new_roots = sorted(after.where.call().get(timeout=120).values())
-        assert new_roots[0] == old_roots[0] and new_roots[1] != old_roots[1]
-        assert str(cluster._sync_root(1)) in new_roots[1]
+        assert new_roots[0][0] == old_roots[0][0] and new_roots[1][0] != old_roots[1][0]
+        assert str(cluster._sync_root(1)) in new_roots[1][0]
+        assert {version for _, version in new_roots} == {2}
         job.close()

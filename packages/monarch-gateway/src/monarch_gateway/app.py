@@ -169,7 +169,6 @@ async def run_gateway(options: GatewayOptions) -> None:
             options.token,
             os.environ.get("MONARCH_SYNC_ROOT"),  # reload.SYNC_ROOT_ENV (imports Monarch)
         )
-        sync.write(workers)
 
     async def attach_one(name: str, addrs: list[str]) -> object:
         return (await attach({name: addrs}, options.attach_timeout_s))[name]

@@ -72,11 +72,9 @@ class SyncSettings:
     def members(self, addresses: list[str]) -> list[str]:
         return [m for a in addresses if (m := sync_member(a, self.port)) is not None]
 
-    def write(self, workers: dict[str, list[Worker]]) -> None:
+    def write(self, addresses: list[str]) -> None:
         if self.members_file:
-            write_members(
-                self.members_file, self.members([w.address for ws in workers.values() for w in ws])
-            )
+            write_members(self.members_file, self.members(addresses))
 
     def version(self) -> str | None:
         return os.path.realpath(self.live_root) if self.live_root else None
@@ -138,7 +136,23 @@ class Membership:
             }
         return {"meshes": meshes, "whole": all(m["whole"] for m in meshes.values())}
 
+    def refresh_members(self) -> None:
+        """Pushes fan out to the agents of live workers only: a push while a worker is down
+        reaches the others (its replacement is brought up to date when it joins)."""
+        if self.sync is None:
+            return
+        dead = self.monitor.liveness.dead
+        self.sync.write(
+            [
+                w.address
+                for name, workers in self.service.workers.items()
+                for w in workers
+                if w not in dead and w.address not in self._unlisted[name]
+            ]
+        )
+
     def start(self) -> None:
+        self.refresh_members()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -162,8 +176,9 @@ class Membership:
         current = [w.address for w in workers]
         listed = await source.addresses()
         unlisted = self._unlisted[name]
-        if listed is not None:
+        if listed is not None and set(current) - set(listed) - unlisted:
             unlisted |= set(current) - set(listed)
+            self.refresh_members()
         dead = {w.address for w in workers if w in self.monitor.liveness.dead} | unlisted
         plan = plan_replacements(current, dead, listed)
         if not plan:
@@ -185,7 +200,7 @@ class Membership:
         self.service.workers[name] = replaced
         self.monitor.workers = [w for ws in self.service.workers.values() for w in ws]
         if self.sync is not None:
-            self.sync.write(self.service.workers)
+            self.refresh_members()
         for slot, address in plan:
             logger.warning(
                 "worker %s replaced by %s (host %d of %r)", current[slot], address, slot, name

@@ -150,8 +150,14 @@ class MeshService:
         hosts = select_hosts(entry.hosts, selection.get("hosts"))
         return handle_reply(table, Entry(entry.kind, sliced, entry.name, hosts, entry.mesh))
 
-    async def reload(self, table: HandleTable, meta: dict[str, Any]) -> Result:
-        """Reload changed modules in every process this session spawned."""
+    async def reload(
+        self,
+        table: HandleTable,
+        meta: dict[str, Any],
+        usable: Callable[[Entry], bool] = lambda entry: True,
+    ) -> Result:
+        """Reload changed modules in every process this session spawned, on the proc meshes
+        that are ``usable`` (those spanning a dead worker can only fail)."""
         paths = field(meta, "paths", list)
         if not all(isinstance(p, str) for p in paths):
             raise ProtocolError("reload paths must be strings")
@@ -159,10 +165,11 @@ class MeshService:
 
         root = synced_root()  # the gateway holds actor classes too: reload them here first
         local = reload_changed(root, paths) if root else []
-        for entry in table.proc_meshes:
+        meshes = [e for e in table.proc_meshes if usable(e)]
+        for entry in meshes:
             if entry.reloader is None:
                 entry.reloader = entry.obj.spawn("_hot_reloader", HotReloader)
-        results = await asyncio.gather(*(e.reloader.reload.call(paths) for e in table.proc_meshes))
+        results = await asyncio.gather(*(e.reloader.reload.call(paths) for e in meshes))
         counts: dict[str, int] = dict.fromkeys(local, 0)
         for values in results:
             for modules in values.values():

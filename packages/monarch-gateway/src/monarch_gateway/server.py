@@ -273,7 +273,8 @@ class GatewaySession:
         if op == "job.flush_output":
             return await service.flush_output()
         if op == "job.reload":
-            return await service.reload(table, meta)
+            alive = lambda entry: self.gateway.dead_worker_of(entry) is None  # noqa: E731
+            return await service.reload(table, meta, alive)
         if op == "job.members":
             return self.gateway.members(), b""
         entry = call.entry
@@ -389,6 +390,8 @@ class Gateway:
         return next((w for w in entry.hosts if w in dead), None)
 
     def _worker_died(self, worker: Worker) -> None:
+        if self.membership is not None:
+            self.membership.refresh_members()
         self.publish_membership({**self.members(), "lost": [worker.address]})
         for session in self.sessions.values():
             for call in session.calls.values():
