@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from monarch_gateway.monitor import tcp_endpoint
 from monarch_proxy import GatewayConnection, JobState, connect
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ class LocalCluster:
     def _start_agents(self) -> None:
         # One agent per worker host, all on one port (as in pods), and one for the gateway: the
         # root of every push, which also imports actor classes.
-        hosts = [str(tcp_host(a)) for a in self.addresses]
+        hosts = [host_of(a) for a in self.addresses]
         self.sync_port = common_port(hosts)
         for i, host in enumerate(hosts):
             self.sync_peers.append(f"{host}:{self.sync_port}")
@@ -246,7 +247,7 @@ class LocalCluster:
         self._next_host += 1
         self.addresses[index] = address
         if self.sync:
-            peer = f"{tcp_host(address)}:{self.sync_port}"
+            peer = f"{host_of(address)}:{self.sync_port}"
             self.sync_peers[index] = peer
             self._roots[index] = self._roots.get(index, 0) + 1  # it starts empty
             self.agents[index] = self._start_agent(index, peer)
@@ -328,8 +329,10 @@ class LocalCluster:
         self.close()
 
 
-def tcp_host(address: str) -> str:
-    return address.removeprefix("tcp://").rpartition(":")[0]
+def host_of(address: str) -> str:
+    endpoint = tcp_endpoint(address)
+    assert endpoint is not None, f"not a tcp:// address: {address}"
+    return endpoint[0]
 
 
 def wait_for_port(peer: str, process: subprocess.Popen[bytes], log_dir: Path) -> None:

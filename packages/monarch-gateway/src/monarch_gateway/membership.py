@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from monarch_gateway.monitor import Worker, WorkerMonitor, tcp_endpoint
+from monarch_gateway.monitor import Worker, WorkerMonitor, probe, tcp_endpoint
 from monarch_gateway.operations import MeshService
 from monarch_gateway.relay import write_members
 from monarch_gateway.sources import WorkerSource
@@ -184,7 +184,7 @@ class Membership:
         if not plan:
             return
         new = [address for _, address in plan]
-        if not all(await asyncio.gather(*(reachable(a) for a in new))):
+        if not all(await asyncio.gather(*(probe(a) for a in new))):
             return
         if self.sync is not None and not await self.sync.catch_up(new):
             return
@@ -206,15 +206,3 @@ class Membership:
                 "worker %s replaced by %s (host %d of %r)", current[slot], address, slot, name
             )
         self.publish({**self.state(), "replaced": {current[s]: a for s, a in plan}})
-
-
-async def reachable(address: str, timeout_s: float = 1.0) -> bool:
-    endpoint = tcp_endpoint(address)
-    if endpoint is None:
-        return False
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(*endpoint), timeout_s)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True

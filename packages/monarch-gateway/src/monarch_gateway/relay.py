@@ -20,6 +20,8 @@ from pathlib import Path
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+__all__ = ["SYNC_PATH", "relay_sync", "split_address", "write_members"]
+
 logger = logging.getLogger("monarch_gateway")
 
 SYNC_PATH = "/sync"
