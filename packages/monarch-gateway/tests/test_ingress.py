@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def sync_cluster() -> Iterator[LocalCluster]:
 
 def live_roots(cluster: LocalCluster) -> set[str | None]:
     """The version every agent (workers' and the gateway's) has switched to."""
-    return {Store(cluster._sync_root(i)).current_hash() for i in range(cluster.hosts + 1)}
+    return {Store(cluster.sync_root(i)).current_hash() for i in range(cluster.hosts + 1)}
 
 
 def test_a_wrong_token_is_refused_before_any_byte_reaches_the_agent(tmp_path: Path) -> None:
@@ -78,12 +79,14 @@ def test_a_dropped_tunnel_resumes_and_resends_only_what_agents_lack(
     with TcpRelay(sync_cluster.url) as relay:
 
         def drop_once(peer: str, n: int) -> float:
+            """Hand bytes over at 40 MB/s, below what the tree takes, so little is in flight
+            (buffered along the path) when the tunnel drops, after 16 MiB."""
             nonlocal handed, dropped
             handed += n
-            if handed > 20 * MiB and not dropped:
+            if handed > 16 * MiB and not dropped:
                 dropped = True
                 relay.drop_all()
-            return 0.0
+            return n / 40e6
 
         report = asyncio.run(
             push(
@@ -95,10 +98,38 @@ def test_a_dropped_tunnel_resumes_and_resends_only_what_agents_lack(
     gateway = next(n for n in report.nodes if n.peer == "gateway")
     assert dropped and gateway.reconnects >= 1 and relay.accepted >= 2
     assert len(report.nodes) == 3  # the gateway's agent and both workers' agents
-    # Starting over would resend the 20 MiB handed before the drop; resuming resends only what
+    # Starting over would resend the 16 MiB handed before the drop; resuming resends only what
     # was still in flight (socket and WebSocket buffers along the path), which the agent lacks.
-    assert report.client_bytes - report.tree_bytes < 15 * MiB, report.client_bytes
+    assert report.client_bytes - report.tree_bytes < 8 * MiB, report.client_bytes
     assert live_roots(sync_cluster) == {report.root_hash}
+
+
+def test_a_worker_agent_killed_mid_push_is_named_and_the_rest_finish(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(random.Random(3).randbytes(24 * MiB))
+    handed, killed = 0, False
+    with LocalCluster(2, sync=True, stream_output=False).start() as cluster:
+        victim = cluster.sync_peers[1]
+
+        def kill_once(peer: str, n: int) -> float:
+            nonlocal handed, killed
+            handed += n
+            if handed > 8 * MiB and not killed:
+                killed = True
+                os.killpg(cluster.agents[1].pid, signal.SIGKILL)
+            return 0.0
+
+        report = asyncio.run(
+            push(
+                src, [], cluster.token, gateway=cluster.url, pace=kill_once,
+                cache_dir=tmp_path / "c",
+            )
+        )  # fmt: skip
+    nodes = {n.peer: n for n in report.nodes}
+    assert killed and set(nodes) == {"gateway", *cluster.sync_peers[:2]}
+    assert not nodes[victim].ok and nodes[victim].error
+    assert all(n.ok for peer, n in nodes.items() if peer != victim), report.format()
 
 
 def test_two_laptops_pushing_at_once_are_serialized_never_mixed(
@@ -131,7 +162,7 @@ def test_two_laptops_pushing_at_once_are_serialized_never_mixed(
     # Every agent holds one of the two versions, the same one, whole.
     roots = live_roots(sync_cluster)
     assert len(roots) == 1 and roots <= {r.root_hash for r in reports}
-    live = Path(os.path.realpath(sync_cluster._sync_root(0) / "current"))
+    live = Path(os.path.realpath(sync_cluster.sync_root(0) / "current"))
     names = sorted(p.name for p in live.iterdir())
     assert names in (["one.bin", "who.txt"], ["two.bin", "who.txt"])
     assert (live / "who.txt").read_text() + ".bin" == names[0]

@@ -80,6 +80,6 @@ def test_restarted_worker_is_reattached_synced_and_used_by_new_meshes(tmp_path: 
         after = job.hosts.spawn_procs(per_host={"procs": 1}).spawn("q", "probepkg.probe:Probe")
         new_roots = sorted(after.where.call().get(timeout=120).values())
         assert new_roots[0][0] == old_roots[0][0] and new_roots[1][0] != old_roots[1][0]
-        assert str(cluster._sync_root(1)) in new_roots[1][0]
+        assert str(cluster.sync_root(1)) in new_roots[1][0]
         assert {version for _, version in new_roots} == {2}
         job.close()

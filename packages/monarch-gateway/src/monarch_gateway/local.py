@@ -149,7 +149,7 @@ class LocalCluster:
                 start_new_session=True,
             )
 
-    def _sync_root(self, index: int) -> Path:
+    def sync_root(self, index: int) -> Path:
         """Agent root of worker host ``index`` (a replacement's is fresh, as a new pod's would
         be); index ``hosts`` is the gateway's."""
         return self.log_dir / f"sync-{index}-{self._roots.get(index, 0)}"
@@ -159,7 +159,7 @@ class LocalCluster:
             return None
         from monarch_sync import synced_path
 
-        live = str(synced_path(self._sync_root(index)))  # first on the import path
+        live = str(synced_path(self.sync_root(index)))  # first on the import path
         return {
             "MONARCH_SYNC_ROOT": live,
             "PYTHONPATH": os.pathsep.join([live, child_env()["PYTHONPATH"]]),
@@ -175,7 +175,7 @@ class LocalCluster:
 
     def _start_agent(self, index: int, listen: str, *extra: str) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", listen]
-        argv += ["--root", str(self._sync_root(index)), *extra]
+        argv += ["--root", str(self.sync_root(index)), *extra]
         env = {"MONARCH_SYNC_TOKEN": self.token}
         return self._spawn(argv, f"sync-agent-{index}-{listen.replace(':', '_')}", env)
 

@@ -119,16 +119,16 @@ class Membership:
         self.sync = sync
         self.poll_s = poll_s
         self._task: asyncio.Task[None] | None = None
-        # Addresses a source stopped listing since they were attached: gone for good, even if
-        # they are listed again (a pod recreated at the same IP is another process).
-        self._unlisted: dict[str, set[str]] = {name: set() for name in sources}
+        # Workers a source stopped listing: gone for good, even if their address is listed
+        # again (a pod recreated at the same IP is another process, hence another Worker).
+        self.gone: set[Worker] = set()
 
     def state(self) -> dict[str, Any]:
         """What clients are told: per mesh, its workers, the dead ones, whether it is whole."""
         dead = self.monitor.liveness.dead
         meshes = {}
         for name, workers in self.service.workers.items():
-            lost = [w.address for w in workers if w in dead]
+            lost = [w.address for w in workers if w in dead or w in self.gone]
             meshes[name] = {
                 "workers": [w.address for w in workers],
                 "dead": lost,
@@ -145,9 +145,9 @@ class Membership:
         self.sync.write(
             [
                 w.address
-                for name, workers in self.service.workers.items()
+                for workers in self.service.workers.values()
                 for w in workers
-                if w not in dead and w.address not in self._unlisted[name]
+                if w not in dead and w not in self.gone
             ]
         )
 
@@ -175,11 +175,12 @@ class Membership:
         workers = self.service.workers[name]
         current = [w.address for w in workers]
         listed = await source.addresses()
-        unlisted = self._unlisted[name]
-        if listed is not None and set(current) - set(listed) - unlisted:
-            unlisted |= set(current) - set(listed)
+        left = [w for w in workers if listed is not None and w.address not in listed]
+        if set(left) - self.gone:  # the source no longer lists them: gone, whatever probes say
+            self.gone |= set(left)
             self.refresh_members()
-        dead = {w.address for w in workers if w in self.monitor.liveness.dead} | unlisted
+            self.publish({**self.state(), "lost": sorted(w.address for w in left)})
+        dead = {w.address for w in workers if w in self.monitor.liveness.dead or w in self.gone}
         plan = plan_replacements(current, dead, listed)
         if not plan:
             return
@@ -195,7 +196,6 @@ class Membership:
         replaced = list(workers)
         for slot, address in plan:
             replaced[slot] = Worker(name, slot, address, workers[slot].generation + 1)
-        unlisted -= {address for _, address in plan}
         self.service.host_meshes[name] = host_mesh
         self.service.workers[name] = replaced
         self.monitor.workers = [w for ws in self.service.workers.values() for w in ws]

@@ -387,7 +387,8 @@ class Gateway:
         if entry.whole:  # spawns go to the current workers
             entry = self.service.host_entry(entry.mesh)
         dead = self.monitor.liveness.dead
-        return next((w for w in entry.hosts if w in dead), None)
+        gone = self.membership.gone if self.membership is not None else set()
+        return next((w for w in entry.hosts if w in dead or w in gone), None)
 
     def _worker_died(self, worker: Worker) -> None:
         if self.membership is not None:

@@ -72,9 +72,9 @@ async def _open(url: str, token: str, timeout: float, ssl: ssl_module.SSLContext
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         raise PeerLost(url, f"cannot reach the gateway: {exc or 'timeout'}") from exc
     ours, theirs = socket.socketpair()
-    for sock in (ours, theirs):  # room for whole messages: fewer, larger WebSocket frames
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MESSAGE_SIZE)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MESSAGE_SIZE)
+    for sock in (ours, theirs):  # room for a whole message: fewer, larger WebSocket frames
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MESSAGE_SIZE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MESSAGE_SIZE)
     theirs.setblocking(False)
     conn = await wrap_socket(ours)
     pumps = [asyncio.create_task(_up(ws, theirs)), asyncio.create_task(_down(ws, theirs))]
