@@ -88,6 +88,18 @@ def typecheck(session: nox.Session) -> None:
         session.run("mypy", f"packages/{package}/src")
 
 
+# What each layer's wheel must install without: the laptop layer needs no Monarch, and the
+# proxy and monarch-sync are independent leaves (JobState.sync() finds monarch-sync by name).
+ABSENT_FROM = {
+    "monarch-proxy": ("monarch", "monarch_sync"),
+    "monarch-sync": ("monarch", "monarch_proxy", "monarch_gateway"),
+}
+SERVING_PATH_IMPORTS_NO_SYNC = (
+    "import sys, monarch_gateway.app, monarch_gateway.server, monarch_gateway.cli; "
+    "sys.exit('monarch_sync' in sys.modules and 'the serving path imported monarch_sync')"
+)
+
+
 @nox.session
 def wheels(session: nox.Session) -> None:
     """Each layer installs and imports on its own, with only its declared dependencies."""
@@ -117,11 +129,13 @@ def wheels(session: nox.Session) -> None:
             f"print({module}.__name__, m.version({package!r}))",
             external=True,
         )
-        if package == "monarch-proxy":  # the laptop layer must not drag in Monarch
+        for absent in ABSENT_FROM.get(package, ()):  # leaves stay leaves
             session.run(
                 python,
                 "-c",
-                "import importlib.util, sys; "
-                "sys.exit(importlib.util.find_spec('monarch') is not None)",
+                f"import importlib.util, sys; sys.exit(importlib.util.find_spec({absent!r}) "
+                f"is not None and 'installed: {absent}')",
                 external=True,
             )
+        if package == "monarch-gateway":  # the serving path only relays sync bytes
+            session.run(python, "-c", SERVING_PATH_IMPORTS_NO_SYNC, external=True)

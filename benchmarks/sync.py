@@ -4,6 +4,13 @@
     python benchmarks/sync.py --json out.json            # N = 8, 32, 64, plus netns and simulation
     python benchmarks/sync.py --netns                    # only the bandwidth-limited run (root)
     python benchmarks/sync.py --simulate                 # only the 1,000 / 10,000 node model
+    python benchmarks/sync.py --gateway --quick          # through the gateway against direct
+
+``--gateway``: the same pushes through a real gateway's ``/sync`` relay to the agent beside it,
+which plans the tree over the workers' agents, against pushing to those same agents directly:
+one-file edits to 16 and 64 hosts (on a 40 MB, 2,000-file tree: the large files left out) and
+full pushes of the whole tree to 8 and 32 hosts. Both ways in one run, alternating, with fresh
+agents (N workers + the gateway's) per way; ``gateway_*_push_s`` / ``direct_*_push_s``.
 
 Workspace: 2,000 files, about 200 MB, two of them large (80 MB each). Every agent is its own
 process (``monarch-sync agent``); rsync runs as one daemon (``rsync --daemon``) with one module per
@@ -50,7 +57,7 @@ FULL_FANOUT: int | None = None  # --fanout-full: override the planner for the fu
 
 
 # -- workspace ---------------------------------------------------------------------------
-def make_workspace(root: Path, *, files: int = FILES, seed: int = 0) -> int:
+def make_workspace(root: Path, *, files: int = FILES, seed: int = 0, large: int = LARGE) -> int:
     rnd = random.Random(seed)
     words = [b"def", b"return", b"self", b"import", b"for", b"in", b"x", b"value", b"=", b"\n"]
     small = files - LARGE
@@ -62,7 +69,7 @@ def make_workspace(root: Path, *, files: int = FILES, seed: int = 0) -> int:
         body = b" ".join(rnd.choice(words) for _ in range(size // 4 + 1))[:size]
         p.write_bytes(body)
         total += len(body)
-    for i in range(LARGE):
+    for i in range(large):
         p = root / "data" / f"weights{i}.bin"
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "wb") as f:
@@ -87,7 +94,9 @@ def edit_one_file(root: Path) -> Path:
 
 # -- processes ---------------------------------------------------------------------------
 @contextmanager
-def agents(n: int, base: Path, *, netns: list[str] | None = None) -> Iterator[list[str]]:
+def agents(
+    n: int, base: Path, *, netns: list[str] | None = None, members_file: Path | None = None
+) -> Iterator[list[str]]:
     procs: list[subprocess.Popen[str]] = []
     addrs: list[str] = []
     try:
@@ -95,6 +104,8 @@ def agents(n: int, base: Path, *, netns: list[str] | None = None) -> Iterator[li
             listen = "127.0.0.1:0" if netns is None else f"10.9.{i + 1}.2:7878"
             cmd = [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", listen,
                    "--root", str(base / f"a{i}"), "--token", TOKEN, "--stall-timeout", "30", *(["--verbose"] if os.environ.get("SYNC_VERBOSE") else [])]  # fmt: skip
+            if members_file is not None and i == 0:  # the gateway's agent: the root
+                cmd += ["--members-file", str(members_file)]
             if netns is not None:
                 cmd = ["ip", "netns", "exec", netns[i], *cmd]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
@@ -174,9 +185,13 @@ def rsync_to(
     return dt, sent
 
 
-async def timed_push(src: Path, peers: list[str], cache: Path, fanout: int | None = None) -> dict:
+async def timed_push(
+    src: Path, peers: list[str], cache: Path, fanout: int | None = None, gateway: str | None = None
+) -> dict:
     t0 = time.perf_counter()
-    report = await push(src, peers, TOKEN, fanout, cache_dir=cache, stall_timeout=30)
+    report = await push(
+        src, peers, TOKEN, fanout, cache_dir=cache, stall_timeout=30, gateway=gateway
+    )
     dt = time.perf_counter() - t0
     if not report.ok:
         raise RuntimeError(report.format())
@@ -603,6 +618,87 @@ def simulate(out: dict, hop: float) -> None:
     }
 
 
+# -- through the gateway -----------------------------------------------------------------
+@contextmanager
+def relay_gateway(root_agent: str) -> Iterator[str]:
+    """A real gateway process serving only the ``/sync`` relay (no workers to attach)."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--_gateway", root_agent], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def serve_relay(root_agent: str) -> None:
+    from monarch_gateway.operations import MeshService
+    from monarch_gateway.server import Gateway
+    from monarch_proxy.connection import new_event_loop
+
+    async def run() -> None:
+        gateway = Gateway(MeshService({}, {}), [], token=TOKEN, sync_agent=root_agent)
+        await gateway.start()
+        print(gateway.url, flush=True)
+        await asyncio.Event().wait()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(run())
+
+
+def gateway_vs_direct(work: Path, out: dict, *, quick: bool, ns: list[int] | None = None) -> None:
+    """Edits to 16 and 64 hosts, full pushes to 8 and 32: through the gateway and direct."""
+    runs = [("edit", 16), ("edit", 64), ("full", 8), ("full", 32)]
+    runs = [(kind, n) for kind, n in runs if not ns or n in ns]
+    repeats = REPEATS or (1 if quick else 3)
+    src = work / "gw-src"
+    for kind, n in runs:
+        free(src)
+        src.mkdir()
+        make_workspace(src, large=0 if kind == "edit" else LARGE)
+        times: dict[str, list[float]] = {"gateway": [], "direct": []}
+        for r in range(repeats):
+            for way in ("direct", "gateway") if r % 2 else ("gateway", "direct"):
+                shm = Path("/dev/shm")
+                base = Path(tempfile.mkdtemp(prefix=f"sync-gw-{way}-n{n}-", dir=shm))
+                members = base / "members.json"
+                cache = work / f"gw-cache-{way}"
+                shutil.rmtree(cache, ignore_errors=True)
+                with agents(n + 1, base, members_file=members) as peers:
+                    members.write_text(json.dumps({"members": peers[1:]}))
+                    with relay_gateway(peers[0]) as url:
+                        via = url if way == "gateway" else None
+                        full = asyncio.run(timed_push(src, peers, cache, gateway=via))
+                        if kind == "full":
+                            times[way].append(full["s"])
+                        else:
+                            wait_idle(base, n + 1, full["root"])
+                            edit_one_file(src)
+                            times[way].append(
+                                asyncio.run(timed_push(src, peers, cache, gateway=via))["s"]
+                            )
+                            make_workspace_undo_edit(src)
+                free(base)
+        key = str(n)
+        for way, values in times.items():
+            out.setdefault(f"{way}_{kind}_push_runs_s", {})[key] = values
+            out.setdefault(f"{way}_{kind}_push_s", {})[key] = sorted(values)[len(values) // 2]
+        ratio = out[f"gateway_{kind}_push_s"][key] / out[f"direct_{kind}_push_s"][key]
+        out.setdefault(f"ratio_gateway_vs_direct_{kind}_push", {})[key] = ratio
+        print(
+            f"N={n:3d} {kind:4s} push: through the gateway {out[f'gateway_{kind}_push_s'][key]:.3f}s, "
+            f"direct {out[f'direct_{kind}_push_s'][key]:.3f}s: {ratio:.2f}x (target <= 1.15x)",
+            flush=True,
+        )
+
+
+def make_workspace_undo_edit(src: Path) -> None:
+    p = src / "pkg3" / "sub3" / "mod3.py"
+    p.write_bytes(p.read_bytes().removesuffix(b"\n# edited\n"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -616,7 +712,9 @@ def main() -> int:
     p.add_argument("--fanout-full", type=int, help="force the full push's fan-out")
     p.add_argument("--no-rsync", action="store_true", help="skip the rsync baselines")
     p.add_argument("--repeats", type=int, help="full pushes per tool and N (median reported)")
+    p.add_argument("--gateway", action="store_true", help="only: through the gateway vs direct")
     p.add_argument("--_netns-client", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--_gateway", help=argparse.SUPPRESS)
     args = p.parse_args()
     # so that `finally` blocks stop agents and remove temporary trees on SIGTERM too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -627,6 +725,9 @@ def main() -> int:
     REPEATS = args.repeats
     if args._netns_client:
         netns_client(*args._netns_client)
+        return 0
+    if args._gateway:
+        serve_relay(args._gateway)
         return 0
     out: dict = {
         "machine": {
@@ -643,9 +744,12 @@ def main() -> int:
             simulate(out, 1e-3)
         elif args.netns:
             netns_run(work, out)
+        elif args.gateway:
+            gateway_vs_direct(work, out, quick=args.quick, ns=args.ns)
         else:
             ns = args.ns or ([8, 32] if args.quick else [8, 32, 64])
             loopback(ns, work, out, quick=args.quick)
+            gateway_vs_direct(work, out, quick=args.quick)
             if not args.quick:
                 hop = per_hop_cost(work, out)
                 netns_run(work, out)

@@ -12,10 +12,12 @@ import ssl as ssl_module
 from dataclasses import dataclass
 from pathlib import Path
 
+from monarch_gateway.membership import Membership, SyncSettings
 from monarch_gateway.monitor import Worker, tcp_endpoint
 from monarch_gateway.operations import MeshService
 from monarch_gateway.output import OutputTee
 from monarch_gateway.server import Gateway
+from monarch_gateway.sources import WorkerSource
 from monarch_proxy.memory import keep_freed_memory
 from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 
@@ -24,7 +26,7 @@ logger = logging.getLogger("monarch_gateway")
 
 @dataclass
 class GatewayOptions:
-    meshes: dict[str, list[str]]  # host mesh name -> worker addresses
+    meshes: dict[str, WorkerSource]  # host mesh name -> where its worker addresses come from
     token: str | None
     host: str = "127.0.0.1"
     port: int = 0
@@ -35,6 +37,12 @@ class GatewayOptions:
     attach_timeout_s: float = 120.0
     stream_output: bool = True
     ready_file: str | None = None
+    # Workspace sync (optional): /sync relays to this agent, the root of every push's tree,
+    # which fans out to the agents at <worker host>:sync_port listed in sync_members_file.
+    sync_agent: str | None = None
+    sync_port: int | None = None
+    sync_members_file: str | None = None
+    poll_s: float = 0.5  # how often worker sources are asked again
 
 
 def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl_module.SSLContext | None:
@@ -86,6 +94,24 @@ def configure_monarch(addresses: list[str], stream_output: bool) -> None:
     configure(default_transport=transport, enable_log_forwarding=stream_output)
 
 
+async def first_addresses(
+    sources: dict[str, WorkerSource], timeout_s: float
+) -> dict[str, list[str]]:
+    """Each mesh's addresses as its source first lists some (this fixes the mesh's size)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    found: dict[str, list[str]] = {}
+    while len(found) < len(sources):
+        for name, source in sources.items():
+            if name not in found and (listed := await source.addresses()):
+                found[name] = listed
+        if len(found) < len(sources):
+            if asyncio.get_running_loop().time() > deadline:
+                missing = sorted(set(sources) - set(found))
+                raise RuntimeError(f"no workers listed within {timeout_s:.0f}s for {missing}")
+            await asyncio.sleep(0.2)
+    return found
+
+
 async def attach(meshes: dict[str, list[str]], timeout_s: float) -> dict[str, object]:
     from monarch.actor import attach_to_workers
 
@@ -107,7 +133,8 @@ async def attach(meshes: dict[str, list[str]], timeout_s: float) -> dict[str, ob
 
 async def run_gateway(options: GatewayOptions) -> None:
     keep_freed_memory()  # every big payload passes through here twice
-    addresses = [a for addrs in options.meshes.values() for a in addrs]
+    meshes = await first_addresses(options.meshes, options.attach_timeout_s)
+    addresses = [a for addrs in meshes.values() for a in addrs]
     tee: OutputTee | None = None
     gateway: Gateway | None = None
     if options.stream_output:
@@ -118,23 +145,46 @@ async def run_gateway(options: GatewayOptions) -> None:
         )
         tee.start()
     configure_monarch(addresses, options.stream_output)
-    host_meshes = await attach(options.meshes, options.attach_timeout_s)
-    workers = [
-        Worker(name, i, addr)
-        for name, addrs in options.meshes.items()
-        for i, addr in enumerate(addrs)
-    ]
+    host_meshes = await attach(meshes, options.attach_timeout_s)
+    workers = {
+        name: [Worker(name, i, addr) for i, addr in enumerate(addrs)]
+        for name, addrs in meshes.items()
+    }
     gateway = Gateway(
-        MeshService(host_meshes, stream_logs=options.stream_output),
-        workers,
+        MeshService(host_meshes, workers, stream_logs=options.stream_output),
+        [w for ws in workers.values() for w in ws],
         token=options.token,
         host=options.host,
         port=options.port,
         ssl=server_ssl_context(options.certfile, options.keyfile),
         max_frame_size=options.max_frame_size,
         resume_grace_s=options.resume_grace_s,
+        sync_agent=options.sync_agent,
     )
+    sync = None
+    if options.sync_port:
+        sync = SyncSettings(
+            options.sync_port,
+            options.sync_members_file,
+            options.token,
+            os.environ.get("MONARCH_SYNC_ROOT"),  # reload.SYNC_ROOT_ENV (imports Monarch)
+        )
+
+    async def attach_one(name: str, addrs: list[str]) -> object:
+        return (await attach({name: addrs}, options.attach_timeout_s))[name]
+
+    membership = Membership(
+        options.meshes,
+        gateway.service,
+        gateway.monitor,
+        attach_one,
+        gateway.publish_membership,
+        sync=sync,
+        poll_s=options.poll_s,
+    )
+    gateway.membership = membership
     await gateway.start()
+    membership.start()
     if options.ready_file:
         ready = Path(options.ready_file)
         tmp = ready.with_suffix(".tmp")
@@ -146,4 +196,5 @@ async def run_gateway(options: GatewayOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("shutting down")
+    await membership.stop()
     await gateway.shutdown()

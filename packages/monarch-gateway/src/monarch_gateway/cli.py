@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import secrets
 import signal
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 
 from monarch_gateway.logs import configure_logging
+from monarch_gateway.sources import StaticSource, WorkerSource, parse_source
 from monarch_proxy.connection import new_event_loop
 from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 
@@ -27,6 +29,13 @@ def parse_mesh(value: str) -> tuple[str, list[str]]:
             f"expected NAME=ADDR[,ADDR...] (e.g. trainers=tcp://10.0.0.5:26600), got {value!r}"
         )
     return name, workers
+
+
+def source_arg(kind: str, value: str) -> tuple[str, WorkerSource]:
+    try:
+        return parse_source(kind, value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="a named host mesh and its worker addresses (repeatable)",
     )
     serve.add_argument("--workers", help="shorthand for --mesh hosts=ADDR,...")
+    for kind, metavar, what in (
+        ("file", "NAME=PATH", "worker addresses, one per line, in a file re-read as it changes"),
+        ("dns", "NAME=HOST:PORT", "the A records of HOST (a headless Service), re-resolved"),
+        (
+            "selector",
+            "NAME=NAMESPACE/SELECTOR:PORT",
+            "the Ready pods matching a label selector (needs monarch-gateway[kubernetes])",
+        ),
+    ):
+        serve.add_argument(
+            f"--mesh-{kind}",
+            action="append",
+            default=[],
+            metavar=metavar,
+            type=functools.partial(source_arg, kind),
+            help=f"a named host mesh whose workers come and go: {what} (repeatable)",
+        )
+    serve.add_argument(
+        "--poll", type=float, default=0.5, help="seconds between looks at the worker sources"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="listen port; 0 picks a free one")
     serve.add_argument("--token-file", type=Path, help="file holding the bearer token")
@@ -89,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not stream worker stdout/stderr to clients",
     )
     serve.add_argument("--ready-file", help="write {url, port, pid} as JSON here once serving")
+    sync = serve.add_argument_group(
+        "workspace sync", "job.sync() through this gateway: /sync relays to a monarch-sync agent"
+    )
+    sync.add_argument(
+        "--sync-agent", metavar="HOST:PORT", help="the monarch-sync agent beside the gateway"
+    )
+    sync.add_argument(
+        "--sync-port", type=int, help="port of the monarch-sync agent on every worker host"
+    )
+    sync.add_argument(
+        "--sync-members-file",
+        help="keep the worker agents' HOST:PORT list here for the agent "
+        "(its --members-file); needs --sync-port",
+    )
     serve.add_argument("--log-level", default="info")
 
     local = sub.add_parser(
@@ -99,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local.add_argument("--hosts", type=int, default=2, help="number of worker hosts")
     local.add_argument("--mesh", default="hosts", help="name of the host mesh")
+    local.add_argument(
+        "--sync", action="store_true", help="a monarch-sync agent per host, for job.sync()"
+    )
     return parser
 
 
@@ -126,13 +172,21 @@ def resolve_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from monarch_gateway.app import GatewayOptions, run_gateway
 
-    meshes = dict(args.mesh)
+    meshes: dict[str, WorkerSource] = {
+        name: StaticSource(addresses) for name, addresses in args.mesh
+    }
     if args.workers:
-        meshes["hosts"] = parse_mesh(f"hosts={args.workers}")[1]
+        meshes["hosts"] = StaticSource(parse_mesh(f"hosts={args.workers}")[1])
+    meshes.update(args.mesh_file + args.mesh_dns + args.mesh_selector)
     if not meshes:
-        parser.error("name the workers with --mesh NAME=ADDR,... or --workers ADDR,...")
+        parser.error(
+            "name the workers with --mesh NAME=ADDR,..., --workers ADDR,..., --mesh-file, "
+            "--mesh-dns or --mesh-selector"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if args.sync_members_file and not args.sync_port:
+        parser.error("--sync-members-file needs --sync-port (the worker hosts' agent port)")
     token = resolve_token(args, parser)
     configure_logging(args.log_level)
     options = GatewayOptions(
@@ -147,6 +201,10 @@ def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         attach_timeout_s=args.attach_timeout,
         stream_output=not args.no_stream_output,
         ready_file=args.ready_file,
+        sync_agent=args.sync_agent,
+        sync_port=args.sync_port,
+        sync_members_file=args.sync_members_file,
+        poll_s=args.poll,
     )
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -160,7 +218,7 @@ def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def local_command(args: argparse.Namespace) -> int:
     from monarch_gateway.local import LocalCluster
 
-    with LocalCluster(args.hosts, mesh=args.mesh).start() as cluster:
+    with LocalCluster(args.hosts, mesh=args.mesh, sync=args.sync).start() as cluster:
         print(
             f"gateway: {cluster.url}\ntoken:   {cluster.token}\nlogs:    {cluster.log_dir}\n"
             f"connect: monarch_proxy.connect({cluster.url!r}, token=...)\nCtrl-C stops.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from monarch_gateway.monitor import Worker
 from monarch_proxy.errors import UnknownHandleError
 
 
@@ -13,10 +14,12 @@ class Entry:
     kind: str  # "host", "proc" or "actor"
     obj: Any  # the Monarch mesh
     name: str
-    # Indices of the worker hosts the mesh spans, so a dead worker fails exactly the calls on it.
-    hosts: tuple[int, ...]
+    # The workers the mesh spans, so a dead worker fails exactly the calls on it (a replacement
+    # at the same index is another Worker: meshes spawned before it still fail).
+    hosts: tuple[Worker, ...]
     mesh: str  # name of the host mesh it descends from
     reloader: Any = None  # the HotReloader actors of a proc mesh, spawned on first reload
+    whole: bool = False  # a whole host mesh: spawns go to its current workers, replacements too
 
 
 class HandleTable:
@@ -55,8 +58,8 @@ class HandleTable:
 
 
 def select_hosts(
-    hosts: tuple[int, ...], selection: int | list[int | None] | None
-) -> tuple[int, ...]:
+    hosts: tuple[Worker, ...], selection: int | list[int | None] | None
+) -> tuple[Worker, ...]:
     """The hosts left after slicing the ``hosts`` dimension with an int or [start, stop, step]."""
     if selection is None:
         return hosts

@@ -5,7 +5,14 @@
         procs = job.hosts.spawn_procs(per_host={"gpus": 2})
 
 Workers and the gateway are real processes, exactly as in a cluster; only the addresses are
-loopback ones. Each worker gets its own 127.0.0.x address, as each pod gets its own IP.
+loopback ones. Each worker gets its own 127.0.0.x address, as each pod gets its own IP. The
+gateway reads the worker list from a file here (``workers.txt``), the way it would follow a
+headless Service or a label selector in a cluster, so a restarted worker is taken in.
+
+This is the one place that composes the gateway with monarch-sync on one machine: with
+``sync=True`` every worker host runs an agent on one shared port (as every pod would), and so
+does the gateway; ``job.sync()`` pushes through the gateway's ``/sync`` endpoint, exactly as a
+laptop outside a cluster does, and the gateway's agent fans out to the workers' agents.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from monarch_gateway.monitor import tcp_endpoint
 from monarch_proxy import GatewayConnection, JobState, connect
 
 if TYPE_CHECKING:
-    from monarch_gateway.workspace import SyncWorkspace
+    from monarch_sync import SyncWorkspace
 
 READY_TIMEOUT_S = 120.0
 
@@ -43,6 +51,27 @@ def worker_endpoint(index: int) -> tuple[str, int]:
                 continue
             return host, int(sock.getsockname()[1])
     raise OSError("no loopback address is available for a local worker")
+
+
+def common_port(hosts: list[str]) -> int:
+    """A port free on every one of ``hosts`` (the agents of all worker hosts share one)."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind((hosts[0], 0))
+            port = int(sock.getsockname()[1])
+        if all(_free(host, port) for host in set(hosts)):
+            return port
+    raise OSError(f"no port is free on all of {sorted(set(hosts))}")
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -79,9 +108,13 @@ class LocalCluster:
         self.resume_grace_s = resume_grace_s
         self.gateway_args = list(gateway_args or [])  # extra `monarch-gateway serve` flags
         self.sync = sync  # a monarch-sync agent per host, for job.sync()
-        self.sync_peers: list[str] = []
+        self.sync_port = 0  # the worker hosts' agents all listen on this port
+        self.sync_peers: list[str] = []  # the workers' agents, then the gateway's (the root)
         self.agents: list[subprocess.Popen[bytes]] = []
         self.addresses: list[str] = []
+        self.workers_file = self.log_dir / "workers.txt"
+        self._next_host = hosts  # restarted workers get fresh addresses from here on
+        self._roots: dict[int, int] = {}  # host index -> generation of its agent root
         self.workers: list[subprocess.Popen[bytes]] = []
         self.gateway: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -89,6 +122,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         atexit.register(self.close)
         try:
+            self.addresses = [self._new_address(i) for i in range(self.hosts)]
             if self.sync:
                 self._start_agents()
             self._start_workers()
@@ -115,61 +149,114 @@ class LocalCluster:
                 start_new_session=True,
             )
 
-    def _sync_root(self, index: int) -> Path:
-        """Agent root of worker host ``index``; index ``hosts`` is the gateway's."""
-        return self.log_dir / f"sync-{index}"
+    def sync_root(self, index: int) -> Path:
+        """Agent root of worker host ``index`` (a replacement's is fresh, as a new pod's would
+        be); index ``hosts`` is the gateway's."""
+        return self.log_dir / f"sync-{index}-{self._roots.get(index, 0)}"
 
     def _sync_env(self, index: int) -> dict[str, str] | None:
         if not self.sync:
             return None
         from monarch_sync import synced_path
 
-        live = str(synced_path(self._sync_root(index)))  # first on the import path
+        live = str(synced_path(self.sync_root(index)))  # first on the import path
         return {
             "MONARCH_SYNC_ROOT": live,
             "PYTHONPATH": os.pathsep.join([live, child_env()["PYTHONPATH"]]),
         }
 
+    def _new_address(self, slot: int) -> str:
+        host, port = worker_endpoint(slot)
+        return f"tcp://{host}:{port}"
+
+    @property
+    def members_file(self) -> Path:
+        return self.log_dir / "sync-members.json"
+
+    def _start_agent(self, index: int, listen: str, *extra: str) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", listen]
+        argv += ["--root", str(self.sync_root(index)), *extra]
+        env = {"MONARCH_SYNC_TOKEN": self.token}
+        return self._spawn(argv, f"sync-agent-{index}-{listen.replace(':', '_')}", env)
+
     def _start_agents(self) -> None:
-        # One agent per worker host, and one for the gateway, which imports actor classes too.
-        for i in range(self.hosts + 1):
-            host, port = worker_endpoint(i)
-            self.sync_peers.append(f"{host}:{port}")
-            argv = [
-                sys.executable,
-                "-m",
-                "monarch_sync.cli",
-                "agent",
-                "--listen",
-                f"{host}:{port}",
-                "--root",
-                str(self._sync_root(i)),
-            ]
-            self.agents.append(
-                self._spawn(argv, f"sync-agent-{i}", {"MONARCH_SYNC_TOKEN": self.token})
+        # One agent per worker host, all on one port (as in pods), and one for the gateway: the
+        # root of every push, which also imports actor classes.
+        hosts = [host_of(a) for a in self.addresses]
+        self.sync_port = common_port(hosts)
+        for i, host in enumerate(hosts):
+            self.sync_peers.append(f"{host}:{self.sync_port}")
+            self.agents.append(self._start_agent(i, self.sync_peers[-1]))
+        root_host, root_port = worker_endpoint(self.hosts)
+        self.sync_peers.append(f"{root_host}:{root_port}")
+        self.agents.append(
+            self._start_agent(
+                self.hosts, self.sync_peers[-1], "--members-file", str(self.members_file)
             )
+        )
         for peer, agent in zip(self.sync_peers, self.agents, strict=True):
             wait_for_port(peer, agent, self.log_dir)
-        # A first, empty version: the live tree exists before any process puts it on its path.
+        self._push_empty(self.sync_peers)
+
+    def _push_empty(self, peers: list[str]) -> None:
+        """A first, empty version: the live tree exists before any process puts it on its path.
+        (Direct: this process started the agents and can reach them; job.sync() cannot.)"""
+        from monarch_sync import SyncWorkspace
+
         empty = self.log_dir / "empty-workspace"
         empty.mkdir(exist_ok=True)
-        self.workspace().push(str(empty))
+        SyncWorkspace(peers, self.token).push(str(empty))
+
+    @property
+    def sync_agent(self) -> str:
+        """The gateway's agent, the root of every push through the gateway."""
+        return self.sync_peers[-1]
 
     def workspace(self) -> SyncWorkspace:
-        """The workspace ``job.sync()`` pushes to (needs ``sync=True``)."""
+        """The workspace ``job.sync()`` pushes to: through the gateway (needs ``sync=True``)."""
         if not self.sync:
             raise RuntimeError("this LocalCluster runs no sync agents; create it with sync=True")
-        from monarch_gateway.workspace import SyncWorkspace
+        from monarch_sync import SyncWorkspace
+
+        return SyncWorkspace.through_gateway(self.url, self.token)
+
+    def direct_workspace(self) -> SyncWorkspace:
+        """A workspace dialling every agent itself (the baseline the benchmarks compare with)."""
+        from monarch_sync import SyncWorkspace
 
         return SyncWorkspace(self.sync_peers, self.token)
 
     def _start_workers(self) -> None:
-        for i in range(self.hosts):
-            host, port = worker_endpoint(i)
-            address = f"tcp://{host}:{port}"
-            self.addresses.append(address)
+        for i, address in enumerate(self.addresses):
             argv = [sys.executable, "-m", "monarch_gateway.worker", address]
             self.workers.append(self._spawn(argv, f"worker-{i}", self._sync_env(i)))
+        self._write_workers_file()
+
+    def _write_workers_file(self) -> None:
+        tmp = self.workers_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{a}\n" for a in self.addresses))
+        tmp.replace(self.workers_file)  # the gateway never reads half a list
+
+    def restart_worker(self, index: int) -> str:
+        """Kill worker ``index`` (and its agent) and start a replacement at a new address, as a
+        StatefulSet recreates a pod with a new IP; return the new address."""
+        self.kill_worker(index)
+        if self.sync:
+            _stop(self.agents[index], signal.SIGKILL, 5.0)
+        address = self._new_address(self._next_host + 1)  # past the gateway's agent
+        self._next_host += 1
+        self.addresses[index] = address
+        if self.sync:
+            peer = f"{host_of(address)}:{self.sync_port}"
+            self.sync_peers[index] = peer
+            self._roots[index] = self._roots.get(index, 0) + 1  # it starts empty
+            self.agents[index] = self._start_agent(index, peer)
+            wait_for_port(peer, self.agents[index], self.log_dir)
+            self._push_empty([peer])  # the gateway brings it to the current version
+        argv = [sys.executable, "-m", "monarch_gateway.worker", address]
+        self.workers[index] = self._spawn(argv, f"worker-{index}", self._sync_env(index))
+        self._write_workers_file()
+        return address
 
     def _start_gateway(self) -> None:
         ready = self.log_dir / "gateway.ready"
@@ -178,8 +265,8 @@ class LocalCluster:
             "-m",
             "monarch_gateway",
             "serve",
-            "--mesh",
-            f"{self.mesh}={','.join(self.addresses)}",
+            "--mesh-file",
+            f"{self.mesh}={self.workers_file}",
             "--port",
             "0",
             "--ready-file",
@@ -189,6 +276,9 @@ class LocalCluster:
         ]
         if not self.stream_output:
             argv.append("--no-stream-output")
+        if self.sync:
+            argv += ["--sync-agent", self.sync_agent, "--sync-port", str(self.sync_port)]
+            argv += ["--sync-members-file", str(self.members_file)]
         argv += self.gateway_args
         env = {"MONARCH_GATEWAY_TOKEN": self.token, **(self._sync_env(self.hosts) or {})}
         self.gateway = self._spawn(argv, "gateway", env)
@@ -237,6 +327,12 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def host_of(address: str) -> str:
+    endpoint = tcp_endpoint(address)
+    assert endpoint is not None, f"not a tcp:// address: {address}"
+    return endpoint[0]
 
 
 def wait_for_port(peer: str, process: subprocess.Popen[bytes], log_dir: Path) -> None:

@@ -22,6 +22,7 @@ class Worker:
     mesh: str
     index: int
     address: str
+    generation: int = 0  # a replacement at the same address is another worker
 
     def describe(self) -> str:
         return f"worker {self.address} (host {self.index} of mesh {self.mesh!r})"
@@ -94,22 +95,27 @@ class WorkerMonitor:
         return None
 
     async def _run(self) -> None:
-        probed = [(w, tcp_endpoint(w.address)) for w in self.workers]
-        while True:
+        while True:  # the list changes as workers are replaced (see membership.py)
+            probed = [(w, tcp_endpoint(w.address)) for w in self.workers]
             live = [(w, ep) for w, ep in probed if ep is not None and w not in self.liveness.dead]
-            results = await asyncio.gather(*(self._probe(*ep) for _, ep in live))
+            results = await asyncio.gather(*(probe(w.address, self._timeout_s) for w, _ in live))
             for (worker, _), reachable in zip(live, results, strict=True):
                 if self.liveness.record(worker, reachable):
                     logger.warning("%s is unreachable; failing its calls", worker.describe())
                     self._on_dead(worker)
             await asyncio.sleep(self._interval_s)
 
-    async def _probe(self, host: str, port: int) -> bool:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self._timeout_s)
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+
+async def probe(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether a worker address accepts TCP connections now (False for non-TCP addresses)."""
+    endpoint = tcp_endpoint(address)
+    if endpoint is None:
+        return False
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*endpoint), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

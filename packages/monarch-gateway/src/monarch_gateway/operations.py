@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from monarch_gateway.handles import Entry, HandleTable, select_hosts
+from monarch_gateway.monitor import Worker
 from monarch_proxy import codec
 from monarch_proxy.errors import ActorImportError, GatewayError, ProtocolError
 from monarch_proxy.values import Extent
@@ -54,15 +55,26 @@ def handle_reply(table: HandleTable, entry: Entry) -> Result:
 class MeshService:
     """The gateway's named host meshes, and the operations sessions run on them."""
 
-    def __init__(self, host_meshes: dict[str, Any], *, stream_logs: bool = False) -> None:
-        self.host_meshes = host_meshes
+    def __init__(
+        self,
+        host_meshes: dict[str, Any],
+        workers: dict[str, list[Worker]],
+        *,
+        stream_logs: bool = False,
+    ) -> None:
+        self.host_meshes = host_meshes  # replaced by membership.py when a worker is replaced
+        self.workers = workers
         self.stream_logs = stream_logs
+
+    def host_entry(self, name: str) -> Entry:
+        """A whole host mesh as it is now."""
+        workers = tuple(self.workers[name])
+        return Entry("host", self.host_meshes[name], name, workers, name, whole=True)
 
     def meshes(self, table: HandleTable) -> Result:
         described = {}
-        for name, mesh in self.host_meshes.items():
-            hosts = tuple(range(mesh.extent.nelements))
-            meta, _ = handle_reply(table, Entry("host", mesh, name, hosts, name))
+        for name in self.host_meshes:
+            meta, _ = handle_reply(table, self.host_entry(name))
             described[name] = meta
         return {"meshes": described}, b""
 
@@ -85,10 +97,13 @@ class MeshService:
         ):
             raise ProtocolError("per_host must map labels to positive integers")
         name = field(meta, "name", str)
-        procs = entry.obj.spawn_procs(per_host=per_host, name=name)
+        mesh, hosts = entry.obj, entry.hosts
+        if entry.whole:  # the mesh as it is now: replaced workers included
+            mesh, hosts = self.host_meshes[entry.mesh], tuple(self.workers[entry.mesh])
+        procs = mesh.spawn_procs(per_host=per_host, name=name)
         if self.stream_logs:
             await procs.logging_option(stream_to_client=True, aggregate_window_sec=None)
-        procs_entry = Entry("proc", procs, name, entry.hosts, entry.mesh)
+        procs_entry = Entry("proc", procs, name, hosts, entry.mesh)
         table.proc_meshes.append(procs_entry)
         return handle_reply(table, procs_entry)
 
@@ -135,8 +150,14 @@ class MeshService:
         hosts = select_hosts(entry.hosts, selection.get("hosts"))
         return handle_reply(table, Entry(entry.kind, sliced, entry.name, hosts, entry.mesh))
 
-    async def reload(self, table: HandleTable, meta: dict[str, Any]) -> Result:
-        """Reload changed modules in every process this session spawned."""
+    async def reload(
+        self,
+        table: HandleTable,
+        meta: dict[str, Any],
+        usable: Callable[[Entry], bool] = lambda entry: True,
+    ) -> Result:
+        """Reload changed modules in every process this session spawned, on the proc meshes
+        that are ``usable`` (those spanning a dead worker can only fail)."""
         paths = field(meta, "paths", list)
         if not all(isinstance(p, str) for p in paths):
             raise ProtocolError("reload paths must be strings")
@@ -144,10 +165,11 @@ class MeshService:
 
         root = synced_root()  # the gateway holds actor classes too: reload them here first
         local = reload_changed(root, paths) if root else []
-        for entry in table.proc_meshes:
+        meshes = [e for e in table.proc_meshes if usable(e)]
+        for entry in meshes:
             if entry.reloader is None:
                 entry.reloader = entry.obj.spawn("_hot_reloader", HotReloader)
-        results = await asyncio.gather(*(e.reloader.reload.call(paths) for e in table.proc_meshes))
+        results = await asyncio.gather(*(e.reloader.reload.call(paths) for e in meshes))
         counts: dict[str, int] = dict.fromkeys(local, 0)
         for values in results:
             for modules in values.values():

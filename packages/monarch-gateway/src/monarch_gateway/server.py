@@ -18,7 +18,7 @@ import secrets
 import ssl as ssl_module
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -26,6 +26,9 @@ from websockets.http11 import Request, Response
 
 from monarch_gateway.handles import Entry, HandleTable
 from monarch_gateway.monitor import Worker, WorkerMonitor
+
+if TYPE_CHECKING:
+    from monarch_gateway.membership import Membership
 from monarch_gateway.operations import (
     SINGLE_RESULT_METHODS,
     MeshService,
@@ -33,6 +36,7 @@ from monarch_gateway.operations import (
     finish_call,
     unwrap_actor_error,
 )
+from monarch_gateway.relay import SYNC_PATH, relay_sync
 from monarch_proxy import codec
 from monarch_proxy.errors import (
     FAILURE_CATEGORIES,
@@ -269,7 +273,10 @@ class GatewaySession:
         if op == "job.flush_output":
             return await service.flush_output()
         if op == "job.reload":
-            return await service.reload(table, meta)
+            alive = lambda entry: self.gateway.dead_worker_of(entry) is None  # noqa: E731
+            return await service.reload(table, meta, alive)
+        if op == "job.members":
+            return self.gateway.members(), b""
         entry = call.entry
         if entry is None:
             raise ProtocolError(f"operation {op!r} needs a handle")
@@ -308,8 +315,10 @@ class Gateway:
         ssl: ssl_module.SSLContext | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         resume_grace_s: float = 30.0,
+        sync_agent: str | None = None,
     ) -> None:
         self.service = service
+        self.sync_agent = sync_agent  # host:port of the monarch-sync agent /sync relays to
         self.token = token
         self.host = host
         self.requested_port = port
@@ -320,6 +329,7 @@ class Gateway:
         self.monitor = WorkerMonitor(workers, self._worker_died)
         self._server: Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.membership: Membership | None = None  # set by app.py: replacements of workers
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -359,18 +369,35 @@ class Gateway:
             if session.ws is not None:
                 session.send(data)
 
+    def members(self) -> dict[str, Any]:
+        if self.membership is not None:
+            return self.membership.state()
+        dead = self.monitor.liveness.dead
+        lost = [w.address for w in self.monitor.workers if w in dead]
+        return {"meshes": {}, "whole": not lost}
+
+    def publish_membership(self, event: dict[str, Any]) -> None:
+        """Tell every connected client how the meshes stand (a worker lost or replaced)."""
+        data = [ServerSession.members(event)]
+        for session in list(self.sessions.values()):
+            if session.ws is not None:
+                session.send(data)
+
     def dead_worker_of(self, entry: Entry) -> Worker | None:
-        for index in entry.hosts:
-            worker = self.monitor.is_dead(entry.mesh, index)
-            if worker is not None:
-                return worker
-        return None
+        if entry.whole:  # spawns go to the current workers
+            entry = self.service.host_entry(entry.mesh)
+        dead = self.monitor.liveness.dead
+        gone = self.membership.gone if self.membership is not None else set()
+        return next((w for w in entry.hosts if w in dead or w in gone), None)
 
     def _worker_died(self, worker: Worker) -> None:
+        if self.membership is not None:
+            self.membership.refresh_members()
+        self.publish_membership({**self.members(), "lost": [worker.address]})
         for session in self.sessions.values():
             for call in session.calls.values():
                 entry = call.entry
-                if entry is not None and entry.mesh == worker.mesh and worker.index in entry.hosts:
+                if entry is not None and worker in entry.hosts:
                     call.lost = worker
                     if call.waiter is not None:
                         call.waiter.cancel()
@@ -386,6 +413,15 @@ class Gateway:
                 "dead_workers": dead,
             }
             return connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+        refused = self._check_token(connection, request)
+        if refused is None and request.path == SYNC_PATH and self.sync_agent is None:
+            return connection.respond(
+                HTTPStatus.NOT_FOUND,
+                "this gateway relays no workspace sync: start it with --sync-agent HOST:PORT\n",
+            )
+        return refused
+
+    def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
         if self.token is None:
             return None
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
@@ -400,6 +436,9 @@ class Gateway:
         return None
 
     async def _connection(self, ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.path == SYNC_PATH and self.sync_agent:
+            await relay_sync(ws, self.sync_agent)
+            return
         session = await self._handshake(ws)
         if session is None:
             return

@@ -19,6 +19,7 @@ from monarch_proxy.errors import (
     TransportError,
     UnknownHandleError,
     WorkerLostError,
+    WorkspaceUnavailableError,
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
 from monarch_proxy.memory import keep_freed_memory
@@ -66,6 +67,7 @@ __all__ = [
     "ValueMesh",
     "WorkerLostError",
     "Workspace",
+    "WorkspaceUnavailableError",
     "connect",
     "keep_freed_memory",
 ]

@@ -34,7 +34,15 @@ from monarch_proxy.errors import (
     TransportError,
 )
 from monarch_proxy.protocol.client import ClientSession
-from monarch_proxy.protocol.events import Failed, Logged, Rejected, Replied, Streamed, Welcomed
+from monarch_proxy.protocol.events import (
+    Failed,
+    Logged,
+    MembershipChanged,
+    Rejected,
+    Replied,
+    Streamed,
+    Welcomed,
+)
 from monarch_proxy.protocol.frames import pack_for_sending
 
 logger = logging.getLogger("monarch_proxy")
@@ -109,6 +117,8 @@ class GatewayConnection:
             target=self._loop.run_forever, name="monarch-proxy-io", daemon=True
         )
         self._runner: concurrent.futures.Future[None] | None = None
+        # Called on the I/O thread with each membership state the gateway sends; keep them quick.
+        self.membership_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @classmethod
     def open(cls, url: str, token: str | None = None, **kwargs: Any) -> GatewayConnection:
@@ -125,6 +135,14 @@ class GatewayConnection:
             conn._stop_loop()
             raise
         return conn
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    @property
+    def ssl(self) -> ssl_module.SSLContext | None:
+        return self._ssl
 
     @property
     def session_id(self) -> str | None:
@@ -342,6 +360,12 @@ class GatewayConnection:
         elif isinstance(event, Logged):
             if self._on_log is not None:
                 self._on_log(event.stream, event.text)
+        elif isinstance(event, MembershipChanged):
+            for listener in list(self.membership_listeners):
+                try:
+                    listener(event.state)
+                except Exception:  # a user callback must not break the connection
+                    logger.exception("membership listener failed")
         elif isinstance(event, Rejected):
             raise ProtocolError(f"gateway closed the session ({event.code}): {event.message}")
 

@@ -6,6 +6,7 @@
     │   └── FrameTooLargeError     a frame is over the negotiated maximum size
     ├── TransportError             the connection is gone and could not be resumed
     ├── AuthenticationError        the gateway refused the bearer token
+    ├── WorkspaceUnavailableError  job.sync() needs monarch-sync here (also an ImportError)
     ├── CallTimeoutError           a FutureProxy.get(timeout) ran out (also a TimeoutError)
     ├── GatewayError               the gateway could not carry out a request
     │   ├── UnknownHandleError     the request named a mesh handle the session does not hold
@@ -60,6 +61,10 @@ class TransportError(ProxyError):
 
 class AuthenticationError(ProxyError):
     """The gateway rejected (or was not given) the bearer token."""
+
+
+class WorkspaceUnavailableError(ProxyError, ImportError):
+    """``job.sync()`` found no workspace: monarch-sync is not installed in this environment."""
 
 
 class CallTimeoutError(ProxyError, TimeoutError):

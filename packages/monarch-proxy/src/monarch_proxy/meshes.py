@@ -13,6 +13,8 @@ and the gateway frees all of a session's handles when the session ends.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -21,7 +23,12 @@ from typing import Any, Protocol, TypeVar
 
 from monarch_proxy import codec
 from monarch_proxy.connection import GatewayConnection
-from monarch_proxy.errors import ActorImportError, GatewayError, ProxyError
+from monarch_proxy.errors import (
+    ActorImportError,
+    CallTimeoutError,
+    ProxyError,
+    WorkspaceUnavailableError,
+)
 from monarch_proxy.futures import FutureProxy, StreamProxy
 from monarch_proxy.values import Extent, ValueMesh
 
@@ -223,6 +230,25 @@ class Workspace(Protocol):
         ...
 
 
+def gateway_workspace(connection: GatewayConnection) -> Workspace:
+    """monarch-sync's workspace pushing through this gateway's ``/sync`` endpoint.
+
+    Found by name, not declared: the proxy and monarch-sync are independent leaves, and a
+    laptop that never calls ``sync()`` needs neither the other nor its dependencies.
+    """
+    try:
+        sync = importlib.import_module("monarch_sync")
+    except ImportError:
+        raise WorkspaceUnavailableError(
+            "job.sync() pushes with monarch-sync, which is not installed here: "
+            "pip install monarch-sync (or set job.workspace to your own monarch_proxy.Workspace)"
+        ) from None
+    workspace: Workspace = sync.SyncWorkspace.through_gateway(
+        connection.url, connection.token or "", ssl=connection.ssl
+    )
+    return workspace
+
+
 @dataclass(frozen=True)
 class SyncResult:
     changed: list[str]  # files that differ from the previous sync
@@ -273,15 +299,46 @@ class JobState:
         new code from their next call on.
         """
         if self.workspace is None:
-            raise GatewayError(
-                "this job has no workspace to sync to: start it with start_local(sync=True) or "
-                "attach a monarch_proxy.Workspace"
-            )
+            self.workspace = gateway_workspace(self._connection)
         started = time.perf_counter()
         changed = self.workspace.push(src)
         pushed = time.perf_counter()
         reloaded = self.reload(changed) if reload and changed else {}
         return SyncResult(changed, reloaded, pushed - started, time.perf_counter() - pushed)
+
+    def members(self) -> dict[str, Any]:
+        """How the meshes stand: ``{"meshes": {name: {"workers", "dead", "whole"}}, "whole"}``."""
+        meta, _ = self._connection.request("job.members", {})
+        return meta
+
+    def on_membership(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(state)`` when a worker is lost or replaced (state as in
+        :meth:`members`, plus ``"lost"`` or ``"replaced"``: old address -> new). It runs on the
+        connection's I/O thread: keep it short and never block there on the gateway."""
+        self._connection.membership_listeners.append(callback)
+
+    def wait_for_workers(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until every mesh is whole again (each lost worker replaced and attached, its
+        sync agent brought up to date); return :meth:`members`. Meshes spawned afterwards use
+        the new workers. Raises :class:`CallTimeoutError` after ``timeout`` seconds."""
+        changed = threading.Event()
+        listener: Callable[[dict[str, Any]], None] = lambda state: changed.set()  # noqa: E731
+        self._connection.membership_listeners.append(listener)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                changed.clear()
+                state = self.members()
+                if state.get("whole"):
+                    return state
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CallTimeoutError(
+                        f"the meshes were not whole again within {timeout:g}s: {state}"
+                    )
+                changed.wait(1.0 if left is None else min(left, 1.0))
+        finally:
+            self._connection.membership_listeners.remove(listener)
 
     def reload(self, paths: list[str], timeout: float = 60.0) -> dict[str, int]:
         """Re-import the modules loaded from ``paths`` (relative to the synced folder)."""

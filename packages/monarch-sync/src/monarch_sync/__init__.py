@@ -32,6 +32,8 @@ from .recovery import Recovery
 from .scan import StatCache, scan_tree
 from .store import Store, synced_path
 from .tree import TreeNode, choose_fanout, plan_tree
+from .tunnel import dial_gateway
+from .workspace import SyncWorkspace
 
 __version__ = "0.1.0"
 
@@ -56,9 +58,11 @@ __all__ = [
     "Store",
     "SyncError",
     "SyncProtocolError",
+    "SyncWorkspace",
     "TerminalProgress",
     "TreeNode",
     "choose_fanout",
+    "dial_gateway",
     "diff",
     "plan_tree",
     "push",

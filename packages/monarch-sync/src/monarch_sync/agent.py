@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import struct
 import time
@@ -28,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .conn import Conn, accept, serve
+from .conn import Conn, accept, parse_peer, serve
 from .downstream import (
     Downstream,
     NodeResult,
@@ -49,7 +50,7 @@ from .manifest import Manifest, chunk_digest
 from .recovery import Recovery
 from .staging import Staging, begin_staging
 from .store import Store, synced_path
-from .tree import TreeNode
+from .tree import TreeNode, choose_fanout, plan_tree, shared_host
 
 __all__ = ["Agent", "NodeSession"]
 
@@ -69,6 +70,7 @@ class Agent:
         stall_timeout: float = 10.0,
         resume_timeout: float | None = None,
         advertise: str | None = None,
+        members_file: str | Path | None = None,
     ) -> None:
         if not token:
             raise BadToken("an agent needs a non-empty token")
@@ -79,6 +81,9 @@ class Agent:
         self.stall_timeout = stall_timeout
         self.resume_timeout = resume_timeout if resume_timeout is not None else 3 * stall_timeout
         self._advertise = advertise
+        # JSON {"members": ["host:port", ...]}: the agents a push that reaches us through a
+        # gateway fans out to (the gateway keeps it current as workers come and go).
+        self.members_file = Path(members_file) if members_file is not None else None
         self._server: asyncio.Server | None = None
         self._sessions: dict[str, NodeSession] = {}
         self._finished: collections.OrderedDict[str, list[NodeResult]] = collections.OrderedDict()
@@ -97,6 +102,34 @@ class Agent:
         assert self._server is not None, "start() the agent first"
         host, port = self._server.sockets[0].getsockname()[:2]
         return f"{host}:{port}"
+
+    def members(self) -> list[str]:
+        """The worker hosts' agents, as the gateway last wrote them (none if no file yet)."""
+        if self.members_file is None:
+            return []
+        try:
+            listed = json.loads(self.members_file.read_text())["members"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        return list(dict.fromkeys(str(m) for m in listed if str(m) != self.address))
+
+    def expand(self, tree: TreeNode, spec: object) -> tuple[TreeNode, dict[str, int] | None]:
+        """Plan the subtree of a push that came through the gateway (see :mod:`.tunnel`).
+
+        The client sent a lone node and ``spec`` = ``{"delta": bytes, "fanout": k | None}``;
+        the root agent lays the members out below itself as the client would have.
+        """
+        if not isinstance(spec, dict) or tree.children:
+            return tree, None
+        members = self.members()
+        if not members:
+            return tree, {"fanout": 1, "depth": 1}
+        hosts = [self.host, *(parse_peer(m)[0] for m in members)]
+        k = spec.get("fanout") or choose_fanout(
+            len(hosts), float(spec.get("delta") or 0), shared_host=shared_host(hosts)
+        )
+        planned = plan_tree([tree.peer, *members], int(k))
+        return planned, {"fanout": int(k), "depth": planned.depth()}
 
     async def start(self) -> None:
         self._server = await serve(self._handle, self.host, self.port)
@@ -170,7 +203,7 @@ class NodeSession:
         self.reattached = asyncio.Event()
         self.head = head
         self.body = body
-        self.tree = TreeNode.from_json(head["tree"])
+        self.tree, self.planned = agent.expand(TreeNode.from_json(head["tree"]), head.get("expand"))
         self.me = self.tree.peer
         self.expected: set[int] = set()  # every blob we asked upstream for
         self.got: set[int] = set()
@@ -319,6 +352,8 @@ class NodeSession:
             "bytes": self.bytes_received,
             "seconds": elapsed(self.t0),
         }
+        if self.planned is not None:
+            result["planned"] = self.planned
         self._send_up(encode_json(FrameType.NODE_DONE, result))
         return result
 

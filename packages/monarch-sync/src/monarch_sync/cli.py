@@ -70,12 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--advertise", help="HOST:PORT peers use to reach us, if not --listen")
     a.add_argument("--stall-timeout", type=float, default=10.0)
+    a.add_argument(
+        "--members-file",
+        help='JSON {"members": [HOST:PORT, ...]} kept by a gateway: pushes that come through '
+        "the gateway fan out to these agents",
+    )
     a.add_argument("--verbose", action="store_true", help="log each push's phases")
     token_args(a)
 
     s = sub.add_parser("push", help="push a folder to agents")
     s.add_argument("src")
     s.add_argument("--to", help="comma-separated HOST:PORT list")
+    s.add_argument(
+        "--gateway", help="ws[s]://URL of a monarch-gateway: push through it (token: the gateway's)"
+    )
     s.add_argument("--peers-file", help="file with one HOST:PORT per line, '-' for stdin")
     s.add_argument("--fanout", type=int, help="children per node (default: chosen by size)")
     s.add_argument("--stall-timeout", type=float, default=10.0)
@@ -119,6 +127,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         port=port,
         stall_timeout=args.stall_timeout,
         advertise=args.advertise,
+        members_file=args.members_file,
     )
     await agent.start()
     print(f"monarch-sync agent listening on {agent.address}, root {args.root}", flush=True)
@@ -134,8 +143,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
 async def _run_push(args: argparse.Namespace) -> int:
     keep_freed_memory()
     peers = read_peers(args.to, args.peers_file)
-    if not peers:
-        print("monarch-sync: no peers (use --to or --peers-file)", file=sys.stderr)
+    if not peers and not args.gateway:
+        print("monarch-sync: no peers (use --to, --peers-file or --gateway)", file=sys.stderr)
         return 2
     progress = None if args.quiet else default_progress()
     recovery = Recovery(
@@ -146,7 +155,7 @@ async def _run_push(args: argparse.Namespace) -> int:
     )
     report = await push(
         args.src, peers, _token(args), args.fanout, progress,
-        stall_timeout=args.stall_timeout, recovery=recovery,
+        stall_timeout=args.stall_timeout, recovery=recovery, gateway=args.gateway,
     )  # fmt: skip
     print(report.format())
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl as ssl_module
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import blake3
 
-from .conn import parse_peer
+from .conn import Dial, parse_peer
 from .downstream import Downstream, NodeResult
 from .exceptions import SyncError
 from .frames import Payload
@@ -28,6 +29,7 @@ from .recovery import Recovery
 from .scan import StatCache, scan_tree
 from .staging import Readers
 from .tree import choose_fanout, plan_tree, shared_host
+from .tunnel import GATEWAY_PEER, dial_gateway
 
 __all__ = ["NodeReport", "PushReport", "default_cache_dir", "push", "push_sync"]
 
@@ -154,7 +156,19 @@ def _collect(peers: Sequence[str], results: list[NodeResult]) -> list[NodeReport
         )  # fmt: skip
         if peer not in best or (rep.ok and not best[peer].ok):
             best[peer] = rep
-    return [best.get(p, NodeReport(p, False, error="no report received")) for p in peers]
+    missing = [
+        best.pop(p) if p in best else NodeReport(p, False, error="no report received")
+        for p in peers
+    ]
+    return missing + sorted(best.values(), key=lambda n: n.peer)  # nodes a root agent planned
+
+
+def _planned(results: list[NodeResult], fanout: int, depth: int) -> tuple[int, int]:
+    """Fan-out and depth of the tree, as a root agent that planned it reports them."""
+    for r in results:
+        if "planned" in r:
+            return int(r["planned"]["fanout"]), int(r["planned"]["depth"])
+    return fanout, depth
 
 
 async def push(
@@ -170,6 +184,8 @@ async def push(
     push_id: str | None = None,
     fault: Callable[[str, int, Payload], Payload] | None = None,
     pace: Callable[[str, int], float] | None = None,
+    gateway: str | None = None,
+    ssl: ssl_module.SSLContext | None = None,
 ) -> PushReport:
     """Push ``src`` to every peer (``host:port``); never raises for node failures.
 
@@ -178,6 +194,10 @@ async def push(
     node of the push (it travels in the push header). ``fault`` and ``pace`` are test hooks:
     ``fault(peer, index, data)`` may alter every blob the client sends, ``pace(peer, nbytes)``
     returns seconds to wait before the client hands ``nbytes`` more to ``peer``.
+
+    ``gateway`` (a ``ws[s]://`` URL): push through that gateway instead of to ``peers``. The
+    gateway relays to the agent beside it, which plans the tree over the worker hosts' agents
+    (the members the gateway gave it); ``peers`` is ignored and the report lists those agents.
     """
     t0 = time.monotonic()
     src = Path(src)
@@ -195,8 +215,14 @@ async def push(
         if len(changed) < len(body) // 2:
             patch = ({"base": last.root_hash, "removed": removed}, changed)
     delta = _estimate_delta(manifest, last)
-    hosts = [parse_peer(peer)[0] for peer in peers]
-    k = fanout or choose_fanout(len(peers), delta, shared_host=shared_host(hosts))
+    dial: Dial | None = None
+    head: dict[str, Any] = {}
+    if gateway is not None:  # one child, the root agent: it plans the rest (see tunnel.py)
+        peers, dial, k = [GATEWAY_PEER], dial_gateway(gateway, token, ssl=ssl), 1
+        head["expand"] = {"delta": delta, "fanout": fanout}
+    else:
+        hosts = [parse_peer(peer)[0] for peer in peers]
+        k = fanout or choose_fanout(len(peers), delta, shared_host=shared_host(hosts))
     tree = plan_tree(peers, k)
     done = failed = 0
 
@@ -218,6 +244,8 @@ async def push(
         fault=fault,
         pace=pace,
         blob_sizes=[n for _, n in manifest.blobs],
+        dial=dial,
+        head=head,
     )
     source = _SourceBlobs(src, manifest)
     ds.set_source(source)
@@ -249,6 +277,7 @@ async def push(
     done = len(nodes) - failed
     if progress is not None:
         progress(snapshot(final=True))
+    k, depth = _planned(results, k, tree.depth())
     await asyncio.to_thread(stat_cache.save)
     if not failed:
         await asyncio.to_thread((cache / "last.manifest").write_bytes, body)
@@ -261,7 +290,7 @@ async def push(
         tree_bytes=manifest.total_bytes,
         files=sum(e.kind is Kind.FILE for e in manifest.entries),
         fanout=k,
-        depth=tree.depth(),
+        depth=depth,
         scan_seconds=round(scan_s, 4),
         seconds=round(time.monotonic() - t0, 4),
     )

@@ -18,7 +18,17 @@ import blake3
 from .exceptions import BadToken, PeerLost, SyncProtocolError
 from .frames import Frame, FrameDecoder, FrameType, Payload, decode_json, encode_json
 
-__all__ = ["Conn", "accept", "connect", "mac", "parse_peer", "serve"]
+__all__ = [
+    "Conn",
+    "Dial",
+    "accept",
+    "connect",
+    "dial_tcp",
+    "mac",
+    "parse_peer",
+    "serve",
+    "wrap_socket",
+]
 
 
 def mac(token: str, nonce: bytes) -> str:
@@ -241,8 +251,11 @@ def _spawn(task: asyncio.Task[None]) -> None:
     task.add_done_callback(_tasks.discard)
 
 
-async def connect(peer: str, token: str, hello: dict[str, Any], timeout: float) -> Conn:
-    """Open a connection to an agent and authenticate; raises PeerLost or BadToken."""
+Dial = Callable[[str, float], Coroutine[Any, Any, "Conn"]]
+
+
+async def dial_tcp(peer: str, timeout: float) -> Conn:
+    """A framed TCP connection to ``peer`` (``host:port``); raises PeerLost."""
     host, port = parse_peer(peer)
     loop = asyncio.get_running_loop()
     try:
@@ -252,7 +265,24 @@ async def connect(peer: str, token: str, hello: dict[str, Any], timeout: float) 
     except (OSError, TimeoutError) as exc:
         raise PeerLost(peer, f"cannot connect: {exc or 'timeout'}") from exc
     assert proto.conn is not None
-    conn = proto.conn
+    return proto.conn
+
+
+async def wrap_socket(sock: Any) -> Conn:
+    """A framed connection over an already connected socket (e.g. one end of a socketpair)."""
+    _, proto = await asyncio.get_running_loop().create_connection(_FrameProtocol, sock=sock)
+    assert proto.conn is not None
+    return proto.conn
+
+
+async def connect(
+    peer: str, token: str, hello: dict[str, Any], timeout: float, *, dial: Dial | None = None
+) -> Conn:
+    """Open a connection to an agent and authenticate; raises PeerLost or BadToken.
+
+    ``dial`` opens the byte stream (default: TCP to ``peer``); the gateway tunnel passes its own.
+    """
+    conn = await (dial or dial_tcp)(peer, timeout)
     conn.peer = peer
     try:
         challenge = decode_json(await conn.expect(FrameType.CHALLENGE, timeout))

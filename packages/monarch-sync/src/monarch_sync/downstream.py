@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .conn import Conn, connect
+from .conn import Conn, Dial, connect
 from .exceptions import BadToken, PeerLost, SyncError, SyncProtocolError
 from .frames import (
     MAX_BATCH_BLOBS,
@@ -130,8 +130,12 @@ class Downstream:
         recovery: Recovery | None = None,
         fault: Callable[[str, int, Payload], Payload] | None = None,
         pace: Callable[[str, int], float] | None = None,
+        dial: Dial | None = None,
+        head: dict[str, Any] | None = None,
     ) -> None:
         self.push_id = push_id
+        self.dial = dial  # how children are reached (default TCP; the client may tunnel)
+        self.extra_head = head or {}  # more push-header fields for the children (see client)
         self.token = token
         self.sender = sender
         self._full: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -239,6 +243,7 @@ class Downstream:
                 self.token,
                 {"push_id": self.push_id, "sender": self.sender},
                 timeout or self.stall_timeout,
+                dial=self.dial,
             )
         except BadToken as exc:
             return Loss.ANSWERED, str(exc)
@@ -252,6 +257,7 @@ class Downstream:
                 "blobs": self.blob_count,
                 "root": self.root,
                 "recovery": self.recovery.to_json(),
+                **self.extra_head,
             }
             if self.patch is not None:
                 conn.send(manifest_frame({**head, **self.patch[0]}, self.patch[1]))

@@ -14,6 +14,7 @@ from monarch_proxy.errors import FrameTooLargeError, ProtocolError
 from monarch_proxy.protocol.events import (
     Failed,
     Logged,
+    MembershipChanged,
     Rejected,
     Replied,
     Streamed,
@@ -30,7 +31,7 @@ from monarch_proxy.protocol.frames import (
     decode_message,
 )
 
-ClientEvent = Welcomed | Replied | Failed | Streamed | Logged | Rejected
+ClientEvent = Welcomed | Replied | Failed | Streamed | Logged | MembershipChanged | Rejected
 
 
 class ClientSession:
@@ -130,6 +131,8 @@ class ClientSession:
                     bytes(frame.payload).decode("utf-8", "replace"),
                 )
             ]
+        if kind is FrameKind.MEMBERS:
+            return [MembershipChanged(dict(frame.meta))]
         if kind is FrameKind.ERROR:
             return [Rejected(str(frame.meta.get("code", "error")), str(frame.meta.get("message")))]
         # Reliable frames: drop what a resume replayed twice.

@@ -44,6 +44,13 @@ class Logged:
 
 
 @dataclass(frozen=True, slots=True)
+class MembershipChanged:
+    """A worker was lost or replaced; ``state`` is how every mesh stands now."""
+
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """The gateway refused the connection or the session (version, expired session, bad frame)."""
 

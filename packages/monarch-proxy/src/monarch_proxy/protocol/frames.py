@@ -68,6 +68,7 @@ class FrameKind(enum.IntEnum):
     ITEM = 19
     LOG = 20
     ERROR = 21
+    MEMBERS = 22  # the meshes' workers changed (one lost, one replaced): meta says how they stand
     # either direction
     CHUNK = 32
     BATCH = 33

@@ -142,6 +142,10 @@ class ServerSession:
     def log(stream: str, text: str) -> bytes:
         return Frame(FrameKind.LOG, meta={"stream": stream}, payload=text.encode()).encode()
 
+    @staticmethod
+    def members(state: dict[str, Any]) -> bytes:
+        return Frame(FrameKind.MEMBERS, meta=state).encode()
+
     def _reliable(
         self, kind: FrameKind, request_id: int, meta: dict[str, Any], payload: bytes
     ) -> list[bytes]:
