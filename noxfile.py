@@ -61,7 +61,10 @@ def import_name(package: str) -> str:
 def tests(session: nox.Session, package: str) -> None:
     if not any((ROOT / "packages" / package / "tests").rglob("test_*.py")):
         session.skip(f"{package} has no tests yet")
-    sync(session, "--package", package, "--group", "dev")
+    groups = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text()).get(
+        "dependency-groups", {}
+    )
+    sync(session, "--package", package, *(f"--group={g}" for g in groups))  # dev, and e.g. ddp
     if package == "k8s-testenv":  # build (or reuse) the control plane first, with its progress
         session.run("k8s-testenv", "build")
     pytest(session, package, f"packages/{package}/tests")
