@@ -185,9 +185,14 @@ def test_expand_leaves_unknown_references_alone() -> None:
     assert expand("$(A)$(B)", {"A": "x"}) == "x$(B)"
 
 
-def test_ip_pool_hands_out_distinct_loopback_addresses_and_reuses_released_ones() -> None:
+def test_ip_pool_hands_out_fresh_addresses_first_and_reuses_released_ones_when_exhausted() -> None:
     pool = IpPool()
     first, second = pool.allocate(), pool.allocate()
     assert first != second and first.startswith("127.10.")
     pool.release(first)
-    assert pool.allocate() == first
+    assert pool.allocate() not in (first, second)  # a recreated pod gets a new IP
+    small = IpPool("127.10.0.0/30")  # two hosts
+    a, b = small.allocate(), small.allocate()
+    assert a != b
+    small.release(a)
+    assert small.allocate() == a

@@ -29,7 +29,12 @@ def pick_pod_network() -> str:
 
 
 class IpPool:
-    """Hands out pod IPs from a loopback network; pure bookkeeping, no I/O."""
+    """Hands out pod IPs from a loopback network; pure bookkeeping, no I/O.
+
+    Fresh addresses first, released ones only once the network is used up: CNI's host-local
+    IPAM also goes round-robin, so a recreated pod gets a new IP, as in real clusters (a peer
+    still holding a connection to the old address must not mistake the new pod for the old).
+    """
 
     def __init__(self, network: str = "127.10.0.0/16") -> None:
         self._hosts = ipaddress.ip_network(network).hosts()
@@ -37,7 +42,8 @@ class IpPool:
         self._used: set[str] = set()
 
     def allocate(self) -> str:
-        ip = self._free.pop(0) if self._free else str(next(self._hosts))
+        fresh = next(self._hosts, None)
+        ip = str(fresh) if fresh is not None else self._free.pop(0)
         self._used.add(ip)
         return ip
 
