@@ -25,35 +25,8 @@ from monarch_proxy.errors import AuthenticationError
 
 OPERATOR_NS = "monarch-system"
 
-# upstream's DDP example mesh (docs/source/examples/ddp/manifests/ddp_mesh.yaml), unchanged
-UPSTREAM_DDP_MESH = """\
-apiVersion: monarch.pytorch.org/v1alpha1
-kind: MonarchMesh
-metadata:
-  name: ddpmesh # Name of MonarchMesh
-  namespace: monarch-tests
-spec:
-  replicas: 2  # Number of worker pods (hosts)
-  port: 26600
-  podTemplate:
-    containers:
-    - name: worker
-      image: ghcr.io/meta-pytorch/monarch:latest
-      resources:
-        limits:
-          nvidia.com/gpu: 4
-        requests:
-          nvidia.com/gpu: 4
-      command:
-        - python
-        - -u
-        - -c
-        - |
-          from monarch.actor import run_worker_loop_forever
-          import socket
-          address = f"tcp://{socket.getfqdn()}:26600"
-          run_worker_loop_forever(address=address, ca="trust_all_connections")
-"""
+# upstream's DDP example mesh, unchanged
+UPSTREAM_DDP_MESH = (Path(__file__).parent.parent / "data" / "ddp_mesh.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
