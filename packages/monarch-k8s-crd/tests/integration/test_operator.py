@@ -10,6 +10,7 @@ import json
 import secrets
 import textwrap
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +391,27 @@ def test_attach_mode_fronts_existing_pods_and_creates_no_workers(
     url, token = gateway_url_and_token(k8s_api, k8s_namespace, mesh)
     with connect(url, token) as job:
         assert whoami_hosts(job, "byo") == {"byo-0"}
+
+
+def test_an_idle_mesh_scales_to_zero_and_a_newer_activity_mark_brings_it_back(
+    operator: Any, k8s_api: Any, k8s_namespace: str
+) -> None:
+    spec = {"replicas": 1, "idleTimeoutSeconds": 4, "podTemplate": sleeper_template()}
+    create_mesh(k8s_api, k8s_namespace, "napper", spec)
+    wait_for(
+        lambda: (
+            ready_reason(k8s_api, k8s_namespace, "napper") == "Idle"
+            and not objects(k8s_api, k8s_namespace)["pods"]
+        ),
+        timeout=60,
+        what="the idle mesh scaled to zero",
+    )
+    # marked as used (as KubernetesJob.state() does); a minute ahead, so that the 4 s timeout
+    # cannot expire again before the check below on a loaded machine
+    stamp = (datetime.now(UTC) + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    custom(k8s_api).patch_namespaced_custom_object(
+        names.GROUP, names.VERSION, k8s_namespace, names.PLURAL, "napper",
+        {"metadata": {"annotations": {names.ACTIVITY_ANNOTATION: stamp}}},
+    )  # fmt: skip
+    wait_ready(k8s_api, k8s_namespace, "napper", timeout=60)
+    assert objects(k8s_api, k8s_namespace)["pods"] == ["napper-0"]

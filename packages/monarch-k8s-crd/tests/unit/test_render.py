@@ -11,18 +11,17 @@ import pytest
 import yaml
 
 from monarch_k8s import names
+from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.render import (
-    Action,
     MeshSpecError,
-    Observed,
     RenderOptions,
+    activity_to_mark,
     desired_replicas,
     parse_mesh,
-    plan_update,
     render_children,
-    render_status,
     selector_string,
 )
+from monarch_k8s.operator.status import Observed, render_status
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 OPTS = RenderOptions(image="img:1")
@@ -283,3 +282,16 @@ def test_status_reports_suspended_and_idle_meshes() -> None:
         body({**spec, "idleTimeoutSeconds": 5}, creationTimestamp="2026-12-01T11:00:00Z")
     )
     assert render_status(idle, Observed(), now=NOW)["conditions"][0]["reason"] == "Idle"
+
+
+def test_a_gateway_with_clients_marks_use_now_and_then_not_on_every_pass() -> None:
+    spec = {"replicas": 1, "idleTimeoutSeconds": 600, "gateway": {"enabled": True},
+            "podTemplate": {"containers": [{"name": "w"}]}}  # fmt: skip
+    fresh = parse_mesh(body(spec))
+    assert activity_to_mark(fresh, 0, NOW) is None  # nobody connected
+    assert activity_to_mark(fresh, None, NOW) is None  # gateway not reachable
+    assert activity_to_mark(fresh, 2, NOW) == "2026-12-01T12:00:00Z"
+    marked = parse_mesh(body(spec, annotations={names.ACTIVITY_ANNOTATION: "2026-12-01T12:00:00Z"}))
+    assert activity_to_mark(marked, 2, NOW + timedelta(seconds=60)) is None
+    assert activity_to_mark(marked, 2, NOW + timedelta(seconds=200)) == "2026-12-01T12:03:20Z"
+    assert activity_to_mark(parse_mesh(body({**spec, "idleTimeoutSeconds": None})), 2, NOW) is None

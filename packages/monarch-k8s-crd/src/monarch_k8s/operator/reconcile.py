@@ -7,9 +7,11 @@ pass; replaces carry the live ``resourceVersion``, so a stale one is refused, ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
+import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,19 +19,19 @@ from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
+from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.render import (
-    Action,
     Mesh,
     MeshSpecError,
-    Observed,
     RenderOptions,
+    activity_to_mark,
+    gateway_labels,
     needs_token,
     parse_mesh,
-    plan_update,
     render_children,
-    render_status,
     render_token_secret,
 )
+from monarch_k8s.operator.status import Observed, render_status
 
 __all__ = ["Reconciler"]
 
@@ -112,7 +114,7 @@ class Reconciler:
         """Bring one mesh's children and status to what its spec says; return the status."""
         now = now or datetime.now(UTC)
         try:
-            mesh = parse_mesh(body)
+            mesh = self.note_activity(parse_mesh(body), now)
             if needs_token(mesh):
                 self.ensure_token(mesh)
             for desired in render_children(mesh, now=now, opts=self.options):
@@ -135,6 +137,37 @@ class Reconciler:
                 cond = status["conditions"][0]
                 self.event(mesh, "Normal", cond["reason"], cond["message"])
         return status
+
+    def note_activity(self, mesh: Mesh, now: datetime) -> Mesh:
+        """A gateway with clients marks the mesh used (``last-activity``), so an idle timeout
+        never scales away a mesh someone is connected to; ``KubernetesJob`` marks it too."""
+        if not mesh.idle_timeout_s or mesh.gateway is None:
+            return mesh
+        stamp = activity_to_mark(mesh, self.gateway_sessions(mesh), now)
+        if stamp is None:
+            return mesh
+        patch = {"metadata": {"annotations": {names.ACTIVITY_ANNOTATION: stamp}}}
+        self.custom.patch_namespaced_custom_object(
+            names.GROUP, names.VERSION, mesh.namespace, names.PLURAL, mesh.name, patch
+        )
+        return dataclasses.replace(
+            mesh, annotations={**mesh.annotations, names.ACTIVITY_ANNOTATION: stamp}
+        )
+
+    def gateway_sessions(self, mesh: Mesh) -> int | None:
+        """Client sessions the gateway reports on ``/healthz``; None if it cannot be asked."""
+        assert mesh.gateway is not None
+        selector = ",".join(f"{k}={v}" for k, v in gateway_labels(mesh.name).items())
+        pods = self.core.list_namespaced_pod(mesh.namespace, label_selector=selector).items
+        for pod in pods:
+            if pod_ready(pod) and pod.status is not None and pod.status.pod_ip:
+                url = f"http://{pod.status.pod_ip}:{mesh.gateway.port}/healthz"
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        return int(json.loads(response.read()).get("sessions", 0))
+                except (OSError, ValueError):
+                    return None
+        return None
 
     def ensure_token(self, mesh: Mesh) -> None:
         name = names.token_secret_name(mesh.name)
