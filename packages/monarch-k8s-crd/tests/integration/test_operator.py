@@ -145,6 +145,18 @@ def test_upstream_ddp_manifest_applies_unchanged_and_a_gateway_added_later_serve
             assert whoami_hosts(job, "ddpmesh") == {"ddpmesh-0", "ddpmesh-1"}
         with pytest.raises(AuthenticationError, match="HTTP 401"):
             connect(url, "wrong-token").close()
+        # and turned off again: its objects go, the workers stay
+        custom(k8s_api).patch_namespaced_custom_object(
+            names.GROUP, names.VERSION, namespace, names.PLURAL, "ddpmesh",
+            {"spec": {"gateway": {"enabled": False}}},
+        )  # fmt: skip
+        wait_for(
+            lambda: (found := objects(k8s_api, namespace))["deployments"] == []
+            and found["services"] == ["ddpmesh-svc"]
+            and found["pods"] == ["ddpmesh-0", "ddpmesh-1"],
+            timeout=60,
+            what="the gateway removed",
+        )
     finally:
         operator.kubectl("delete", "namespace", namespace, "--wait=false")
 

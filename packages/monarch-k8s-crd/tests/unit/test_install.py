@@ -72,7 +72,11 @@ def test_the_operator_role_covers_what_it_writes_and_nothing_it_does_not() -> No
         for verb in rule["verbs"]
     }
     assert not any("*" in item for item in granted)
-    assert not any(verb in ("delete", "deletecollection") for _, _, verb in granted)
+    assert not any(verb == "deletecollection" for _, _, verb in granted)
+    deletable = {resource for _, resource, verb in granted if verb == "delete"}
+    # only kinds stale_children may name; never Secrets (a token) or anything else
+    assert deletable == {"statefulsets", "deployments", "services", "serviceaccounts", "roles",
+                         "rolebindings"}  # fmt: skip
     plural = {"StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
               "Secret": "secrets", "ServiceAccount": "serviceaccounts", "Role": "roles",
               "RoleBinding": "rolebindings"}  # fmt: skip

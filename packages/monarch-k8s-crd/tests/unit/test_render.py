@@ -20,6 +20,7 @@ from monarch_k8s.operator.render import (
     parse_mesh,
     render_children,
     selector_string,
+    stale_children,
 )
 from monarch_k8s.operator.status import Observed, render_status
 
@@ -295,3 +296,17 @@ def test_a_gateway_with_clients_marks_use_now_and_then_not_on_every_pass() -> No
     assert activity_to_mark(marked, 2, NOW + timedelta(seconds=60)) is None
     assert activity_to_mark(marked, 2, NOW + timedelta(seconds=200)) == "2026-12-01T12:03:20Z"
     assert activity_to_mark(parse_mesh(body({**spec, "idleTimeoutSeconds": None})), 2, NOW) is None
+
+
+def test_children_a_mesh_no_longer_asks_for_are_named_for_pruning() -> None:
+    with_gateway = body({"replicas": 1, "gateway": {"enabled": True},
+                         "podTemplate": {"containers": [{"name": "w"}]}})  # fmt: skip
+    mesh = parse_mesh(with_gateway)
+    assert stale_children(mesh, render_children(mesh, now=NOW, opts=OPTS)) == []
+    without = parse_mesh(body({"replicas": 1, "podTemplate": {"containers": [{"name": "w"}]}}))
+    stale = stale_children(without, render_children(without, now=NOW, opts=OPTS))
+    assert sorted(stale) == sorted((k, "mesh-gateway") for k in
+                                   ("Deployment", "Service", "RoleBinding", "Role", "ServiceAccount"))  # fmt: skip
+    attach = parse_mesh(body({"workerSelector": {"matchLabels": {"a": "b"}}}))
+    assert sorted(stale_children(attach, render_children(attach, now=NOW, opts=OPTS))) == [
+        ("Service", "mesh-svc"), ("StatefulSet", "mesh")]  # fmt: skip

@@ -30,6 +30,7 @@ from monarch_k8s.operator.render import (
     parse_mesh,
     render_children,
     render_token_secret,
+    stale_children,
 )
 from monarch_k8s.operator.status import Observed, render_status
 
@@ -110,15 +111,22 @@ class Reconciler:
         return action
 
     # -- one MonarchMesh ------------------------------------------------------------------
-    def reconcile(self, body: Obj, now: datetime | None = None) -> Obj | None:
-        """Bring one mesh's children and status to what its spec says; return the status."""
+    def reconcile(
+        self, body: Obj, now: datetime | None = None, *, prune: bool = True
+    ) -> Obj | None:
+        """Bring one mesh's children and status to what its spec says; return the status.
+        ``prune``: also delete children the spec no longer asks for (skipped on a child's
+        status change, which cannot change the spec: fewer reads on the hot path)."""
         now = now or datetime.now(UTC)
         try:
             mesh = self.note_activity(parse_mesh(body), now)
             if needs_token(mesh):
                 self.ensure_token(mesh)
-            for desired in render_children(mesh, now=now, opts=self.options):
+            children = render_children(mesh, now=now, opts=self.options)
+            for desired in children:
                 self.apply(mesh, desired)
+            if prune:
+                self.prune(mesh, children)
         except MeshSpecError as exc:
             old = ((body.get("status") or {}).get("conditions") or [{}])[0]
             if old.get("message") != str(exc):  # once per distinct problem, not every pass
@@ -168,6 +176,19 @@ class Reconciler:
                 except (OSError, ValueError):
                     return None
         return None
+
+    def prune(self, mesh: Mesh, children: list[Obj]) -> None:
+        for kind, name in stale_children(mesh, children):
+            live = self.read(kind, mesh.namespace, name)
+            owners = (live or {}).get("metadata", {}).get("ownerReferences") or []
+            if not any(o.get("uid") == mesh.uid for o in owners):
+                continue  # not ours (or gone): never touch it
+            try:
+                self.dynamic.delete(self._resource(kind), name=name, namespace=mesh.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            self.event(mesh, "Normal", "Delete", f"delete {kind} {name}: no longer asked for")
 
     def ensure_token(self, mesh: Mesh) -> None:
         name = names.token_secret_name(mesh.name)

@@ -40,6 +40,7 @@ __all__ = [
     "render_children",
     "render_token_secret",
     "selector_string",
+    "stale_children",
 ]
 
 Obj = dict[str, Any]
@@ -444,6 +445,19 @@ def render_children(mesh: Mesh, *, now: datetime, opts: RenderOptions) -> list[O
             render_gateway_service(mesh),
         ]
     return children
+
+
+def stale_children(mesh: Mesh, desired: list[Obj]) -> list[tuple[str, str]]:
+    """(kind, name) of children this mesh may have made that its spec no longer asks for (the
+    gateway turned off, attach mode turned on); the caller deletes those it owns."""
+    possible = [("Service", names.worker_service_name(mesh.name)), ("StatefulSet", mesh.name)]
+    gateway = names.gateway_name(mesh.name)
+    possible += [(kind, gateway) for kind in GATEWAY_KINDS]
+    wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+    return [child for child in possible if child not in wanted]
+
+
+GATEWAY_KINDS = ("Deployment", "Service", "RoleBinding", "Role", "ServiceAccount")
 
 
 def needs_token(mesh: Mesh) -> bool:
