@@ -151,9 +151,11 @@ def test_upstream_ddp_manifest_applies_unchanged_and_a_gateway_added_later_serve
             {"spec": {"gateway": {"enabled": False}}},
         )  # fmt: skip
         wait_for(
-            lambda: (found := objects(k8s_api, namespace))["deployments"] == []
-            and found["services"] == ["ddpmesh-svc"]
-            and found["pods"] == ["ddpmesh-0", "ddpmesh-1"],
+            lambda: (
+                (found := objects(k8s_api, namespace))["deployments"] == []
+                and found["services"] == ["ddpmesh-svc"]
+                and found["pods"] == ["ddpmesh-0", "ddpmesh-1"]
+            ),
             timeout=60,
             what="the gateway removed",
         )
