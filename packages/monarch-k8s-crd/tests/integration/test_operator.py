@@ -247,6 +247,18 @@ def test_invalid_meshes_are_rejected_by_the_api_server_with_the_schema_message(
     result = operator.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad).encode())
     assert result.returncode != 0
     assert "should be greater than or equal to 1" in result.stderr.decode()
+    # valid for the schema, refused for the StatefulSet it makes: said in status and an Event
+    create_mesh(k8s_api, k8s_namespace, "noimage", {"replicas": 1,
+                "podTemplate": {"containers": [{"name": "w", "command": ["true"]}]}})  # fmt: skip
+    wait_for(
+        lambda: ready_reason(k8s_api, k8s_namespace, "noimage") == "InvalidSpec",
+        timeout=60,
+        what="status InvalidSpec",
+    )
+    message = get_mesh(k8s_api, k8s_namespace, "noimage")["status"]["conditions"][0]["message"]
+    assert "StatefulSet noimage refused" in message and "image" in message
+    events = k8s.CoreV1Api(k8s_api).list_namespaced_event(k8s_namespace).items
+    assert any(e.reason == "InvalidSpec" and e.type == "Warning" for e in events)
 
 
 def objects(api: Any, namespace: str) -> dict[str, list[str]]:
