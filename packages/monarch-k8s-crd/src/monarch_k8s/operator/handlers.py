@@ -69,17 +69,9 @@ def _owner_event(body: kopf.Body, type: str | None) -> None:
     ]
     if not owners:
         return
-    namespace = body["metadata"]["namespace"]
+    ref = {"metadata": {"namespace": body["metadata"]["namespace"], "name": owners[0]["name"]}}
     try:
-        mesh: dict[str, Any] = reconciler().custom.get_namespaced_custom_object(  # type: ignore[assignment]
-            names.GROUP, names.VERSION, namespace, names.PLURAL, owners[0]["name"]
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return  # being deleted with its children
-        raise _retry(exc) from exc
-    try:
-        reconciler().reconcile(mesh, prune=type == "DELETED")  # a child gone: maybe pruned
+        reconciler().reconcile(ref, prune=type == "DELETED")  # a child gone: maybe pruned
     except ApiException as exc:
         raise _retry(exc) from exc
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import threading
 import urllib.request
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,8 @@ class Reconciler:
         self.custom = client.CustomObjectsApi(api_client)
         self.dynamic = dynamic.DynamicClient(api_client)
         self._resources: dict[str, Any] = {}
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}  # per mesh; a handful of bytes each
 
     # -- generic object access, as plain dicts -------------------------------------------
     def _resource(self, kind: str) -> Any:
@@ -116,8 +119,35 @@ class Reconciler:
     ) -> Obj | None:
         """Bring one mesh's children and status to what its spec says; return the status.
         ``prune``: also delete children the spec no longer asks for (skipped on a child's
-        status change, which cannot change the spec: fewer reads on the hot path)."""
-        now = now or datetime.now(UTC)
+        status change, which cannot change the spec: fewer reads on the hot path).
+
+        Passes over one mesh run one at a time (kopf runs handlers of different resources, and
+        the resync, in parallel), each on the mesh as it is once the previous pass is done, so
+        two passes never race to create, or report one change twice."""
+        meta = body.get("metadata", {})
+        lock = self._lock_for(f"{meta['namespace']}/{meta['name']}")
+        waited = not lock.acquire(blocking=False)
+        if waited:
+            lock.acquire()
+        try:
+            if waited or "spec" not in body:  # another pass ran meanwhile, or just a name
+                try:
+                    body = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+                        names.GROUP, names.VERSION, meta["namespace"], names.PLURAL, meta["name"]
+                    )
+                except ApiException as exc:
+                    if exc.status == 404:
+                        return None  # deleted meanwhile: the garbage collector takes the rest
+                    raise
+            return self._reconcile(body, now or datetime.now(UTC), prune=prune)
+        finally:
+            lock.release()
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _reconcile(self, body: Obj, now: datetime, *, prune: bool) -> Obj | None:
         try:
             mesh = self.note_activity(parse_mesh(body), now)
             if needs_token(mesh):
