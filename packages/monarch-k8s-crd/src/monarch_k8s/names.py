@@ -11,15 +11,20 @@ import re
 
 __all__ = [
     "ACTIVITY_ANNOTATION",
+    "APPLIED_HASH_ANNOTATION",
     "APP_LABEL",
+    "COMPONENT_LABEL",
+    "FIELD_MANAGER",
     "GATEWAY_APP",
     "GATEWAY_PORT",
     "GROUP",
     "KIND",
     "MESH_LABEL",
     "MESH_NAME_RE",
+    "OPERATOR_NAMESPACE",
     "PLURAL",
     "PORT_NAME",
+    "SYNC_MOUNT",
     "SYNC_PORT",
     "TEMPLATE_HASH_ANNOTATION",
     "TOKEN_KEY",
@@ -55,6 +60,16 @@ TOKEN_KEY = "token"  # key of the gateway token in its Secret
 TEMPLATE_HASH_ANNOTATION = "monarch.pytorch.org/pod-template-hash"
 #: RFC 3339 time of the last use; the operator scales an idle mesh to zero and back on a new one
 ACTIVITY_ANNOTATION = "monarch.pytorch.org/last-activity"
+
+
+#: SHA-256 of every other desired child (Service, Deployment, RBAC): replaced only when it changes
+APPLIED_HASH_ANNOTATION = "monarch.pytorch.org/applied-hash"
+#: which part of a mesh a child object is (``worker``, ``gateway``), for the operator's watches
+COMPONENT_LABEL = "app.kubernetes.io/component"
+FIELD_MANAGER = "monarch-operator"
+OPERATOR_NAMESPACE = "monarch-system"  # where the install manifests put the operator
+#: the emptyDir a worker (or the gateway) shares with its sync agent sidecar (spec.sync)
+SYNC_MOUNT = "/var/lib/monarch-sync"
 
 
 def worker_labels(mesh: str) -> dict[str, str]:

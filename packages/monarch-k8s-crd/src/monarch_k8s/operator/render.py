@@ -1,0 +1,549 @@
+"""MonarchMesh in, desired child objects out: the operator's decisions, without I/O.
+
+Theory of operation: the kopf handlers (``handlers.py``) read a MonarchMesh, call
+:func:`parse_mesh`, then :func:`render_children` for the objects that should exist, and hand
+each to :func:`plan_update` beside what the cluster holds. Nothing here reads a clock, a
+random source or the API server: ``now`` and the gateway token are arguments.
+
+Wire compatibility with upstream's operator (meta-pytorch/monarch-kubernetes): the headless
+Service ``<name>-svc`` and the StatefulSet ``<name>`` (Parallel, upstream's two labels on
+everything and as selector, the port named ``monarch``), ``status.serviceName`` as the
+Service's FQDN, a ``Ready`` condition with reasons ``AllReady``/``Waiting``, and the SHA-256 of
+the desired pod template in an annotation: the StatefulSet template is rewritten only when that
+hash changes, so a webhook that mutates the live template causes no fight. ``spec.podTemplate``
+is a PodTemplateSpec (``{metadata, spec}``), or a bare PodSpec (``{containers: ...}``) as in
+upstream's DDP example.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from monarch_k8s import names
+
+__all__ = [
+    "Action",
+    "GatewaySpec",
+    "Mesh",
+    "MeshSpecError",
+    "Observed",
+    "RenderOptions",
+    "desired_replicas",
+    "parse_mesh",
+    "plan_update",
+    "render_children",
+    "render_status",
+    "render_token_secret",
+    "selector_string",
+]
+
+Obj = dict[str, Any]
+
+#: the gateway image runs these modules (the Dockerfile installs their packages)
+RUN_MODULE = "monarch_k8s.run"
+SYNC_VOLUME = "monarch-sync"
+SYNC_ROOT = f"{names.SYNC_MOUNT}/root"  # the agent's versions; the live tree is ROOT/current
+MEMBERS_FILE = f"{names.SYNC_MOUNT}/members.json"  # kept by the gateway for its agent
+
+
+class MeshSpecError(ValueError):
+    """A MonarchMesh the API server accepted but the operator cannot render; the message
+    names the field and what to write instead."""
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    port: int = names.GATEWAY_PORT
+    service_type: str = "ClusterIP"
+    resources: Obj = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mesh:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    replicas: int | None  # None only in attach mode
+    port: int
+    template: Obj  # a PodTemplateSpec: {"metadata": ..., "spec": ...}
+    gateway: GatewaySpec | None
+    sync: bool
+    suspend: bool
+    worker_selector: str | None  # attach mode: a label selector string
+    idle_timeout_s: int | None
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    created: datetime | None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Settings of the operator's install (not of one mesh)."""
+
+    image: str = "ghcr.io/monarch-anywhere/monarch:latest"  # gateway and sync agent image
+    #: where the gateway listens: all addresses in a real cluster (port-forward dials the
+    #: pod's loopback); ``podIP`` where pods share one network namespace (k8s-testenv's
+    #: process kubelet), where two gateways on 0.0.0.0 would collide
+    listen_host: str = "0.0.0.0"
+
+    @property
+    def gateway_host(self) -> str:
+        return "$(POD_IP)" if self.listen_host == "podIP" else self.listen_host
+
+
+def parse_mesh(body: Obj) -> Mesh:
+    meta, spec = body.get("metadata", {}), body.get("spec") or {}
+    name = str(meta.get("name", ""))
+    if not names.MESH_NAME_RE.match(name) or len(name) > 63:
+        raise MeshSpecError(f"metadata.name {name!r} must match {names.MESH_NAME_RE.pattern}")
+    selector = spec.get("workerSelector")
+    replicas = spec.get("replicas")
+    if selector is None and (not isinstance(replicas, int) or replicas < 1):
+        raise MeshSpecError(f"spec.replicas must be an integer >= 1, got {replicas!r}")
+    gateway = spec.get("gateway") or {}
+    sync = spec.get("sync") or {}
+    gateway_on = bool(gateway.get("enabled", bool(gateway))) or selector is not None
+    created = meta.get("creationTimestamp")
+    return Mesh(
+        name=name,
+        namespace=str(meta.get("namespace", "default")),
+        uid=str(meta.get("uid", "")),
+        generation=int(meta.get("generation", 0)),
+        replicas=replicas,
+        port=int(spec.get("port", names.WORKER_PORT)),
+        template=pod_template(spec.get("podTemplate") or {}),
+        gateway=GatewaySpec(
+            port=int(gateway.get("port", names.GATEWAY_PORT)),
+            service_type=str(gateway.get("serviceType", "ClusterIP")),
+            resources=dict(gateway.get("resources") or {}),
+            args=tuple(str(a) for a in gateway.get("args") or ()),
+        )
+        if gateway_on
+        else None,
+        sync=bool(sync.get("enabled", bool(sync))),
+        suspend=bool(spec.get("suspend", False)),
+        worker_selector=selector_string(selector) if selector is not None else None,
+        idle_timeout_s=spec.get("idleTimeoutSeconds"),
+        labels=dict(meta.get("labels") or {}),
+        annotations=dict(meta.get("annotations") or {}),
+        created=parse_time(created) if isinstance(created, str) else created,
+    )
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def pod_template(raw: Obj) -> Obj:
+    """A PodTemplateSpec from either shape upstream accepted (template, or bare PodSpec)."""
+    if "spec" in raw or "metadata" in raw:
+        return {"metadata": dict(raw.get("metadata") or {}), "spec": dict(raw.get("spec") or {})}
+    return {"metadata": {}, "spec": dict(raw)}
+
+
+def selector_string(selector: Obj | str) -> str:
+    """A LabelSelector (matchLabels, matchExpressions) as the ``-l`` string the API takes."""
+    if isinstance(selector, str):
+        return selector
+    parts = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op in ("In", "NotIn"):
+            parts.append(f"{key} {op.lower()} ({','.join(values)})")
+        elif op == "Exists":
+            parts.append(key)
+        elif op == "DoesNotExist":
+            parts.append(f"!{key}")
+        else:
+            raise MeshSpecError(f"spec.workerSelector: unknown operator {op!r}")
+    if not parts:
+        raise MeshSpecError("spec.workerSelector selects every pod; give matchLabels")
+    return ",".join(parts)
+
+
+def desired_replicas(mesh: Mesh, now: datetime) -> int:
+    """Workers to run now: none while suspended or idle past ``idleTimeoutSeconds``."""
+    if mesh.suspend or mesh.replicas is None:
+        return 0
+    return 0 if is_idle(mesh, now) else mesh.replicas
+
+
+def is_idle(mesh: Mesh, now: datetime) -> bool:
+    """No use marked (the ``last-activity`` annotation, else creation) for the idle timeout."""
+    if not mesh.idle_timeout_s:
+        return False
+    raw = mesh.annotations.get(names.ACTIVITY_ANNOTATION)
+    last = parse_time(raw) if raw else mesh.created
+    if last is None:
+        return False
+    return (now - last).total_seconds() > mesh.idle_timeout_s
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def owner_reference(mesh: Mesh) -> Obj:
+    return {
+        "apiVersion": f"{names.GROUP}/{names.VERSION}",
+        "kind": names.KIND,
+        "name": mesh.name,
+        "uid": mesh.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(mesh: Mesh, name: str, labels: dict[str, str], **extra: Any) -> Obj:
+    return {
+        "name": name,
+        "namespace": mesh.namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(mesh)],
+        **extra,
+    }
+
+
+def env_var(name: str, value: str) -> Obj:
+    return {"name": name, "value": value}
+
+
+POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
+def token_env(mesh: Mesh, var: str) -> Obj:
+    ref = {"name": names.token_secret_name(mesh.name), "key": names.TOKEN_KEY}
+    return {"name": var, "valueFrom": {"secretKeyRef": ref}}
+
+
+def with_env(container: Obj, *env: Obj) -> None:
+    """Prepend ``env`` to a container's (ours first, so ``$(POD_IP)`` expands in theirs)."""
+    ours = {e["name"] for e in env}
+    container["env"] = [*env, *(e for e in container.get("env") or [] if e["name"] not in ours)]
+
+
+def sync_agent_container(mesh: Mesh, opts: RenderOptions, *, members: bool) -> Obj:
+    argv = ["python", "-m", RUN_MODULE, "sync-agent", "--listen", f"$(POD_IP):{names.SYNC_PORT}"]
+    argv += ["--root", SYNC_ROOT]
+    if members:
+        argv += ["--members-file", MEMBERS_FILE]
+    return {
+        "name": "sync-agent",
+        "image": opts.image,
+        "command": argv,
+        "env": [POD_IP_ENV, token_env(mesh, "MONARCH_SYNC_TOKEN")],
+        "ports": [{"name": "sync", "containerPort": names.SYNC_PORT}],
+        "volumeMounts": [{"name": SYNC_VOLUME, "mountPath": names.SYNC_MOUNT}],
+    }
+
+
+def add_sync(pod_spec: Obj, main: Obj, mesh: Mesh, opts: RenderOptions, *, members: bool) -> None:
+    """The agent beside ``main``, sharing an emptyDir; ``main`` imports from its live tree."""
+    live = f"{SYNC_ROOT}/current"
+    old_path = next((e for e in main.get("env") or [] if e["name"] == "PYTHONPATH"), None)
+    python_path = live + (f":{old_path['value']}" if old_path and "value" in old_path else "")
+    with_env(main, env_var("MONARCH_SYNC_ROOT", live), env_var("PYTHONPATH", python_path))
+    main.setdefault("volumeMounts", []).append({"name": SYNC_VOLUME, "mountPath": names.SYNC_MOUNT})
+    pod_spec.setdefault("volumes", []).append({"name": SYNC_VOLUME, "emptyDir": {}})
+    pod_spec["containers"].append(sync_agent_container(mesh, opts, members=members))
+
+
+def worker_pod_template(mesh: Mesh, opts: RenderOptions) -> Obj:
+    """The user's template with upstream's labels, the port, and the bootstrap if needed."""
+    template = copy.deepcopy(mesh.template)
+    meta, spec = template["metadata"], template["spec"]
+    meta["labels"] = {**(meta.get("labels") or {}), **names.worker_labels(mesh.name)}
+    containers = spec.get("containers") or []
+    if not containers:
+        raise MeshSpecError("spec.podTemplate has no containers; give at least one")
+    main = containers[0]
+    if not main.get("command"):
+        # upstream images start the worker themselves; ours are told how (the process
+        # kubelet of k8s-testenv ignores images altogether, so the command must be there)
+        address = f"tcp://$(POD_IP):{mesh.port}"
+        main["command"] = ["python", "-m", RUN_MODULE, "worker", address]
+        main.pop("args", None)
+        # Ready once it listens: the gateway attaches to Ready pods only
+        main.setdefault("readinessProbe", {"tcpSocket": {"port": mesh.port}, "periodSeconds": 1})
+    with_env(main, POD_IP_ENV)
+    ports = main.setdefault("ports", [])
+    if not any(p.get("containerPort") == mesh.port for p in ports):
+        ports.append({"name": names.PORT_NAME, "containerPort": mesh.port})
+    if mesh.sync:
+        add_sync(spec, main, mesh, opts, members=False)
+    return template
+
+
+def render_worker_service(mesh: Mesh) -> Obj:
+    labels = names.worker_labels(mesh.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(mesh, names.worker_service_name(mesh.name), labels),
+        "spec": {
+            "clusterIP": "None",
+            "selector": labels,
+            "ports": [{"name": names.PORT_NAME, "port": mesh.port}],
+        },
+    }
+
+
+def render_statefulset(mesh: Mesh, replicas: int, opts: RenderOptions) -> Obj:
+    labels = names.worker_labels(mesh.name)
+    template = worker_pod_template(mesh, opts)
+    annotations = {**mesh.annotations, names.TEMPLATE_HASH_ANNOTATION: digest(template)}
+    annotations.pop(names.ACTIVITY_ANNOTATION, None)  # changes often; means nothing here
+    annotations.pop("kubectl.kubernetes.io/last-applied-configuration", None)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(
+            mesh, mesh.name, {**mesh.labels, **labels}, annotations=annotations
+        ),  # MonarchMesh labels travel to the StatefulSet for Kueue, as upstream
+        "spec": {
+            "replicas": replicas,
+            "serviceName": names.worker_service_name(mesh.name),
+            "selector": {"matchLabels": labels},
+            "podManagementPolicy": "Parallel",
+            "template": template,
+        },
+    }
+
+
+def gateway_labels(mesh: str) -> dict[str, str]:
+    return {names.MESH_LABEL: mesh, names.APP_LABEL: names.GATEWAY_APP}
+
+
+def render_gateway_deployment(mesh: Mesh, replicas: int, opts: RenderOptions) -> Obj:
+    assert mesh.gateway is not None
+    gw = mesh.gateway
+    selector = mesh.worker_selector or selector_string(
+        {"matchLabels": names.worker_labels(mesh.name)}
+    )
+    argv = ["python", "-m", RUN_MODULE, "gateway", "serve"]
+    argv += ["--mesh-selector", f"{mesh.name}={mesh.namespace}/{selector}:{mesh.port}"]
+    argv += ["--host", opts.gateway_host, "--port", str(gw.port)]
+    env = [POD_IP_ENV, token_env(mesh, "MONARCH_GATEWAY_TOKEN")]
+    if mesh.replicas is not None and mesh.worker_selector is None:
+        env.append(env_var("MONARCH_EXPECTED_WORKERS", str(mesh.replicas)))
+    container: Obj = {
+        "name": "gateway",
+        "image": opts.image,
+        "command": argv,
+        "ports": [{"name": "gateway", "containerPort": gw.port}],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": gw.port},
+            "periodSeconds": 2,
+        },
+        "env": env,
+    }
+    if gw.resources:
+        container["resources"] = gw.resources
+    labels = gateway_labels(mesh.name)
+    spec: Obj = {"serviceAccountName": names.gateway_name(mesh.name), "containers": [container]}
+    if mesh.sync:
+        agent = f"$(POD_IP):{names.SYNC_PORT}"
+        argv += ["--sync-agent", agent, "--sync-port", str(names.SYNC_PORT)]
+        argv += ["--sync-members-file", MEMBERS_FILE]
+        add_sync(spec, container, mesh, opts, members=True)
+    argv += list(gw.args)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(mesh, names.gateway_name(mesh.name), labels),
+        "spec": {
+            "replicas": replicas,
+            "strategy": {"type": "Recreate"},  # one gateway holds the mesh at a time
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": spec},
+        },
+    }
+
+
+def render_gateway_service(mesh: Mesh) -> Obj:
+    assert mesh.gateway is not None
+    labels = gateway_labels(mesh.name)
+    port = mesh.gateway.port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(mesh, names.gateway_name(mesh.name), labels),
+        "spec": {
+            "type": mesh.gateway.service_type,
+            "selector": labels,
+            "ports": [{"name": "gateway", "port": port, "targetPort": port}],
+        },
+    }
+
+
+def render_gateway_rbac(mesh: Mesh) -> list[Obj]:
+    """The gateway's own ServiceAccount, allowed only to read pods in its namespace."""
+    name, labels = names.gateway_name(mesh.name), gateway_labels(mesh.name)
+    rule = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(mesh, name, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata(mesh, name, labels),
+            "rules": [rule],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata(mesh, name, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": mesh.namespace}],
+        },
+    ]
+
+
+def render_token_secret(mesh: Mesh, token: str) -> Obj:
+    """Created once, never updated: a new token would lock out connected clients."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(mesh, names.token_secret_name(mesh.name), gateway_labels(mesh.name)),
+        "type": "Opaque",
+        "stringData": {names.TOKEN_KEY: token},
+    }
+
+
+def render_children(mesh: Mesh, *, now: datetime, opts: RenderOptions) -> list[Obj]:
+    """Every child but the token Secret, in creation order (RBAC before the gateway)."""
+    replicas = desired_replicas(mesh, now)
+    children: list[Obj] = []
+    if mesh.worker_selector is None:
+        children += [render_worker_service(mesh), render_statefulset(mesh, replicas, opts)]
+    if mesh.gateway is not None:
+        attach_active = mesh.worker_selector is not None and not mesh.suspend
+        gateway_replicas = 1 if replicas > 0 or attach_active else 0
+        children += render_gateway_rbac(mesh)
+        children += [
+            render_gateway_deployment(mesh, gateway_replicas, opts),
+            render_gateway_service(mesh),
+        ]
+    return children
+
+
+def needs_token(mesh: Mesh) -> bool:
+    return mesh.gateway is not None or mesh.sync
+
+
+class Action(Enum):
+    CREATE = "create"
+    REPLACE = "replace"  # the desired object, over the live one's resourceVersion
+    SCALE = "scale"  # only spec.replicas differs (the template hash is unchanged)
+    NONE = "none"
+
+
+def plan_update(desired: Obj, live: Obj | None) -> tuple[Action, Obj]:
+    """What to send for ``desired`` given the ``live`` object (None: missing).
+
+    Workloads compare the template hash, then replicas: a template rewritten by a webhook
+    keeps the hash we wrote, so it is left alone. Other objects carry the hash of the whole
+    desired object. Server-filled fields (a Service's clusterIP) are kept on replace.
+    """
+    kind = desired["kind"]
+    want = desired["metadata"].setdefault("annotations", {})
+    workload = kind in ("StatefulSet", "Deployment")
+    if kind == "Deployment":
+        want[names.TEMPLATE_HASH_ANNOTATION] = digest(desired["spec"]["template"])
+    elif not workload:
+        want.pop(names.APPLIED_HASH_ANNOTATION, None)
+        want[names.APPLIED_HASH_ANNOTATION] = digest(desired)
+    if live is None:
+        return Action.CREATE, desired
+    have = (live.get("metadata") or {}).get("annotations") or {}
+    key = names.TEMPLATE_HASH_ANNOTATION if workload else names.APPLIED_HASH_ANNOTATION
+    if have.get(key) != want[key]:
+        return Action.REPLACE, with_live_fields(desired, live)
+    if workload and (live.get("spec") or {}).get("replicas") != desired["spec"]["replicas"]:
+        return Action.SCALE, {"spec": {"replicas": desired["spec"]["replicas"]}}
+    return Action.NONE, desired
+
+
+def with_live_fields(desired: Obj, live: Obj) -> Obj:
+    body = copy.deepcopy(desired)
+    body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+    if desired["kind"] == "Service":
+        for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+            if key in (live.get("spec") or {}):
+                body["spec"][key] = live["spec"][key]
+    return body
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster reports for a mesh's children (absent ones as None/0)."""
+
+    replicas: int = 0
+    ready_replicas: int = 0
+    gateway_ready: bool = False
+
+
+def render_status(
+    mesh: Mesh, observed: Observed, *, now: datetime, previous: list[Obj] | None = None
+) -> Obj:
+    """``status`` as upstream writes it, plus where the gateway is and whether it is ready."""
+    status: Obj = {
+        "replicas": observed.replicas,
+        "readyReplicas": observed.ready_replicas,
+        "observedGeneration": mesh.generation,
+    }
+    if mesh.worker_selector is None:
+        svc = names.worker_service_name(mesh.name)
+        status["serviceName"] = f"{svc}.{mesh.namespace}.svc.cluster.local"
+    if mesh.gateway is not None:
+        status["gateway"] = {
+            "serviceName": names.gateway_name(mesh.name),
+            "port": mesh.gateway.port,
+            "tokenSecret": names.token_secret_name(mesh.name),
+            "ready": observed.gateway_ready,
+        }
+    wanted = desired_replicas(mesh, now)
+    if mesh.suspend:
+        ready, reason, message = False, "Suspended", "spec.suspend is true: no workers run"
+    elif mesh.worker_selector is None and wanted == 0:
+        idle = f"idle for more than {mesh.idle_timeout_s}s"
+        ready, reason, message = False, "Idle", f"{idle}: scaled to zero until used again"
+    else:
+        expected = mesh.replicas if mesh.worker_selector is None else None
+        workers_ok = observed.ready_replicas == expected or (
+            expected is None and observed.ready_replicas > 0
+        )
+        gateway_ok = mesh.gateway is None or observed.gateway_ready
+        ready = workers_ok and gateway_ok
+        reason = "AllReady" if ready else "Waiting"
+        message = (
+            f"{observed.ready_replicas}/{expected if expected is not None else '?'} workers "
+            f"ready" + ("" if mesh.gateway is None else f", gateway ready: {gateway_ok}")
+        )
+    status["conditions"] = [condition("Ready", ready, reason, message, now, previous or [])]
+    return status
+
+
+def condition(
+    kind: str, ok: bool, reason: str, message: str, now: datetime, previous: list[Obj]
+) -> Obj:
+    value = "True" if ok else "False"
+    old = next((c for c in previous if c.get("type") == kind), None)
+    changed = old is None or old.get("status") != value
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "type": kind,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": stamp
+        if changed or old is None
+        else old.get("lastTransitionTime", stamp),
+    }
