@@ -50,15 +50,21 @@ def test_not_ready_pods_are_named_with_their_reason() -> None:
     fine = pod("m-3", "Running", True)
     reasons = not_ready_reasons(
         [unschedulable, pulling, crashing, fine],
-        [event("m-2", "BackOff", "Back-off restarting failed container worker")],
+        [
+            event("m-2", "BackOff", "Back-off restarting failed container worker"),
+            event("m", "FailedCreate", 'serviceaccount "x" not found'),
+        ],
         replicas=5,
+        owner="m",
     )
     assert reasons["m-0"].startswith("Unschedulable: 0/1 nodes are available")
     assert "ImagePullBackOff" in reasons["m-1"] and "nope" in reasons["m-1"]
     assert "CrashLoopBackOff (last exit 1: Error)" in reasons["m-2"]
     assert "Back-off restarting" in reasons["m-2"]
     assert "m-3" not in reasons
-    assert reasons["(missing)"] == "only 4 of 5 pods exist"
+    assert reasons["(missing)"] == (
+        'only 4 of 5 pods exist (FailedCreate: serviceaccount "x" not found)'
+    )
 
 
 def test_lost_workers_get_the_reason_kubernetes_knows() -> None:

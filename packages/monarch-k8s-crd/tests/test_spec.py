@@ -95,6 +95,7 @@ def test_a_cpu_compute_drops_kubetorchs_gpu_tolerations_and_steps_nothing() -> N
     body = mesh_manifest("cpu", "default", to_spec(kt.Compute(cpus="1", replicas=2)))
     pod = body["spec"]["podTemplate"]["spec"]
     assert "tolerations" not in pod and "initContainers" not in pod and "volumes" not in pod
+    assert "serviceAccountName" not in pod  # kubetorch's own account is not assumed here
     assert body["spec"]["replicas"] == 2
 
 

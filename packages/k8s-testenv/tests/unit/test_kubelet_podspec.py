@@ -185,9 +185,13 @@ def test_expand_leaves_unknown_references_alone() -> None:
     assert expand("$(A)$(B)", {"A": "x"}) == "x$(B)"
 
 
-def test_ip_pool_hands_out_distinct_loopback_addresses_and_reuses_released_ones() -> None:
-    pool = IpPool()
+def test_ip_pool_hands_out_distinct_loopback_addresses_and_reuses_released_ones_last() -> None:
+    pool = IpPool("127.10.0.0/29")  # 6 host addresses
     first, second = pool.allocate(), pool.allocate()
     assert first != second and first.startswith("127.10.")
     pool.release(first)
-    assert pool.allocate() == first
+    fresh = [pool.allocate() for _ in range(4)]
+    assert first not in fresh  # a recreated pod gets a new IP while fresh ones remain
+    assert pool.allocate() == first  # then released ones come back
+    with pytest.raises(RuntimeError, match="no free address"):
+        pool.allocate()

@@ -15,10 +15,10 @@ __all__ = [
     "WorkerPodLostError",
 ]
 
-#: how to install the CRD and the operator (the kustomize base in this package's manifests/)
+#: how to install the CRD and the operator: the kustomize base shipped in this package
 INSTALL_COMMAND = (
-    "kubectl apply -k "
-    "https://github.com/monarch-anywhere/monarch-anywhere/packages/monarch-k8s-crd/manifests"
+    "kubectl apply --server-side -k "
+    "\"$(python -c 'from monarch_k8s.install import manifests_dir; print(manifests_dir())')\""
 )
 
 

@@ -132,6 +132,7 @@ class KubernetesJob:
         self._lost: queue.Queue[dict[str, Any]] = queue.Queue()
         self.lost_workers: list[WorkerPodLostError] = []
         self._staging: Path | None = None
+        self._stopped = threading.Event()
 
     # -- the job contract -------------------------------------------------------------------
 
@@ -259,7 +260,7 @@ class KubernetesJob:
                 return mesh
             if time.monotonic() > deadline:
                 events = self._mesh.events()
-                reasons = not_ready_reasons(workers, events, replicas)
+                reasons = not_ready_reasons(workers, events, replicas, owner=self.name)
                 reasons.update(
                     {f"{k} (gateway)": v for k, v in not_ready_reasons(gateways, events).items()}
                 )
@@ -367,6 +368,7 @@ class KubernetesJob:
         replicas = self._expected_workers(mesh)
         self._wait_attached(state, replicas)
         state.on_membership(self._lost.put)
+        self._stopped.clear()
         threading.Thread(target=self._report_lost, name="monarch-k8s-lost", daemon=True).start()
         return state
 
@@ -401,7 +403,7 @@ class KubernetesJob:
 
     def _report_lost(self) -> None:
         """Name lost workers' pods and why Kubernetes says they went (off the I/O thread)."""
-        while self._state is not None or self._lost.qsize():
+        while not self._stopped.is_set():
             try:
                 event = self._lost.get(timeout=1.0)
             except queue.Empty:
@@ -491,6 +493,7 @@ class KubernetesJob:
         self._mesh.core.create_namespaced_config_map(self.namespace, body)
 
     def _close(self) -> None:
+        self._stopped.set()
         state, self._state = self._state, None
         if state is not None:
             with contextlib.suppress(Exception):

@@ -78,9 +78,13 @@ def _container_problem(pod: dict[str, Any]) -> str | None:
 
 
 def not_ready_reasons(
-    pods: list[dict[str, Any]], events: list[dict[str, Any]], replicas: int | None = None
+    pods: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    replicas: int | None = None,
+    owner: str | None = None,
 ) -> dict[str, str]:
-    """Each pod that is not Ready -> why (unschedulable, image pull, crash loop, last warning)."""
+    """Each pod that is not Ready -> why (unschedulable, image pull, crash loop, last warning);
+    pods that do not exist are explained by the last warning on ``owner`` (the StatefulSet)."""
     reasons: dict[str, str] = {}
     for pod in pods:
         name = pod["metadata"]["name"]
@@ -101,7 +105,11 @@ def not_ready_reasons(
             why += f" (last event {warnings[-1].get('reason')}: {warnings[-1].get('message')})"
         reasons[name] = why.strip()
     if replicas is not None and len(pods) < replicas:
-        reasons["(missing)"] = f"only {len(pods)} of {replicas} pods exist"
+        why = f"only {len(pods)} of {replicas} pods exist"
+        warnings = [e for e in _events_of(owner or "", events) if e.get("type") == "Warning"]
+        if warnings:
+            why += f" ({warnings[-1].get('reason')}: {warnings[-1].get('message')})"
+        reasons["(missing)"] = why
     return reasons
 
 

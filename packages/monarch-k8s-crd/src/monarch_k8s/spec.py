@@ -39,6 +39,7 @@ SETUP_DIR = "/opt/monarch-setup"  # the setup cache in the pods (pip targets, ma
 SETUP_FILES_DIR = "/opt/monarch-setup-files"  # kt.Image.copy sources, from a ConfigMap
 SETUP_FILES_LIMIT = 900 * 1024  # a ConfigMap holds at most 1 MiB
 WORKER_CONTAINER = "worker"
+KUBETORCH_ACCOUNT = "kubetorch-service-account"
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,10 @@ def from_kubetorch(compute: Any) -> MeshSpec:
         annotations=_strings(compute.user_annotations),
         queue_name=compute.queue_name,
         priority_class_name=compute.priority_class_name,
-        service_account_name=compute.service_account_name,
+        # kubetorch's default account exists only where kubetorch is installed
+        service_account_name=None
+        if compute.service_account_name == KUBETORCH_ACCOUNT
+        else compute.service_account_name,
         image_pull_policy=compute.image_pull_policy,
         shared_memory=compute.shared_memory_limit,
         setup=image_steps(image) if image is not None else (),

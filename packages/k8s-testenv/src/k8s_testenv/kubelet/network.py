@@ -29,7 +29,11 @@ def pick_pod_network() -> str:
 
 
 class IpPool:
-    """Hands out pod IPs from a loopback network; pure bookkeeping, no I/O."""
+    """Hands out pod IPs from a loopback network; pure bookkeeping, no I/O.
+
+    Released addresses are reused only once fresh ones run out, as CNI's host-local IPAM goes
+    round the range: a recreated pod (StatefulSet) gets a new IP, as it usually does in a real
+    cluster, and clients that cached the old pod's connection are not fooled."""
 
     def __init__(self, network: str = "127.10.0.0/16") -> None:
         self._hosts = ipaddress.ip_network(network).hosts()
@@ -37,7 +41,10 @@ class IpPool:
         self._used: set[str] = set()
 
     def allocate(self) -> str:
-        ip = self._free.pop(0) if self._free else str(next(self._hosts))
+        fresh = next(self._hosts, None)
+        if fresh is None and not self._free:
+            raise RuntimeError("the pod network has no free address left")
+        ip = str(fresh) if fresh is not None else self._free.pop(0)
         self._used.add(ip)
         return ip
 
