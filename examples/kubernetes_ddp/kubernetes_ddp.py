@@ -115,6 +115,20 @@ class DDPActor(Actor):
             dist.destroy_process_group()
 
 
+def use_loopback_transport() -> None:
+    """Pods on loopback addresses (k8s-testenv's process kubelet): upstream's job pins the
+    TcpWithHostname transport, which needs a non-loopback address; use TcpWithLocalhost."""
+    import monarch._src.job.kubernetes as upstream
+    from monarch._rust_bindings.monarch_hyperactor.channel import ChannelTransport
+
+    pinned = upstream.configure
+
+    def configure(**settings: Any) -> None:
+        pinned(**{**settings, "default_transport": ChannelTransport.TcpWithLocalhost})
+
+    upstream.configure = configure
+
+
 def run_ddp(host_mesh: Any, gpus_per_host: int, steps: int) -> list[dict[str, Any]]:
     """Spawn the ranks on ``host_mesh`` (a Monarch HostMesh or a KubernetesJob's proxy), set up
     torch.distributed from rank 0's address, train, and return every rank's report."""
@@ -146,6 +160,9 @@ def main() -> None:
     via = args.via or ("upstream" if os.environ.get("KUBERNETES_SERVICE_HOST") else "gateway")
     if via == "upstream":
         from monarch.job.kubernetes import KubernetesJob as UpstreamJob
+
+        if ipaddress.ip_address(pod_ip()).is_loopback:
+            use_loopback_transport()
 
         upstream = UpstreamJob(namespace=args.namespace)
         upstream.add_mesh(args.mesh_name, args.num_hosts)

@@ -126,6 +126,7 @@ class KubernetesJob:
         self._mesh = MeshApi(self._make_client(), namespace)
         self._id = secrets.token_hex(4)
         self._created = False
+        self._added_gateway = False
         self._state: JobState | None = None
         self._tunnel: PortForward | None = None
         self._pod_ips: dict[str, tuple[str, str]] = {}  # pod IP -> (name, uid)
@@ -142,6 +143,12 @@ class KubernetesJob:
         if existing is not None:
             self._created = (existing["metadata"].get("labels") or {}).get(JOB_LABEL) is not None
             self._log(f"reusing MonarchMesh {self.namespace}/{self.name}")
+            spec = existing.get("spec") or {}
+            if not spec.get("gateway") and not spec.get("workerSelector"):
+                # an upstream-style mesh: front it with a gateway, which kill() takes away again
+                self._mesh.patch(self.name, {"spec": {"gateway": {"enabled": True}}})
+                self._added_gateway = True
+                self._log(f"added a gateway to MonarchMesh {self.name} (removed again by kill())")
             return self
         if self.spec is None and self.selector is None:
             raise InvalidJobError(
@@ -194,6 +201,10 @@ class KubernetesJob:
         MonarchMesh this job did not create are left alone (and we say so)."""
         self._close()
         if not self._created:
+            if self._added_gateway:
+                self._mesh.patch(self.name, {"spec": {"gateway": None}})
+                self._added_gateway = False
+                self._log(f"removed the gateway this job added to MonarchMesh {self.name}")
             self._log(f"left MonarchMesh {self.namespace}/{self.name}: this job did not create it")
             return
         self._mesh.delete(self.name)
@@ -451,6 +462,13 @@ class KubernetesJob:
     def _sync_dirs(self, state: JobState, reload: bool = True) -> SyncResult | None:
         dirs = self._dirs()
         if not dirs:
+            return None
+        mesh = self._mesh.get(self.name) or {}
+        if not (mesh.get("spec") or {}).get("sync"):
+            self._log(
+                f"{self.name}: spec.sync is off on this mesh, so {[str(d) for d in dirs]} are "
+                "not pushed (set spec.sync.enabled: true to sync code to the workers)"
+            )
             return None
         src = dirs[0] if len(dirs) == 1 else self._stage(dirs)
         result = state.sync(str(src), reload=reload)
