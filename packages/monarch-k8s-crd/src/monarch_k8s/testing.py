@@ -111,7 +111,11 @@ def reconcile_latency(
         "apiVersion": f"{names.GROUP}/{names.VERSION}",
         "kind": names.KIND,
         "metadata": {"name": name},
-        "spec": {"replicas": 1, "suspend": True, "podTemplate": {"containers": [{"name": "w"}]}},
+        "spec": {
+            "replicas": 1,
+            "suspend": True,
+            "podTemplate": {"containers": [{"name": "w", "image": "x"}]},
+        },
     }
     custom.create_namespaced_custom_object(
         names.GROUP, names.VERSION, namespace, names.PLURAL, body
@@ -133,7 +137,7 @@ def reconcile_latency(
     try:
         previous = wait_for(sts_annotation, timeout=60, what="the StatefulSet")
         for i in range(samples):
-            patch = {"spec": {"podTemplate": {"containers": [{"name": "w", "args": [str(i)]}]}}}
+            patch = {"spec": {"podTemplate": {"containers": [{"name": "w", "image": f"x:{i}"}]}}}
             start = time.perf_counter()
             custom.patch_namespaced_custom_object(
                 names.GROUP, names.VERSION, namespace, names.PLURAL, name, patch

@@ -31,9 +31,10 @@ def pick_pod_network() -> str:
 class IpPool:
     """Hands out pod IPs from a loopback network; pure bookkeeping, no I/O.
 
-    Released addresses are reused only once fresh ones run out, as CNI's host-local IPAM goes
-    round the range: a recreated pod (StatefulSet) gets a new IP, as it usually does in a real
-    cluster, and clients that cached the old pod's connection are not fooled."""
+    Fresh addresses first, released ones only once the network is used up: CNI's host-local
+    IPAM also goes round-robin, so a recreated pod gets a new IP, as in real clusters (a peer
+    still holding a connection to the old address must not mistake the new pod for the old).
+    """
 
     def __init__(self, network: str = "127.10.0.0/16") -> None:
         self._hosts = ipaddress.ip_network(network).hosts()
@@ -42,8 +43,6 @@ class IpPool:
 
     def allocate(self) -> str:
         fresh = next(self._hosts, None)
-        if fresh is None and not self._free:
-            raise RuntimeError("the pod network has no free address left")
         ip = str(fresh) if fresh is not None else self._free.pop(0)
         self._used.add(ip)
         return ip

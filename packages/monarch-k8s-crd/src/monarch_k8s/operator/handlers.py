@@ -76,7 +76,7 @@ def _owner_event(body: kopf.Body, type: str | None) -> None:
             return  # being deleted with its children
         raise _retry(exc) from exc
     try:
-        reconciler().reconcile(mesh)
+        reconciler().reconcile(mesh, prune=type == "DELETED")  # a child gone: maybe pruned
     except ApiException as exc:
         raise _retry(exc) from exc
 

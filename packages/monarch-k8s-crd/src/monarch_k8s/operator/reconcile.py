@@ -7,44 +7,48 @@ pass; replaces carry the live ``resourceVersion``, so a stale one is refused, ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
+import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client
+from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
+from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.render import (
-    Action,
     Mesh,
     MeshSpecError,
-    Observed,
     RenderOptions,
+    activity_to_mark,
+    gateway_labels,
     needs_token,
     parse_mesh,
-    plan_update,
     render_children,
-    render_status,
     render_token_secret,
+    stale_children,
 )
+from monarch_k8s.operator.status import Observed, render_status
 
 __all__ = ["Reconciler"]
 
 logger = logging.getLogger("monarch_k8s.operator")
 Obj = dict[str, Any]
 
-# kind -> (API class, method suffix)
+# kind -> apiVersion of the children; sent through the dynamic client as plain JSON (the
+# typed client validates bodies and would refuse e.g. `nvidia.com/gpu: 4` in a user template)
 KINDS = {
-    "Service": (client.CoreV1Api, "service"),
-    "Secret": (client.CoreV1Api, "secret"),
-    "ServiceAccount": (client.CoreV1Api, "service_account"),
-    "StatefulSet": (client.AppsV1Api, "stateful_set"),
-    "Deployment": (client.AppsV1Api, "deployment"),
-    "Role": (client.RbacAuthorizationV1Api, "role"),
-    "RoleBinding": (client.RbacAuthorizationV1Api, "role_binding"),
+    "Service": "v1",
+    "Secret": "v1",
+    "ServiceAccount": "v1",
+    "StatefulSet": "apps/v1",
+    "Deployment": "apps/v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
 
 
@@ -54,21 +58,35 @@ class Reconciler:
         self.options = options or RenderOptions()
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.dynamic = dynamic.DynamicClient(api_client)
+        self._resources: dict[str, Any] = {}
 
     # -- generic object access, as plain dicts -------------------------------------------
-    def _call(self, kind: str, verb: str, *args: Any, **kwargs: Any) -> Any:
-        api_class, suffix = KINDS[kind]
-        method = getattr(api_class(self.api_client), f"{verb}_namespaced_{suffix}")
-        return method(*args, **kwargs)
+    def _resource(self, kind: str) -> Any:
+        if kind not in self._resources:
+            self._resources[kind] = self.dynamic.resources.get(api_version=KINDS[kind], kind=kind)
+        return self._resources[kind]
+
+    def _call(self, kind: str, verb: str, namespace: str, body: Obj, name: str = "") -> None:
+        resource = self._resource(kind)
+        if verb == "create":
+            self.dynamic.create(resource, body=body, namespace=namespace)
+        elif verb == "replace":
+            self.dynamic.replace(resource, body=body, name=name, namespace=namespace)
+        else:
+            self.dynamic.patch(
+                resource, body=body, name=name, namespace=namespace,
+                content_type="application/merge-patch+json",
+            )  # fmt: skip
 
     def read(self, kind: str, namespace: str, name: str) -> Obj | None:
         try:
-            response = self._call(kind, "read", name, namespace, _preload_content=False)
+            found = self.dynamic.get(self._resource(kind), name=name, namespace=namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return dict(json.loads(response.data))
+        return dict(found.to_dict())
 
     def apply(self, mesh: Mesh, desired: Obj) -> Action:
         meta = desired["metadata"]
@@ -78,32 +96,43 @@ class Reconciler:
             if action is Action.CREATE:
                 self._call(kind, "create", namespace, body)
             elif action is Action.REPLACE:
-                self._call(kind, "replace", name, namespace, body)
+                self._call(kind, "replace", namespace, body, name)
             elif action is Action.SCALE:
-                self._call(kind, "patch", name, namespace, body)
+                self._call(kind, "patch", namespace, body, name)
         except ApiException as exc:
             if exc.status == 409:  # created meanwhile, or changed under us: next pass
                 logger.info("%s %s/%s changed meanwhile; next pass", kind, namespace, name)
                 return Action.NONE
+            if exc.status in (400, 422):  # what the user's template makes is invalid
+                raise MeshSpecError(f"{kind} {name} refused: {api_message(exc)}") from exc
             raise
         if action is not Action.NONE:
             self.event(mesh, "Normal", action.value.capitalize(), f"{action.value} {kind} {name}")
         return action
 
     # -- one MonarchMesh ------------------------------------------------------------------
-    def reconcile(self, body: Obj, now: datetime | None = None) -> Obj | None:
-        """Bring one mesh's children and status to what its spec says; return the status."""
+    def reconcile(
+        self, body: Obj, now: datetime | None = None, *, prune: bool = True
+    ) -> Obj | None:
+        """Bring one mesh's children and status to what its spec says; return the status.
+        ``prune``: also delete children the spec no longer asks for (skipped on a child's
+        status change, which cannot change the spec: fewer reads on the hot path)."""
         now = now or datetime.now(UTC)
         try:
-            mesh = parse_mesh(body)
+            mesh = self.note_activity(parse_mesh(body), now)
+            if needs_token(mesh):
+                self.ensure_token(mesh)
+            children = render_children(mesh, now=now, opts=self.options)
+            for desired in children:
+                self.apply(mesh, desired)
+            if prune:
+                self.prune(mesh, children)
         except MeshSpecError as exc:
-            self.event_raw(body, "Warning", "InvalidSpec", str(exc))
-            self.patch_status(body, {"conditions": [invalid_condition(str(exc), now)]})
+            old = ((body.get("status") or {}).get("conditions") or [{}])[0]
+            if old.get("message") != str(exc):  # once per distinct problem, not every pass
+                self.event_raw(body, "Warning", "InvalidSpec", str(exc))
+                self.patch_status(body, {"conditions": [invalid_condition(str(exc), now)]})
             return None
-        if needs_token(mesh):
-            self.ensure_token(mesh)
-        for desired in render_children(mesh, now=now, opts=self.options):
-            self.apply(mesh, desired)
         status = render_status(
             mesh, self.observe(mesh), now=now, previous=(body.get("status") or {}).get("conditions")
         )
@@ -116,6 +145,50 @@ class Reconciler:
                 cond = status["conditions"][0]
                 self.event(mesh, "Normal", cond["reason"], cond["message"])
         return status
+
+    def note_activity(self, mesh: Mesh, now: datetime) -> Mesh:
+        """A gateway with clients marks the mesh used (``last-activity``), so an idle timeout
+        never scales away a mesh someone is connected to; ``KubernetesJob`` marks it too."""
+        if not mesh.idle_timeout_s or mesh.gateway is None:
+            return mesh
+        stamp = activity_to_mark(mesh, self.gateway_sessions(mesh), now)
+        if stamp is None:
+            return mesh
+        patch = {"metadata": {"annotations": {names.ACTIVITY_ANNOTATION: stamp}}}
+        self.custom.patch_namespaced_custom_object(
+            names.GROUP, names.VERSION, mesh.namespace, names.PLURAL, mesh.name, patch
+        )
+        return dataclasses.replace(
+            mesh, annotations={**mesh.annotations, names.ACTIVITY_ANNOTATION: stamp}
+        )
+
+    def gateway_sessions(self, mesh: Mesh) -> int | None:
+        """Client sessions the gateway reports on ``/healthz``; None if it cannot be asked."""
+        assert mesh.gateway is not None
+        selector = ",".join(f"{k}={v}" for k, v in gateway_labels(mesh.name).items())
+        pods = self.core.list_namespaced_pod(mesh.namespace, label_selector=selector).items
+        for pod in pods:
+            if pod_ready(pod) and pod.status is not None and pod.status.pod_ip:
+                url = f"http://{pod.status.pod_ip}:{mesh.gateway.port}/healthz"
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        return int(json.loads(response.read()).get("sessions", 0))
+                except (OSError, ValueError):
+                    return None
+        return None
+
+    def prune(self, mesh: Mesh, children: list[Obj]) -> None:
+        for kind, name in stale_children(mesh, children):
+            live = self.read(kind, mesh.namespace, name)
+            owners = (live or {}).get("metadata", {}).get("ownerReferences") or []
+            if not any(o.get("uid") == mesh.uid for o in owners):
+                continue  # not ours (or gone): never touch it
+            try:
+                self.dynamic.delete(self._resource(kind), name=name, namespace=mesh.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            self.event(mesh, "Normal", "Delete", f"delete {kind} {name}: no longer asked for")
 
     def ensure_token(self, mesh: Mesh) -> None:
         name = names.token_secret_name(mesh.name)
@@ -201,6 +274,13 @@ class Reconciler:
             self.core.create_namespaced_event(meta["namespace"], event)  # type: ignore[arg-type]
         except ApiException as exc:  # an Event is a courtesy: never fail a reconcile on one
             logger.warning("could not post event %s: %s", reason, exc.reason)
+
+
+def api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "")["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc.reason)
 
 
 def pod_ready(pod: Any) -> bool:

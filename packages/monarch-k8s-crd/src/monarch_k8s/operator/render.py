@@ -2,7 +2,8 @@
 
 Theory of operation: the kopf handlers (``handlers.py``) read a MonarchMesh, call
 :func:`parse_mesh`, then :func:`render_children` for the objects that should exist, and hand
-each to :func:`plan_update` beside what the cluster holds. Nothing here reads a clock, a
+each to :func:`~.plan.plan_update` beside what the cluster holds; :mod:`.status` says
+what ``status`` reports. Nothing here reads a clock, a
 random source or the API server: ``now`` and the gateway token are arguments.
 
 Wire compatibility with upstream's operator (meta-pytorch/monarch-kubernetes): the headless
@@ -22,25 +23,24 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
 from typing import Any
 
 from monarch_k8s import names
 
 __all__ = [
-    "Action",
     "GatewaySpec",
     "Mesh",
     "MeshSpecError",
-    "Observed",
     "RenderOptions",
+    "activity_to_mark",
     "desired_replicas",
+    "digest",
+    "needs_token",
     "parse_mesh",
-    "plan_update",
     "render_children",
-    "render_status",
     "render_token_secret",
     "selector_string",
+    "stale_children",
 ]
 
 Obj = dict[str, Any]
@@ -185,6 +185,19 @@ def is_idle(mesh: Mesh, now: datetime) -> bool:
     if last is None:
         return False
     return (now - last).total_seconds() > mesh.idle_timeout_s
+
+
+def activity_to_mark(mesh: Mesh, sessions: int | None, now: datetime) -> str | None:
+    """The ``last-activity`` value to write when the gateway has clients (``/healthz``
+    ``sessions``), or None: written at most every quarter of the timeout (and 5 s), so marking
+    use costs one patch now and then, not one per pass."""
+    if not mesh.idle_timeout_s or not sessions:
+        return None
+    raw = mesh.annotations.get(names.ACTIVITY_ANNOTATION)
+    last = parse_time(raw) if raw else None
+    if last is not None and (now - last).total_seconds() < max(5.0, mesh.idle_timeout_s / 4):
+        return None
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def digest(value: Any) -> str:
@@ -434,116 +447,18 @@ def render_children(mesh: Mesh, *, now: datetime, opts: RenderOptions) -> list[O
     return children
 
 
+def stale_children(mesh: Mesh, desired: list[Obj]) -> list[tuple[str, str]]:
+    """(kind, name) of children this mesh may have made that its spec no longer asks for (the
+    gateway turned off, attach mode turned on); the caller deletes those it owns."""
+    possible = [("Service", names.worker_service_name(mesh.name)), ("StatefulSet", mesh.name)]
+    gateway = names.gateway_name(mesh.name)
+    possible += [(kind, gateway) for kind in GATEWAY_KINDS]
+    wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+    return [child for child in possible if child not in wanted]
+
+
+GATEWAY_KINDS = ("Deployment", "Service", "RoleBinding", "Role", "ServiceAccount")
+
+
 def needs_token(mesh: Mesh) -> bool:
     return mesh.gateway is not None or mesh.sync
-
-
-class Action(Enum):
-    CREATE = "create"
-    REPLACE = "replace"  # the desired object, over the live one's resourceVersion
-    SCALE = "scale"  # only spec.replicas differs (the template hash is unchanged)
-    NONE = "none"
-
-
-def plan_update(desired: Obj, live: Obj | None) -> tuple[Action, Obj]:
-    """What to send for ``desired`` given the ``live`` object (None: missing).
-
-    Workloads compare the template hash, then replicas: a template rewritten by a webhook
-    keeps the hash we wrote, so it is left alone. Other objects carry the hash of the whole
-    desired object. Server-filled fields (a Service's clusterIP) are kept on replace.
-    """
-    kind = desired["kind"]
-    want = desired["metadata"].setdefault("annotations", {})
-    workload = kind in ("StatefulSet", "Deployment")
-    if kind == "Deployment":
-        want[names.TEMPLATE_HASH_ANNOTATION] = digest(desired["spec"]["template"])
-    elif not workload:
-        want.pop(names.APPLIED_HASH_ANNOTATION, None)
-        want[names.APPLIED_HASH_ANNOTATION] = digest(desired)
-    if live is None:
-        return Action.CREATE, desired
-    have = (live.get("metadata") or {}).get("annotations") or {}
-    key = names.TEMPLATE_HASH_ANNOTATION if workload else names.APPLIED_HASH_ANNOTATION
-    if have.get(key) != want[key]:
-        return Action.REPLACE, with_live_fields(desired, live)
-    if workload and (live.get("spec") or {}).get("replicas") != desired["spec"]["replicas"]:
-        return Action.SCALE, {"spec": {"replicas": desired["spec"]["replicas"]}}
-    return Action.NONE, desired
-
-
-def with_live_fields(desired: Obj, live: Obj) -> Obj:
-    body = copy.deepcopy(desired)
-    body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-    if desired["kind"] == "Service":
-        for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
-            if key in (live.get("spec") or {}):
-                body["spec"][key] = live["spec"][key]
-    return body
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What the cluster reports for a mesh's children (absent ones as None/0)."""
-
-    replicas: int = 0
-    ready_replicas: int = 0
-    gateway_ready: bool = False
-
-
-def render_status(
-    mesh: Mesh, observed: Observed, *, now: datetime, previous: list[Obj] | None = None
-) -> Obj:
-    """``status`` as upstream writes it, plus where the gateway is and whether it is ready."""
-    status: Obj = {
-        "replicas": observed.replicas,
-        "readyReplicas": observed.ready_replicas,
-        "observedGeneration": mesh.generation,
-    }
-    if mesh.worker_selector is None:
-        svc = names.worker_service_name(mesh.name)
-        status["serviceName"] = f"{svc}.{mesh.namespace}.svc.cluster.local"
-    if mesh.gateway is not None:
-        status["gateway"] = {
-            "serviceName": names.gateway_name(mesh.name),
-            "port": mesh.gateway.port,
-            "tokenSecret": names.token_secret_name(mesh.name),
-            "ready": observed.gateway_ready,
-        }
-    wanted = desired_replicas(mesh, now)
-    if mesh.suspend:
-        ready, reason, message = False, "Suspended", "spec.suspend is true: no workers run"
-    elif mesh.worker_selector is None and wanted == 0:
-        idle = f"idle for more than {mesh.idle_timeout_s}s"
-        ready, reason, message = False, "Idle", f"{idle}: scaled to zero until used again"
-    else:
-        expected = mesh.replicas if mesh.worker_selector is None else None
-        workers_ok = observed.ready_replicas == expected or (
-            expected is None and observed.ready_replicas > 0
-        )
-        gateway_ok = mesh.gateway is None or observed.gateway_ready
-        ready = workers_ok and gateway_ok
-        reason = "AllReady" if ready else "Waiting"
-        message = (
-            f"{observed.ready_replicas}/{expected if expected is not None else '?'} workers "
-            f"ready" + ("" if mesh.gateway is None else f", gateway ready: {gateway_ok}")
-        )
-    status["conditions"] = [condition("Ready", ready, reason, message, now, previous or [])]
-    return status
-
-
-def condition(
-    kind: str, ok: bool, reason: str, message: str, now: datetime, previous: list[Obj]
-) -> Obj:
-    value = "True" if ok else "False"
-    old = next((c for c in previous if c.get("type") == kind), None)
-    changed = old is None or old.get("status") != value
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "type": kind,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": stamp
-        if changed or old is None
-        else old.get("lastTransitionTime", stamp),
-    }
