@@ -134,6 +134,10 @@ class KubernetesJob:
         self.lost_workers: list[WorkerPodLostError] = []
         self._staging: Path | None = None
         self._stopped = threading.Event()
+        #: seconds from the last state() call to each phase it went through (for benchmarks):
+        #: objects_created, pods_running, pods_ready, attached, synced
+        self.timings: dict[str, float] = {}
+        self._t0 = 0.0
 
     # -- the job contract -------------------------------------------------------------------
 
@@ -180,13 +184,20 @@ class KubernetesJob:
         if self._state is not None:
             self._mesh.touch(self.name)
             return self._state
+        self._t0, self.timings = time.perf_counter(), {}
         self.apply()
         self._mesh.touch(self.name)  # wakes a mesh the operator scaled to zero for idleness
+        self._mark("objects_created")
         mesh = self._wait(timeout if timeout is not None else self.timeout)
         state = self._connect(mesh)
+        self._mark("attached")
         self._state = state
         self._sync_dirs(state)
+        self._mark("synced")
         return state
+
+    def _mark(self, phase: str) -> None:
+        self.timings.setdefault(phase, time.perf_counter() - self._t0)
 
     def sync(self, reload: bool = True) -> SyncResult:
         """Push ``sync_dirs`` through the gateway and reload what changed in running actors."""
@@ -266,7 +277,10 @@ class KubernetesJob:
             if message != said:
                 self._log(message)
                 said = message
+            if now.running >= replicas:
+                self._mark("pods_running")
             if gateway_ready and now.ready >= max(replicas, 1):
+                self._mark("pods_ready")
                 self._remember_pods(workers)
                 return mesh
             if time.monotonic() > deadline:
