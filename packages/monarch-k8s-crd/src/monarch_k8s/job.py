@@ -262,11 +262,16 @@ class KubernetesJob:
     def _wait(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         said = ""
+        touched = time.monotonic()
         while True:
             mesh = self._mesh.get(self.name)
             if mesh is None:
                 raise InvalidJobError(f"MonarchMesh {self.namespace}/{self.name} was deleted")
             spec = mesh.get("spec") or {}
+            idle = spec.get("idleTimeoutSeconds")
+            if idle and time.monotonic() - touched > min(30.0, idle / 4):
+                self._mesh.touch(self.name)  # waiting is use: no scale-down before we connect
+                touched = time.monotonic()
             selector = self._worker_selector(mesh)
             workers = self._mesh.pods(selector)
             gateways = self._mesh.pods(self._gateway_selector(mesh))

@@ -182,3 +182,28 @@ def test_a_cluster_without_the_crd_says_how_to_install_it(
     job = KubernetesJob(compute=MeshSpec(), namespace=k8s_namespace, api_client=k8s_api, log=None)
     with pytest.raises(OperatorNotInstalledError, match="kubectl apply --server-side -k"):
         job.state()
+
+
+def test_state_wakes_a_mesh_scaled_to_zero_for_idleness(
+    monarch_operator: Any, k8s_api: Any, k8s_namespace: str, outside_cluster: None
+) -> None:
+    job = KubernetesJob(
+        compute=MeshSpec(replicas=1), namespace=k8s_namespace, api_client=k8s_api, sync_dirs=[],
+        timeout=240,
+    )  # fmt: skip
+    job.apply()
+    custom = k8s.CustomObjectsApi(k8s_api)
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, k8s_namespace, PLURAL, job.name, {"spec": {"idleTimeoutSeconds": 3}}
+    )
+    apps = k8s.AppsV1Api(k8s_api)
+
+    def scaled_to_zero() -> bool:
+        found = apps.list_namespaced_stateful_set(k8s_namespace).items
+        return any(s.metadata.name == job.name and s.spec.replicas == 0 for s in found)
+
+    wait_until(scaled_to_zero, timeout=60, what="the idle mesh to be scaled to zero")
+    # state() marks activity, the operator scales the mesh back, and the actors answer
+    ranks = job.state(timeout=120).workers.spawn_procs(per_host={"procs": 1}).spawn("r", Ranked)
+    assert list(ranks.rank.call().get(timeout=120).values()) == [0]
+    job.kill()
