@@ -139,9 +139,10 @@ def test_selector_attaches_to_existing_pods_and_kill_leaves_them(
     k8s.AppsV1Api(k8s_api).create_namespaced_stateful_set(
         k8s_namespace, statefulset_manifest("byo", 2, [worker])
     )
+    said: list[str] = []
     job = KubernetesJob(
         selector={"app": "byo"}, namespace=k8s_namespace, api_client=k8s_api, sync_dirs=[],
-        timeout=240,
+        timeout=240, log=said.append,
     )  # fmt: skip
     state = job.state()
     ranks = state.workers.spawn_procs(per_host={"procs": 1}).spawn("r", Ranked)
@@ -158,7 +159,8 @@ def test_selector_attaches_to_existing_pods_and_kill_leaves_them(
         p.metadata.uid
         for p in core.list_namespaced_pod(k8s_namespace, label_selector="app=byo").items
     }
-    assert after == before and len(after) == 2  # the pods were left alone
+    assert after == before and len(after) == 2  # the pods were left alone, and we say so
+    assert "left the 2 pods matching {'app': 'byo'} running (not created by this job)" in said[-1]
 
 
 def test_a_mesh_that_cannot_schedule_names_its_pods_and_why(
