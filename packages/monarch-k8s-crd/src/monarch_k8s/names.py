@@ -13,7 +13,6 @@ __all__ = [
     "ACTIVITY_ANNOTATION",
     "APPLIED_HASH_ANNOTATION",
     "APP_LABEL",
-    "COMPONENT_LABEL",
     "FIELD_MANAGER",
     "GATEWAY_APP",
     "GATEWAY_PORT",
@@ -64,8 +63,6 @@ ACTIVITY_ANNOTATION = "monarch.pytorch.org/last-activity"
 
 #: SHA-256 of every other desired child (Service, Deployment, RBAC): replaced only when it changes
 APPLIED_HASH_ANNOTATION = "monarch.pytorch.org/applied-hash"
-#: which part of a mesh a child object is (``worker``, ``gateway``), for the operator's watches
-COMPONENT_LABEL = "app.kubernetes.io/component"
 FIELD_MANAGER = "monarch-operator"
 OPERATOR_NAMESPACE = "monarch-system"  # where the install manifests put the operator
 #: the emptyDir a worker (or the gateway) shares with its sync agent sidecar (spec.sync)

@@ -92,7 +92,7 @@ def install_with_kubectl(
     settings = {"MONARCH_LISTEN_HOST": "podIP", "MONARCH_RESYNC_SECONDS": "2", **(env or {})}
     with tempfile.TemporaryDirectory() as tmp:
         folder = kustomize_overlay(Path(tmp) / "overlay", namespace=namespace, env=settings)
-        result = cluster.kubectl("apply", "--server-side", "-k", str(folder))
+        result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(folder))
     if result.returncode != 0:
         raise RuntimeError(f"kubectl apply -k failed: {result.stderr.decode()}")
     api = cluster.api_client()

@@ -20,7 +20,8 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
-from monarch_k8s.testing import install_with_kubectl, pod_ready, wait_for
+from monarch_k8s.install import install_operator
+from monarch_k8s.testing import install_with_kubectl, operator_pod, pod_ready, wait_for
 from monarch_proxy import connect
 from monarch_proxy.errors import AuthenticationError
 
@@ -246,6 +247,18 @@ def test_invalid_meshes_are_rejected_by_the_api_server_with_the_schema_message(
     result = operator.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad).encode())
     assert result.returncode != 0
     assert "should be greater than or equal to 1" in result.stderr.decode()
+    # valid for the schema, refused for the StatefulSet it makes: said in status and an Event
+    create_mesh(k8s_api, k8s_namespace, "noimage", {"replicas": 1,
+                "podTemplate": {"containers": [{"name": "w", "command": ["true"]}]}})  # fmt: skip
+    wait_for(
+        lambda: ready_reason(k8s_api, k8s_namespace, "noimage") == "InvalidSpec",
+        timeout=60,
+        what="status InvalidSpec",
+    )
+    message = get_mesh(k8s_api, k8s_namespace, "noimage")["status"]["conditions"][0]["message"]
+    assert "StatefulSet noimage refused" in message and "image" in message
+    events = k8s.CoreV1Api(k8s_api).list_namespaced_event(k8s_namespace).items
+    assert any(e.reason == "InvalidSpec" and e.type == "Warning" for e in events)
 
 
 def objects(api: Any, namespace: str) -> dict[str, list[str]]:
@@ -429,3 +442,25 @@ def test_an_idle_mesh_scales_to_zero_and_a_newer_activity_mark_brings_it_back(
     )  # fmt: skip
     wait_ready(k8s_api, k8s_namespace, "napper", timeout=60)
     assert objects(k8s_api, k8s_namespace)["pods"] == ["napper-0"]
+
+
+def test_install_operator_from_python_applies_the_same_base_and_can_run_again(
+    operator: Any, k8s_api: Any
+) -> None:
+    """Last in the module: a second operator runs for a moment (it would reconcile the same
+    meshes to the same objects, but none are made meanwhile). The ClusterRoleBinding is one
+    per cluster, so the install is put back afterwards for later modules."""
+    namespace = f"ops-{secrets.token_hex(3)}"
+    try:
+        for _ in range(2):  # server-side apply: the second run changes nothing
+            install_operator(k8s_api, namespace, listen_host="podIP", image="reg/monarch:1")
+        pod = wait_for(lambda: operator_pod(k8s_api, namespace), timeout=120, what="operator")
+        container = pod.spec.containers[0]
+        assert container.image == "reg/monarch:1"
+        assert container.command == ["python", "-m", "monarch_k8s.operator"]
+        assert pod.spec.service_account_name == "monarch-operator"
+        env = {e.name: e.value for e in container.env}
+        assert env["MONARCH_LISTEN_HOST"] == "podIP" and env["MONARCH_IMAGE"] == "reg/monarch:1"
+    finally:
+        operator.kubectl("delete", "namespace", namespace, "--wait=false")
+        install_with_kubectl(operator, OPERATOR_NS)

@@ -51,8 +51,11 @@ def _retry(exc: ApiException) -> kopf.TemporaryError:
 def mesh_event(type: str | None, body: kopf.Body, **_: Any) -> None:
     if type == "DELETED":
         return  # the garbage collector removes the children
+    observed = (body.get("status") or {}).get("observedGeneration")
+    # prune (extra reads) only when the spec changed since the last pass; the resync always does
+    prune = observed != body.get("metadata", {}).get("generation")
     try:
-        reconciler().reconcile(dict(body))
+        reconciler().reconcile(dict(body), prune=prune)
     except ApiException as exc:
         raise _retry(exc) from exc
 
