@@ -17,6 +17,11 @@ from urllib.parse import urlsplit
 logger = logging.getLogger("monarch_gateway.monitor")
 
 
+#: worker address -> what its source calls it (``pod <namespace>/<name>`` from a label
+#: selector), so errors name the pod; kept after the pod goes, as errors come after that
+WORKER_NAMES: dict[str, str] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Worker:
     mesh: str
@@ -25,7 +30,9 @@ class Worker:
     generation: int = 0  # a replacement at the same address is another worker
 
     def describe(self) -> str:
-        return f"worker {self.address} (host {self.index} of mesh {self.mesh!r})"
+        name = WORKER_NAMES.get(self.address)
+        where = f"{name}, " if name else ""
+        return f"worker {self.address} ({where}host {self.index} of mesh {self.mesh!r})"
 
 
 def tcp_endpoint(address: str) -> tuple[str, int] | None:

@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+from monarch_gateway.monitor import WORKER_NAMES
+
 __all__ = [
     "DnsSource",
     "FileSource",
@@ -160,6 +162,7 @@ class KubernetesSource:
                         if (a := pod_address(p, self.port)) is not None
                     }
                     self._synced = True
+                    self._name(self._pods)
                 stream = watch.Watch().stream(
                     api.list_namespaced_pod,
                     self.namespace,
@@ -177,9 +180,14 @@ class KubernetesSource:
                             self._pods.pop(pod.metadata.name, None)
                         else:
                             self._pods[pod.metadata.name] = address
+                            self._name({pod.metadata.name: address})
             except Exception as exc:  # API server away or watch expired: list again shortly
                 logger.warning("watching pods failed (%s); listing again", exc)
                 self._stop.wait(1.0)
+
+    def _name(self, pods: dict[str, str]) -> None:
+        for name, address in pods.items():
+            WORKER_NAMES[address] = f"pod {self.namespace}/{name}"
 
     def close(self) -> None:
         self._stop.set()
