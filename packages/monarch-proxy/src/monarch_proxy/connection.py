@@ -29,12 +29,13 @@ from monarch_proxy import codec
 from monarch_proxy.errors import (
     AuthenticationError,
     ProtocolError,
-    ProtocolVersionError,
     ProxyError,
     TransportError,
+    error_for_code,
 )
 from monarch_proxy.protocol.client import ClientSession
 from monarch_proxy.protocol.events import (
+    ConnectionFailed,
     Failed,
     Logged,
     MembershipChanged,
@@ -44,6 +45,7 @@ from monarch_proxy.protocol.events import (
     Welcomed,
 )
 from monarch_proxy.protocol.frames import pack_for_sending
+from monarch_proxy.protocol.names import CloseCode, Op
 
 logger = logging.getLogger("monarch_proxy")
 
@@ -55,10 +57,14 @@ ACK_DELAY_S = 0.02
 
 # Close codes after which resuming cannot help: fail every pending call at once.
 FINAL_CLOSE_CODES: dict[int, ProxyError] = {
-    1001: TransportError("the gateway shut down"),
-    1002: ProtocolError("the gateway closed the connection: protocol error"),
-    1008: ProtocolError("the gateway closed the connection: policy violation"),
-    1009: ProtocolError("the gateway closed the connection: a frame was over its size limit"),
+    CloseCode.GOING_AWAY: TransportError("the gateway shut down"),
+    CloseCode.PROTOCOL_ERROR: ProtocolError("the gateway closed the connection: protocol error"),
+    CloseCode.POLICY_VIOLATION: ProtocolError(
+        "the gateway closed the connection: policy violation"
+    ),
+    CloseCode.MESSAGE_TOO_BIG: ProtocolError(
+        "the gateway closed the connection: a frame was over its size limit"
+    ),
 }
 
 
@@ -152,7 +158,7 @@ class GatewayConnection:
 
     def submit(
         self,
-        op: str,
+        op: Op,
         meta: dict[str, Any],
         payload: bytes = b"",
         *,
@@ -179,7 +185,7 @@ class GatewayConnection:
         return future
 
     def request(
-        self, op: str, meta: dict[str, Any], payload: bytes = b"", timeout: float | None = None
+        self, op: Op, meta: dict[str, Any], payload: bytes = b"", timeout: float | None = None
     ) -> Reply:
         """Submit and wait: for short control operations (spawn, slice)."""
         return self.submit(op, meta, payload).result(timeout)
@@ -282,17 +288,19 @@ class GatewayConnection:
                 f"gateway closed the connection during the handshake: {exc}"
             ) from None
         with self._lock:
-            events = self._session.receive(first)  # type: ignore[arg-type]
+            events = self._session.receive(first)
         event = events[0] if events else None
         if isinstance(event, Rejected):
             await ws.close()
-            if event.code == "version_mismatch":
-                raise ProtocolVersionError(event.message)
-            raise ProtocolError(f"gateway rejected the session ({event.code}): {event.message}")
+            raise error_for_code(event.code, event.message, event.meta)
+        if isinstance(event, ConnectionFailed):
+            await ws.close(event.close_code)
+            raise event.error
         if not isinstance(event, Welcomed):
+            await ws.close()
             raise ProtocolError(f"expected WELCOME from the gateway, got {event!r}")
         self._ws = ws
-        if resuming and not event.resumed:
+        if event.lost:  # decided by the session core: the gateway lost our session
             self._fail_all(
                 TransportError(
                     "the gateway no longer holds this session (its grace period ran out or it "
@@ -330,8 +338,11 @@ class GatewayConnection:
         try:
             async for message in ws:
                 with self._lock:
-                    events = self._session.receive(message)  # type: ignore[arg-type]
+                    events = self._session.receive(message)
                 for event in events:
+                    if isinstance(event, ConnectionFailed):
+                        await ws.close(event.close_code)
+                        raise event.error
                     self._dispatch(event)
                 self._schedule_ack()
         except ConnectionClosed:
@@ -367,7 +378,7 @@ class GatewayConnection:
                 except Exception:  # a user callback must not break the connection
                     logger.exception("membership listener failed")
         elif isinstance(event, Rejected):
-            raise ProtocolError(f"gateway closed the session ({event.code}): {event.message}")
+            raise error_for_code(event.code, event.message, event.meta)
 
     def _start_outbox_writer(self) -> None:
         self._loop.create_task(self._write_outbox())
