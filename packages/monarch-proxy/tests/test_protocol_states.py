@@ -69,7 +69,7 @@ def server_in(state: State):
     """A server-side core in ``state``, and the connection id to feed it from."""
     if state is State.HANDSHAKE:
         return ServerHandshake(), None
-    session = ServerSession("s1", 1, limits=Limits(max_frame_size=1 << 16))
+    session = ServerSession("s1", 1, limits=Limits(max_frame_size=1 << 20))
     session.attach(7, Hello(1, None, 0))
     if state is State.CLOSED:
         session.receive(b"\xff" * 24, 7)
