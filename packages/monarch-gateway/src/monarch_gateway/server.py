@@ -14,6 +14,7 @@ resumes the session), so logs name sessions by a number instead.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hmac
@@ -70,7 +71,8 @@ logger = logging.getLogger("monarch_gateway")
 
 CATEGORY_OF = {error: name for name, error in FAILURE_CATEGORIES.items()}
 HELLO_TIMEOUT_S = 10.0
-CLOSE_SEND_TIMEOUT_S = 1.0
+CLOSE_SEND_TIMEOUT_S = 2.0
+REMEMBERED_FAILURES = 1024  # ids of sessions closed for a cap or an error, to tell on resume
 # While other calls of a session are in flight, a reply waits up to COALESCE_S (or until
 # COALESCE_MAX messages are queued) so replies leave together in one WebSocket message: fewer
 # sends here and fewer wake-ups in the client, about 10-20% more calls/s under load. A reply
@@ -117,7 +119,10 @@ class GatewaySession:
     expiry: asyncio.TimerHandle | None = None
     ended: bool = False
     outbox: list[bytes] = field(default_factory=list)
+    # Bytes of unsequenced frames (LOG, MEMBERS) queued or being written. Replies are not
+    # counted: they are the same objects proto keeps until acked, capped there.
     outbox_bytes: int = 0
+    _queued_bytes: int = 0  # the part of outbox_bytes still in the outbox
     writing: bool = False
     flush_timer: asyncio.TimerHandle | None = None  # a coalescing writer start, pending
     # Names this session's proc meshes, so worker output is routed here (see output.py).
@@ -135,13 +140,11 @@ class GatewaySession:
         old = self.ws
         attached = self.proto.attach(connection, hello)
         self.outbox.clear()  # queued for the old connection; attach() replays what matters
-        self.outbox_bytes = 0
+        self.outbox_bytes = self._queued_bytes = 0
         self.ws, self.connection = ws, connection
         if old is not None and attached.fenced is not None:
             logger.warning("session taken over by a new connection", extra={"session": self.number})
-            asyncio.get_running_loop().create_task(
-                self.gateway.close_with(old, ServerSession.superseded())
-            )
+            self.gateway.close_later(old, ServerSession.superseded())
         self.send(attached.messages)
         if attached.resumed:
             logger.info(
@@ -153,7 +156,7 @@ class GatewaySession:
             return
         self.ws, self.connection = None, None
         self.outbox.clear()
-        self.outbox_bytes = 0
+        self.outbox_bytes = self._queued_bytes = 0
         loop = asyncio.get_running_loop()
         self.expiry = loop.call_later(self.gateway.resume_grace_s, self.end, "grace expired")
 
@@ -172,14 +175,18 @@ class GatewaySession:
         logger.info("session ended", extra={"session": self.number, "reason": reason})
 
     def fail(self, failure: ConnectionFailed) -> None:
-        """The client broke the protocol or a cap: tell it why, close, free everything."""
+        """The client broke the protocol or a cap: tell it why, close, free everything.
+
+        A client that could not read the reason is told again if it tries to resume.
+        """
         logger.warning(
             "session closed", extra={"session": self.number, "error": str(failure.error)}
         )
+        self.gateway.remember_failure(self.id, failure)
         ws = self.ws
         self.end(getattr(failure.error, "code", "protocol"))
         if ws is not None:
-            asyncio.get_running_loop().create_task(self.gateway.close_with(ws, failure))
+            self.gateway.close_later(ws, failure)
 
     def handle(self, event: object) -> None:
         if isinstance(event, Requested):
@@ -201,7 +208,7 @@ class GatewaySession:
         elif isinstance(event, Departed):
             self.end("client said goodbye")
 
-    def send(self, messages: list[bytes]) -> None:
+    def send(self, messages: list[bytes], *, unsequenced: bool = False) -> None:
         """Queue messages for the client, in order, and make sure a writer is draining them.
 
         Reliable frames also stay buffered in ``proto`` until acked, so what cannot be sent now
@@ -210,7 +217,7 @@ class GatewaySession:
         if self.proto.failure is not None:  # the frames just made passed a cap
             self._failed()
             return
-        if self.queue(messages):
+        if self.queue(messages, unsequenced=unsequenced):
             if self.calls and len(self.outbox) < COALESCE_MAX:
                 loop = asyncio.get_running_loop()
                 self.flush_timer = loop.call_later(COALESCE_S, self._start_writer)
@@ -236,17 +243,21 @@ class GatewaySession:
         if not self.ended and self.proto.failure is not None:
             self.fail(failed(self.proto.failure))
 
-    def queue(self, messages: list[bytes]) -> bool:
+    def queue(self, messages: list[bytes], *, unsequenced: bool = False) -> bool:
         """Add to the outbox; True if the caller must start the writer."""
         if self.ws is None or self.ended:
             return False
-        self.outbox_bytes += sum(len(m) for m in messages)
-        limit = self.gateway.limits.max_outbox_bytes
-        if self.outbox_bytes > limit:
-            # A client that does not read: the replies stay in proto for a resume, but only
-            # up to its own cap; this one bounds everything else (LOG, MEMBERS frames).
-            self.fail(self.proto.fail(SessionLimitError("outbox_bytes", self.outbox_bytes, limit)))
-            return False
+        if unsequenced:
+            # A client that does not read: its replies stay in proto for a resume, up to the
+            # unacked cap; this one bounds the rest (worker output, membership events).
+            size = sum(len(m) for m in messages)
+            self.outbox_bytes += size
+            self._queued_bytes += size
+            limit = self.gateway.limits.max_outbox_bytes
+            if self.outbox_bytes > limit:
+                error = SessionLimitError("outbox_bytes", self.outbox_bytes, limit)
+                self.fail(self.proto.fail(error))
+                return False
         self.outbox += messages
         if self.writing:
             return False
@@ -260,7 +271,7 @@ class GatewaySession:
                 # (see frames.BATCH).
                 messages, self.outbox = pack_for_sending(self.outbox), []
                 ws = self.ws
-                sent = sum(len(m) for m in messages)
+                sent, self._queued_bytes = self._queued_bytes, 0
                 with contextlib.suppress(ConnectionClosed):
                     for message in messages:
                         await ws.send(message)
@@ -392,6 +403,8 @@ class Gateway:
         self._connections = itertools.count(1)  # connection ids, for the session cores
         self._rejections = RateLimit(burst=10, window_s=60.0)
         self._output = OutputRouter()
+        self._closing: dict[ServerConnection, asyncio.Task[None]] = {}
+        self._failures: collections.OrderedDict[str, ConnectionFailed] = collections.OrderedDict()
         self.monitor = WorkerMonitor(workers, self._worker_died)
         self._server: Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -438,7 +451,7 @@ class Gateway:
         for tag, lines in runs:
             session = by_tag.get(tag)
             if session is not None and session.ws is not None:
-                session.send([ServerSession.log(stream, lines)])
+                session.send([ServerSession.log(stream, lines)], unsequenced=True)
 
     def members(self) -> dict[str, Any]:
         if self.membership is not None:
@@ -452,7 +465,7 @@ class Gateway:
         data = [ServerSession.members(event)]
         for session in list(self.sessions.values()):
             if session.ws is not None:
-                session.send(data)
+                session.send(data, unsequenced=True)
 
     def dead_worker_of(self, entry: Entry) -> Worker | None:
         if entry.whole:  # spawns go to the current workers
@@ -529,7 +542,7 @@ class Gateway:
             async for message in ws:
                 for event in session.proto.receive(message, connection):
                     if isinstance(event, ConnectionFailed):
-                        session.fail(event)
+                        session.fail(event)  # the finally clause waits for the close
                         return
                     session.handle(event)
                 if session.ended or session.connection != connection:
@@ -538,6 +551,9 @@ class Gateway:
             pass
         finally:
             session.detach(connection)
+            closing = self._closing.pop(ws, None)
+            if closing is not None:  # returning would close with 1000 before the ERROR frame
+                await closing
 
     async def _handshake(self, ws: ServerConnection, connection: int) -> GatewaySession | None:
         core = ServerHandshake(max_frame_size=self.max_frame_size)
@@ -548,6 +564,10 @@ class Gateway:
         [event] = core.receive(first)
         if isinstance(event, ConnectionFailed):
             await self.close_with(ws, event)
+            return None
+        failure = self._failures.get(event.session_id or "")
+        if failure is not None:  # closed for a reason the client may never have read
+            await self.close_with(ws, failure)
             return None
         session = self.sessions.get(event.session_id or "")
         if session is None:  # a new session (an unknown or expired id gets a fresh one)
@@ -561,14 +581,29 @@ class Gateway:
         session.attach(ws, connection, event)
         return session
 
+    def remember_failure(self, session_id: str, failure: ConnectionFailed) -> None:
+        self._failures[session_id] = failure
+        while len(self._failures) > REMEMBERED_FAILURES:
+            self._failures.popitem(last=False)
+
+    def close_later(self, ws: ServerConnection, failure: ConnectionFailed) -> None:
+        """Close ``ws`` for ``failure`` from a callback; its handler waits for this to finish."""
+        if ws not in self._closing:
+            self._closing[ws] = asyncio.get_running_loop().create_task(self.close_with(ws, failure))
+
     @staticmethod
     async def close_with(ws: ServerConnection, failure: ConnectionFailed) -> None:
         """Send the failure's ERROR frame (if any) and close with its code."""
-        with contextlib.suppress(ConnectionClosed, TimeoutError):
-            if failure.message is not None:  # a client that does not read never gets it
-                await asyncio.wait_for(ws.send(failure.message), CLOSE_SEND_TIMEOUT_S)
-        with contextlib.suppress(ConnectionClosed):
-            await ws.close(failure.close_code, str(getattr(failure.error, "code", "closed")))
+        reason = str(getattr(failure.error, "code", "closed"))
+        try:
+            async with asyncio.timeout(CLOSE_SEND_TIMEOUT_S):
+                if failure.message is not None:
+                    await ws.send(failure.message)
+                await ws.close(failure.close_code, reason)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:  # a client that does not read: close() would wait forever
+            ws.transport.abort()
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let running calls finish (up to ``timeout_s``), then close."""

@@ -10,6 +10,7 @@ connection drops.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -115,8 +116,11 @@ class GatewayConnection:
         self._releases: list[int] = []
         self._outbox: list[bytes] = []  # small requests waiting for the writer task
         self._outbox_scheduled = False
+        self._big: collections.deque[list[bytes]] = collections.deque()  # frames sent in pieces
+        self._big_writing = False
         self._ack_scheduled = False
         self._closing = False
+        self._closed_by: ProxyError | None = None  # why the connection was failed, if it was
         self._ws: ClientConnection | None = None
         self._loop = new_event_loop()
         self._thread = threading.Thread(
@@ -167,19 +171,23 @@ class GatewayConnection:
         future: concurrent.futures.Future[Reply] = concurrent.futures.Future()
         with self._lock:
             if self._closing:
+                if self._closed_by is not None:  # say why: a cap, a takeover, a lost session
+                    raise self._closed_by
                 raise TransportError("the connection to the gateway is closed")
             request_id, pieces = self._session.request(op, meta, payload)
             self._futures[request_id] = future
             if on_item is not None:
                 self._item_callbacks[request_id] = on_item
             if len(pieces) > 1:
-                big = pieces  # its own writer, so small calls keep flowing beside it
+                # Its own writer, so small calls keep flowing beside it; big frames go one
+                # after another (the gateway caps frames left half sent per session).
+                big = pieces
             else:
                 big = None
                 self._outbox.extend(pieces)
                 wake, self._outbox_scheduled = not self._outbox_scheduled, True
         if big is not None:
-            self._loop.call_soon_threadsafe(self._send_nowait, big)
+            self._loop.call_soon_threadsafe(self._queue_big, big)
         elif wake:  # one wake-up of the event loop carries every request queued until it runs
             self._loop.call_soon_threadsafe(self._start_outbox_writer)
         return future
@@ -394,6 +402,19 @@ class GatewayConnection:
             # session replays after it resumes.
             await self._send(pack_for_sending(messages))
 
+    def _queue_big(self, pieces: list[bytes]) -> None:
+        self._big.append(pieces)
+        if not self._big_writing:
+            self._big_writing = True
+            self._loop.create_task(self._write_big())
+
+    async def _write_big(self) -> None:
+        try:
+            while self._big:
+                await self._send(self._big.popleft())
+        finally:
+            self._big_writing = False
+
     def _send_nowait(self, pieces: list[bytes]) -> None:
         # While disconnected the request stays pending in the session and is replayed on resume.
         if self._ws is not None:
@@ -450,6 +471,8 @@ class GatewayConnection:
                 self._session.forget(request_id)
             if not keep_open:
                 self._closing = True
+                if isinstance(exc, ProxyError) and self._closed_by is None:
+                    self._closed_by = exc
         for future in futures.values():
             if not future.done():
                 future.set_exception(exc)
