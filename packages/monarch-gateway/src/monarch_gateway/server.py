@@ -373,6 +373,13 @@ class GatewaySession:
         raise GatewayError(f"unknown operation {op!r}; the client may be newer than the gateway")
 
 
+async def discard(ws: ServerConnection) -> None:
+    """Read and drop messages until the connection closes (so a closing handshake completes)."""
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
+
+
 class Gateway:
     """Serves a :class:`MeshService` to monarch-proxy clients over WebSockets."""
 
@@ -539,14 +546,15 @@ class Gateway:
         if session is None:
             return
         try:
+            # Read until the connection is closed, even once the session has failed, ended or
+            # moved to another connection (proto ignores those bytes): a reader must be there
+            # for the closing handshake to complete.
             async for message in ws:
                 for event in session.proto.receive(message, connection):
                     if isinstance(event, ConnectionFailed):
-                        session.fail(event)  # the finally clause waits for the close
-                        return
+                        session.fail(event)
+                        break
                     session.handle(event)
-                if session.ended or session.connection != connection:
-                    return  # ended by the client (BYE), or fenced by a resume
         except ConnectionClosed:
             pass
         finally:
@@ -563,7 +571,7 @@ class Gateway:
             return None
         [event] = core.receive(first)
         if isinstance(event, ConnectionFailed):
-            await self.close_with(ws, event)
+            await asyncio.gather(self.close_with(ws, event), discard(ws))
             return None
         failure = self._failures.get(event.session_id or "")
         if failure is not None:  # closed for a reason the client may never have read
