@@ -351,3 +351,20 @@ def test_state_table_covers_every_kind_each_side_receives():
         assert set().union(*ACCEPTS[side].values()) == kinds
     assert json.loads(json.dumps(list(Op)))  # op names serialize as plain strings
     assert isinstance(Welcomed(1, "s", False, 1).lost, list)
+
+
+def test_the_protocol_cores_do_no_io():
+    import ast
+    from pathlib import Path
+
+    import monarch_proxy.protocol as protocol
+
+    for path in Path(protocol.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in {"asyncio", "websockets", "socket"}, path

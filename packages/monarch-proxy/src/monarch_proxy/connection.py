@@ -327,7 +327,7 @@ class GatewayConnection:
         while time.monotonic() < deadline and not self._closing:
             try:
                 await self._connect(resuming=True)
-                logger.info("resumed gateway session %s", self._session.session_id)
+                logger.info("resumed the gateway session")  # its id is a credential: not logged
                 return
             except (AuthenticationError, ProtocolError):
                 raise

@@ -39,7 +39,7 @@ from monarch_proxy.protocol.frames import (
     decode_message,
 )
 from monarch_proxy.protocol.names import CloseCode, Op
-from monarch_proxy.protocol.states import Side, State, accepts, next_state
+from monarch_proxy.protocol.states import ACCEPTS, TRANSITIONS, Side, State
 
 __all__ = ["ClientEvent", "ClientSession"]
 
@@ -57,6 +57,8 @@ ClientEvent = (
 
 class ClientSession:
     side = Side.CLIENT
+    _accepts = ACCEPTS[Side.CLIENT]  # this side's rows of the tables, looked up once
+    _transitions = TRANSITIONS[Side.CLIENT]
 
     def __init__(
         self,
@@ -86,7 +88,9 @@ class ClientSession:
     def hello(self) -> bytes:
         """The first frame on every connection: a new session, or a resume of the current one."""
         if self.state is not State.HANDSHAKE:
-            raise InvalidStateError(f"HELLO is sent only before WELCOME, not when {self.state}")
+            raise InvalidStateError(
+                f"HELLO is sent only before WELCOME, not when {self.state.name}"
+            )
         meta: dict[str, Any] = {"versions": list(self.versions), "client": "monarch-proxy"}
         if self.session_id is not None:
             meta["session"] = self.session_id
@@ -166,15 +170,15 @@ class ClientSession:
         return events
 
     def _receive_frame(self, piece: Frame) -> list[ClientEvent]:
-        if not accepts(self.side, self.state, piece.kind):
+        if piece.kind not in self._accepts[self.state]:
             raise ProtocolError(
-                f"gateway sent {piece.kind.name} while the session is {self.state.value}"
+                f"gateway sent {piece.kind.name} while the session is {self.state.name}"
             )
         frame = self._reassembler.feed(piece)
         if frame is None:
             return []
         kind = frame.kind
-        self.state = next_state(self.side, self.state, kind)
+        self.state = self._transitions.get((self.state, kind), self.state)
         if kind is FrameKind.WELCOME:
             return [self._welcomed(frame)]
         if kind is FrameKind.LOG:

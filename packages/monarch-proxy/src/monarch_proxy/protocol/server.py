@@ -51,7 +51,7 @@ from monarch_proxy.protocol.frames import (
     decode_message,
 )
 from monarch_proxy.protocol.names import CLOSE_CODE_OF
-from monarch_proxy.protocol.states import Side, State, accepts, next_state
+from monarch_proxy.protocol.states import ACCEPTS, TRANSITIONS, Side, State, accepts, next_state
 
 __all__ = [
     "Attached",
@@ -125,6 +125,8 @@ class ServerHandshake:
     """One connection before its session is known: accepts exactly one HELLO."""
 
     side = Side.SERVER
+    _accepts = ACCEPTS[Side.SERVER]  # this side's rows of the tables, looked up once
+    _transitions = TRANSITIONS[Side.SERVER]
 
     def __init__(
         self,
@@ -180,6 +182,8 @@ class Attached:
 
 class ServerSession:
     side = Side.SERVER
+    _accepts = ACCEPTS[Side.SERVER]  # this side's rows of the tables, looked up once
+    _transitions = TRANSITIONS[Side.SERVER]
 
     def __init__(self, session_id: str, version: int, *, limits: Limits | None = None) -> None:
         self.session_id = session_id
@@ -278,13 +282,13 @@ class ServerSession:
         return failed(error)
 
     def _receive_frame(self, piece: Frame) -> list[ServerEvent]:
-        if not accepts(self.side, self.state, piece.kind):
+        if piece.kind not in self._accepts[self.state]:
             raise ProtocolError(f"unexpected {piece.kind.name} frame in an open session")
         frame = self._reassembler.feed(piece)
         if frame is None:
             return []
         self._acknowledge(frame.seq)
-        self.state = next_state(self.side, self.state, frame.kind)
+        self.state = self._transitions.get((self.state, frame.kind), self.state)
         if frame.kind is FrameKind.REQUEST:
             if frame.id <= self.last_request or frame.id in self._requests_ahead:
                 return []  # sent again after a resume; we already have it

@@ -25,15 +25,16 @@ from monarch_proxy.protocol.frames import FrameKind
 __all__ = ["ACCEPTS", "TRANSITIONS", "Side", "State"]
 
 
-class Side(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
+# IntEnums, as in websockets: hashed and compared at C speed on every frame.
+class Side(enum.IntEnum):
+    CLIENT = 1
+    SERVER = 2
 
 
-class State(enum.Enum):
-    HANDSHAKE = "handshake"  # no WELCOME yet on this connection (or no connection at all)
-    OPEN = "open"  # requests and replies flow
-    CLOSED = "closed"  # ended on purpose or failed: nothing more is accepted or sent
+class State(enum.IntEnum):
+    HANDSHAKE = 1  # no WELCOME yet on this connection (or no connection at all)
+    OPEN = 2  # requests and replies flow
+    CLOSED = 3  # ended on purpose or failed: nothing more is accepted or sent
 
 
 K = FrameKind
