@@ -130,11 +130,33 @@ def direct_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, fl
     return measure("direct", one, one.echo.call_one, lambda f: f.get(), args)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proxy_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, float]:
     with cluster.connect() as job:
         mesh = job.hosts.spawn_procs(per_host={"gpus": 1}).spawn("echo", Echo)
         one = mesh.slice(hosts=0, gpus=0)
-        return measure("proxy", one, one.echo.call_one, lambda f: f.get(), args)
+        result = measure("proxy", one, one.echo.call_one, lambda f: f.get(), args)
+        # CPU per call of the gateway and of this client: steadier than calls/s on a busy
+        # machine, since other processes' load does not count.
+        assert cluster.gateway is not None
+        n = args.calls * 8
+        gateway0, client0 = process_cpu_s(cluster.gateway.pid), time.process_time()
+        throughput(lambda: one.echo.call_one(1), lambda f: f.get(), n)
+        result["gateway_cpu_us_per_call"] = (
+            (process_cpu_s(cluster.gateway.pid) - gateway0) / n * 1e6
+        )
+        result["client_cpu_us_per_call"] = (time.process_time() - client0) / n * 1e6
+        print(
+            f"  CPU per call: gateway {result['gateway_cpu_us_per_call']:.0f} us, "
+            f"client {result['client_cpu_us_per_call']:.0f} us",
+            flush=True,
+        )
+        return result
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,15 +195,22 @@ def compare(args: argparse.Namespace) -> None:
                     print(f"round {round_ + 1} {label}: {runs[label][-1]}", flush=True)
         finally:
             subprocess.run([*git, "worktree", "remove", "--force", str(before_tree)], check=False)
-    keys = ("calls_per_s", "p50_ms", "p99_ms", "mb_s")
+    keys = (
+        "gateway_cpu_us_per_call",
+        "client_cpu_us_per_call",
+        "calls_per_s",
+        "p50_ms",
+        "p99_ms",
+        "mb_s",
+    )
     medians = {
         label: {k: statistics.median(r[k] for r in results) for k in keys}
         for label, results in runs.items()
     }
     ratios = {k: medians["after"][k] / medians["before"][k] for k in keys}
-    print(f"\n{'metric':16s} {'after/before':>12s} {'before':>10s} {'after':>10s}")
+    print(f"\n{'metric':24s} {'after/before':>12s} {'before':>10s} {'after':>10s}")
     for k in keys:
-        print(f"{k:16s} {ratios[k]:12.3f} {medians['before'][k]:10.3f} {medians['after'][k]:10.3f}")
+        print(f"{k:24s} {ratios[k]:12.3f} {medians['before'][k]:10.3f} {medians['after'][k]:10.3f}")
     if args.json:
         save_json(
             args.json,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import actors
 import pytest
+from tcp_relay import TcpRelay
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as raw_connect
 
@@ -246,3 +247,25 @@ def test_finding_11_rejected_connections_are_logged_at_a_bounded_rate(capped):
     logged = gateway_log(capped).count("rejected connection") - before
     assert 1 <= logged <= 10
     still_serves(capped)
+
+
+def test_replies_missed_while_disconnected_arrive_packed_with_the_welcome(capped):
+    # Found while fencing resumes: the gateway packs WELCOME and the replies it replays into one
+    # message, and the client used to read only the WELCOME, so those replies were lost.
+    with TcpRelay(capped.url) as relay:
+        job = JobState.fetch(GatewayConnection.open(relay.url, capped.token))
+        mesh = echo_mesh(job, "missed")
+        relay.pause()
+        relay.drop_all()
+        future = mesh.sleep.call_one(0.2)
+        time.sleep(0.3)  # the request is not sent yet: nothing to lose
+        relay.resume()
+        assert future.get(timeout=30) == 0.2
+        slow = mesh.sleep.call_one(1.0)
+        time.sleep(0.3)
+        relay.pause()
+        relay.drop_all()  # the reply is produced while the client is away
+        time.sleep(1.5)
+        relay.resume()
+        assert slow.get(timeout=30) == 1.0
+        job.close()

@@ -319,6 +319,12 @@ class GatewayConnection:
         for piece in event.replay:
             await ws.send(piece)
         self._flush_releases()
+        # Replies replayed in the same message as WELCOME (the gateway packs them together).
+        for later in events[1:]:
+            if isinstance(later, ConnectionFailed):
+                await ws.close(later.close_code)
+                raise later.error
+            self._dispatch(later)
 
     async def _reconnect(self) -> None:
         deadline = time.monotonic() + self._resume_grace_s

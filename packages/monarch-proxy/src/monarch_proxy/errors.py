@@ -91,6 +91,12 @@ class SessionLimitError(ProtocolError):
         "partial_frames": "too many frames were left half sent in pieces",
         "partial_bytes": "too many bytes of frames were left half sent in pieces",
     }
+    FLAGS = {
+        "unacked_bytes": "--max-unacked-bytes",
+        "outbox_bytes": "--max-outbox-bytes",
+        "partial_frames": "--max-partial-frames",
+        "partial_bytes": "--max-frame-size (twice it)",
+    }
 
     def __init__(self, limit: str, size: int, max_size: int) -> None:
         self.limit = limit
@@ -99,8 +105,8 @@ class SessionLimitError(ProtocolError):
         self.code = self.CODES.get(limit, ErrorCode.PROTOCOL)
         super().__init__(
             f"session closed: {limit} reached {size}, over the gateway's cap of {max_size} "
-            f"({self.ADVICE.get(limit, 'a per-session limit')}); the gateway's --max-{limit.replace('_', '-')} "
-            "flag sets the cap"
+            f"({self.ADVICE.get(limit, 'a per-session limit')}); the gateway's "
+            f"{self.FLAGS.get(limit, 'limit flags')} sets the cap"
         )
 
 
