@@ -92,6 +92,8 @@ class OutputRouter:
             tag = tag_of(line)
             if tag is None:
                 continue
+            end = line.find("]")  # the client sees its own mesh names, without the tag
+            line = line[:end].replace(f"_{tag}", "") + line[end:]
             if runs and runs[-1][0] == tag:
                 runs[-1] = (tag, runs[-1][1] + line)
             else:
