@@ -1,6 +1,7 @@
 """Gateway overhead against calling torchmonarch directly, on the same worker processes.
 
     python benchmarks/gateway.py [--quick] [--json FILE] [--hosts 2]
+    python benchmarks/gateway.py --compare-with main [--rounds 3] [--json FILE]
 
 Measures, for the direct path (this process attaches to the workers with attach_to_workers)
 and the proxy path (monarch-proxy -> gateway process -> the same workers):
@@ -8,6 +9,11 @@ and the proxy path (monarch-proxy -> gateway process -> the same workers):
 - calls per second with 64 calls in flight;
 - MB/s of a 64 MiB payload round trip (echoed back; MB = 10^6 bytes of payload / round trip).
 Each figure is the median of several runs; the table shows proxy/direct ratios.
+
+``--compare-with REF`` measures the proxy path of another commit (checked out in a temporary
+git worktree; its monarch-proxy and monarch-gateway put first on the import path of the client
+and the gateway) against this tree, in the same run: the two alternate, round after round, and
+the medians are compared (after/before ratios first).
 
 The gateway and the workers keep freed memory for reuse (see monarch_proxy.memory); this
 process does too, so the direct path and the proxy client get the same treatment.
@@ -17,9 +23,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,11 +130,99 @@ def direct_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, fl
     return measure("direct", one, one.echo.call_one, lambda f: f.get(), args)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proxy_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, float]:
     with cluster.connect() as job:
         mesh = job.hosts.spawn_procs(per_host={"gpus": 1}).spawn("echo", Echo)
         one = mesh.slice(hosts=0, gpus=0)
-        return measure("proxy", one, one.echo.call_one, lambda f: f.get(), args)
+        result = measure("proxy", one, one.echo.call_one, lambda f: f.get(), args)
+        # CPU per call of the gateway and of this client: steadier than calls/s on a busy
+        # machine, since other processes' load does not count.
+        assert cluster.gateway is not None
+        n = args.calls * 8
+        gateway0, client0 = process_cpu_s(cluster.gateway.pid), time.process_time()
+        throughput(lambda: one.echo.call_one(1), lambda f: f.get(), n)
+        result["gateway_cpu_us_per_call"] = (
+            (process_cpu_s(cluster.gateway.pid) - gateway0) / n * 1e6
+        )
+        result["client_cpu_us_per_call"] = (time.process_time() - client0) / n * 1e6
+        print(
+            f"  CPU per call: gateway {result['gateway_cpu_us_per_call']:.0f} us, "
+            f"client {result['client_cpu_us_per_call']:.0f} us",
+            flush=True,
+        )
+        return result
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("packages/monarch-proxy/src", "packages/monarch-gateway/src")
+
+
+def run_proxy_only(tree: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One ``--proxy-only`` run in a child process importing the proxy and gateway of ``tree``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*(str(tree / s) for s in SOURCES), env.get("PYTHONPATH", "")]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "proxy.json"
+        argv = [sys.executable, __file__, "--proxy-only", "--json", str(out)]
+        argv += ["--hosts", str(args.hosts)] + (["--quick"] if args.quick else [])
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        return dict(json.loads(out.read_text()))
+
+
+def compare(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        before_tree = Path(tmp) / "before"
+        git = ["git", "-C", str(ROOT)]
+        subprocess.run(
+            [*git, "worktree", "add", "--detach", str(before_tree), args.compare_with],
+            check=True,
+            capture_output=True,
+        )
+        runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+        try:
+            for round_ in range(args.rounds):
+                order = [("before", before_tree), ("after", ROOT)]
+                for label, tree in order if round_ % 2 == 0 else order[::-1]:  # interleaved
+                    runs[label].append(run_proxy_only(tree, args))
+                    print(f"round {round_ + 1} {label}: {runs[label][-1]}", flush=True)
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(before_tree)], check=False)
+    keys = (
+        "gateway_cpu_us_per_call",
+        "client_cpu_us_per_call",
+        "calls_per_s",
+        "p50_ms",
+        "p99_ms",
+        "mb_s",
+    )
+    medians = {
+        label: {k: statistics.median(r[k] for r in results) for k in keys}
+        for label, results in runs.items()
+    }
+    ratios = {k: medians["after"][k] / medians["before"][k] for k in keys}
+    print(f"\n{'metric':24s} {'after/before':>12s} {'before':>10s} {'after':>10s}")
+    for k in keys:
+        print(f"{k:24s} {ratios[k]:12.3f} {medians['before'][k]:10.3f} {medians['after'][k]:10.3f}")
+    if args.json:
+        save_json(
+            args.json,
+            {
+                "ratios_after_over_before": ratios,
+                "before": medians["before"],
+                "after": medians["after"],
+                "before_ref": args.compare_with,
+                "runs": runs,
+                "config": {"quick": args.quick, "rounds": args.rounds, "hosts": args.hosts},
+            },
+        )
 
 
 def main() -> None:
@@ -133,14 +231,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer calls; under a minute")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--proxy-only", action="store_true", help="measure the proxy path only")
+    parser.add_argument("--compare-with", metavar="REF", help="git ref to compare this tree with")
+    parser.add_argument("--rounds", type=int, default=3, help="before/after pairs to run")
     args = parser.parse_args()
     args.calls = 300 if args.quick else 1000
     args.repeats = 3 if args.quick else 5
     args.bulk_runs = 3 if args.quick else 7
+    if args.compare_with:
+        compare(args)
+        return
 
     with LocalCluster(args.hosts, stream_output=False).start() as cluster:
         print(f"workers: {cluster.addresses}", flush=True)
         proxy = proxy_path(cluster, args)
+        if args.proxy_only:
+            if args.json:
+                save_json(args.json, proxy)
+            return
         direct = direct_path(cluster, args)
 
     figures: dict[str, Any] = {

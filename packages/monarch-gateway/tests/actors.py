@@ -47,3 +47,19 @@ class BrokenInit(Actor):
     @endpoint
     def never(self) -> None:
         pass
+
+
+class Chatter(Actor):
+    @endpoint
+    def chatter(self, kib: int) -> int:
+        """Print ``kib`` lines of 1 KiB: worker output for a client to receive (or not)."""
+        line = "c" * 1023
+        for _ in range(kib):
+            print(line, flush=False)
+        sys.stdout.flush()
+        return kib
+
+    @endpoint
+    def pause(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds

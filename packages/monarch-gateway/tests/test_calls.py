@@ -26,8 +26,10 @@ from monarch_proxy import (
 )
 
 
-def health(cluster: LocalCluster) -> dict[str, object]:
-    with urllib.request.urlopen(cluster.health_url, timeout=5) as response:
+def health(cluster: LocalCluster, token: str | None = None) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(cluster.health_url, headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read())
 
 
@@ -195,18 +197,18 @@ def test_unknown_handle_gets_a_typed_error(job: JobState):
 def test_handles_are_freed_on_garbage_collection_and_at_session_end(cluster):
     job = cluster.connect()
     procs = job.hosts.spawn_procs(per_host={"gpus": 1})
-    base = health(cluster)["handles"]
+    base = health(cluster, cluster.token)["handles"]
     slices = [procs.slice(hosts=i % 2) for i in range(10)]
-    assert health(cluster)["handles"] == base + 10
+    assert health(cluster, cluster.token)["handles"] == base + 10
     del slices
     gc.collect()
     deadline = time.monotonic() + 10
-    while health(cluster)["handles"] != base and time.monotonic() < deadline:
+    while health(cluster, cluster.token)["handles"] != base and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert health(cluster)["handles"] == base
-    sessions = health(cluster)["sessions"]
+    assert health(cluster, cluster.token)["handles"] == base
+    sessions = health(cluster, cluster.token)["sessions"]
     job.close()
-    assert health(cluster)["sessions"] == sessions - 1
+    assert health(cluster, cluster.token)["sessions"] == sessions - 1
 
 
 def test_stop_stops_the_actors(job: JobState):
@@ -258,6 +260,8 @@ def test_many_clients_at_once(cluster):
     assert errors == []
 
 
-def test_health_endpoint_needs_no_token(cluster):
-    body = health(cluster)
+def test_health_endpoint_needs_no_token_and_gives_details_only_with_it(cluster):
+    assert health(cluster) == {"status": "ok"}
+    assert health(cluster, "wrong") == {"status": "ok"}
+    body = health(cluster, cluster.token)
     assert body["status"] == "ok" and body["workers"] == 2 and body["dead_workers"] == []

@@ -5,8 +5,10 @@ import pytest
 from monarch_proxy.errors import FrameTooLargeError, ProtocolError, ProtocolVersionError
 from monarch_proxy.protocol.client import ClientSession
 from monarch_proxy.protocol.events import (
+    ConnectionFailed,
     Departed,
     Failed,
+    Hello,
     Logged,
     Rejected,
     Released,
@@ -16,23 +18,40 @@ from monarch_proxy.protocol.events import (
     Welcomed,
 )
 from monarch_proxy.protocol.frames import FLAG_MORE, PIECE_SIZE, SIZE_KEY, Frame, FrameKind, decode
-from monarch_proxy.protocol.server import ServerSession, error_frame, negotiate
+from monarch_proxy.protocol.server import Limits, ServerSession, error_frame, negotiate
+from monarch_proxy.protocol.states import State
+
+CONNECTION = 1  # the id the server session knows the test's connection by
 
 
 def feed(session, messages):
     """Deliver one message (bytes) or several (a list) and collect the events."""
     if isinstance(messages, bytes):
         messages = [messages]
+    if isinstance(session, ServerSession):
+        return [e for message in messages for e in session.receive(message, session.connection)]
     return [event for message in messages for event in session.receive(message)]
+
+
+def hello_of(client):
+    frame = decode(client.hello())
+    return Hello(negotiate(frame), frame.meta.get("session"), frame.meta.get("last_seq", 0))
 
 
 def open_pair(max_frame_size=1 << 20):
     client = ClientSession()
-    hello = decode(client.hello())
-    server = ServerSession("s1", negotiate(hello), max_frame_size=max_frame_size)
-    [welcome] = feed(client, server.welcome(resumed=False))
+    server = ServerSession("s1", 1, limits=Limits(max_frame_size=max_frame_size))
+    attached = server.attach(CONNECTION, hello_of(client))
+    [welcome] = feed(client, attached.messages)
     assert isinstance(welcome, Welcomed)
     return client, server
+
+
+def assert_failing(events, match):
+    """The last event fails the connection for a reason matching ``match``."""
+    assert events and isinstance(events[-1], ConnectionFailed), events
+    with pytest.raises(ProtocolError, match=match):
+        raise events[-1].error
 
 
 def test_handshake_negotiates_the_highest_common_version():
@@ -67,7 +86,7 @@ def test_requests_are_multiplexed_and_replies_match_by_id():
         ids.append(rid)
     # Replies may come back in any order.
     [r3] = feed(client, server.reply(ids[2], {"v": 3}, b"three"))
-    [r1] = feed(client, server.failure(ids[0], {"category": "gateway", "message": "no"}))
+    [r1] = feed(client, server.failure_reply(ids[0], {"category": "gateway", "message": "no"}))
     assert isinstance(r3, Replied) and r3.id == ids[2] and bytes(r3.payload) == b"three"
     assert isinstance(r1, Failed) and r1.id == ids[0]
     assert client.pending_ids == [ids[1]]
@@ -117,10 +136,13 @@ def test_resume_replays_missed_replies_and_unreceived_requests():
     del lost_reply
 
     # Reconnect: the client asks to resume, the server replays, the client re-sends request 2.
-    hello = decode(client.hello())
-    assert hello.meta["session"] == "s1" and hello.meta["last_seq"] == 0
-    missed = server.resume(hello)
-    [welcome] = feed(client, server.welcome(resumed=True))
+    client.connection_lost()
+    hello = hello_of(client)
+    assert hello.session_id == "s1" and hello.last_seq == 0
+    attached = server.attach(2, hello)
+    assert attached.resumed and attached.fenced == CONNECTION and attached.replayed == 1
+    welcome_message, *missed = attached.messages
+    [welcome] = feed(client, welcome_message)
     assert welcome.resumed and welcome.replay == d2
     [replied] = feed(client, missed[0])
     assert isinstance(replied, Replied) and replied.id == r1
@@ -142,28 +164,32 @@ def test_duplicate_and_out_of_order_reliable_frames():
     assert decode(client.ack()).seq == 3
 
 
-def test_resume_without_the_session_reports_not_resumed():
+def test_resume_without_the_session_reports_not_resumed_and_the_lost_requests():
     client, _ = open_pair()
-    client.request("x", {})
+    rid, _ = client.request("x", {})
+    client.connection_lost()
     fresh = ServerSession("s2", 1)
-    [welcome] = feed(client, fresh.welcome(resumed=False))
-    assert not welcome.resumed and welcome.replay == []
+    [welcome] = feed(client, fresh.attach(CONNECTION, hello_of(client)).messages)
+    assert not welcome.resumed and welcome.replay == [] and welcome.lost == [rid]
+    assert client.pending_ids == [] and client.session_id == "s2"
 
 
-def test_server_rejects_protocol_violations():
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (Frame(FrameKind.HELLO, meta={"versions": [1, 1]}), "unexpected HELLO"),
+        (Frame(FrameKind.REPLY, 1), "unexpected REPLY"),
+        (Frame(FrameKind.REQUEST, 1 << 20, meta={"op": "x"}), "far ahead"),
+        (Frame(FrameKind.REQUEST, 1), "no op"),
+        (Frame(FrameKind.ACK, seq=9), "acknowledged seq 9"),
+        (Frame(FrameKind.RELEASE, meta={"handles": ["a"]}), "handles"),
+    ],
+)
+def test_server_fails_the_connection_on_protocol_violations(frame, match):
     _, server = open_pair()
-    with pytest.raises(ProtocolError, match="unexpected HELLO"):
-        feed(server, Frame(FrameKind.HELLO, meta={"versions": [1, 1]}).encode())
-    with pytest.raises(ProtocolError, match="unexpected REPLY"):
-        feed(server, Frame(FrameKind.REPLY, 1).encode())
-    with pytest.raises(ProtocolError, match="far ahead"):
-        feed(server, Frame(FrameKind.REQUEST, 1 << 20, meta={"op": "x"}).encode())
-    with pytest.raises(ProtocolError, match="no op"):
-        feed(server, Frame(FrameKind.REQUEST, 1).encode())
-    with pytest.raises(ProtocolError, match="acknowledged seq 9"):
-        feed(server, Frame(FrameKind.ACK, seq=9).encode())
-    with pytest.raises(ProtocolError, match="handles"):
-        feed(server, Frame(FrameKind.RELEASE, meta={"handles": ["a"]}).encode())
+    assert_failing(feed(server, frame.encode()), match)
+    assert server.state is State.CLOSED
+    assert feed(server, Frame(FrameKind.ACK).encode()) == []  # later bytes are ignored
 
 
 def test_release_and_bye_events():
@@ -174,14 +200,17 @@ def test_release_and_bye_events():
 
 def test_client_rejects_answers_to_unknown_requests_and_surfaces_errors():
     client, server = open_pair()
-    with pytest.raises(ProtocolError, match="not pending"):
-        feed(client, server.reply(42, {}))
-    [rejected] = feed(client, error_frame("version_mismatch", "nope"))
-    assert rejected == Rejected("version_mismatch", "nope")
     [logged] = feed(client, ServerSession.log("stderr", "boom\n"))
     assert logged == Logged("stderr", "boom\n")
-    with pytest.raises(ProtocolError, match="client-only"):
-        feed(client, Frame(FrameKind.REQUEST, 1).encode())
+    assert_failing(feed(client, server.reply(42, {})), "not pending")
+    client, _ = open_pair()
+    [rejected] = feed(client, error_frame("version_mismatch", "nope"))
+    assert rejected == Rejected(
+        "version_mismatch", "nope", {"code": "version_mismatch", "message": "nope"}
+    )
+    assert client.state is State.CLOSED
+    client, _ = open_pair()
+    assert_failing(feed(client, Frame(FrameKind.REQUEST, 1).encode()), "sent REQUEST while")
 
 
 def test_large_frames_travel_in_pieces_and_interleave():
@@ -205,7 +234,8 @@ def test_half_received_frames_are_dropped_when_the_connection_is_lost():
     client, server = open_pair(max_frame_size=64 << 20)
     _rid, pieces = client.request("x", {}, b"y" * (3 << 20))
     feed(server, pieces[:2])
-    server.resume(decode(client.hello()))  # a new connection: the pieces so far are gone
+    client.connection_lost()
+    server.attach(2, hello_of(client))  # a new connection: the pieces so far are gone
     assert feed(server, pieces) != []  # the replay assembles from the start
 
 
@@ -232,5 +262,4 @@ def test_malformed_pieces_are_protocol_errors(bad):
         huge = huge[:1] + bytes([FLAG_MORE]) + huge[2:]
         messages, error = [huge], "over the"
     del first
-    with pytest.raises(ProtocolError, match=error):
-        feed(server, messages)
+    assert_failing(feed(server, messages), error)

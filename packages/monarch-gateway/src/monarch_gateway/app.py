@@ -19,7 +19,8 @@ from monarch_gateway.output import OutputTee
 from monarch_gateway.server import Gateway
 from monarch_gateway.sources import WorkerSource
 from monarch_proxy.memory import keep_freed_memory
-from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE
+from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_PARTIAL_FRAMES
+from monarch_proxy.protocol.server import Limits
 
 logger = logging.getLogger("monarch_gateway")
 
@@ -33,6 +34,10 @@ class GatewayOptions:
     certfile: str | None = None
     keyfile: str | None = None
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    # Per-session memory caps (None: twice the frame size); see server.py and the README.
+    max_unacked_bytes: int | None = None
+    max_outbox_bytes: int | None = None
+    max_partial_frames: int = DEFAULT_MAX_PARTIAL_FRAMES
     resume_grace_s: float = 30.0
     attach_timeout_s: float = 120.0
     stream_output: bool = True
@@ -43,6 +48,17 @@ class GatewayOptions:
     sync_port: int | None = None
     sync_members_file: str | None = None
     poll_s: float = 0.5  # how often worker sources are asked again
+
+
+def limits_of(options: GatewayOptions) -> Limits:
+    twice = 2 * options.max_frame_size
+    return Limits(
+        max_frame_size=options.max_frame_size,
+        max_unacked_bytes=options.max_unacked_bytes or twice,
+        max_outbox_bytes=options.max_outbox_bytes or twice,
+        max_partial_frames=options.max_partial_frames,
+        max_partial_bytes=twice,
+    )
 
 
 def server_ssl_context(certfile: str | None, keyfile: str | None) -> ssl_module.SSLContext | None:
@@ -157,7 +173,7 @@ async def run_gateway(options: GatewayOptions) -> None:
         host=options.host,
         port=options.port,
         ssl=server_ssl_context(options.certfile, options.keyfile),
-        max_frame_size=options.max_frame_size,
+        limits=limits_of(options),
         resume_grace_s=options.resume_grace_s,
         sync_agent=options.sync_agent,
     )

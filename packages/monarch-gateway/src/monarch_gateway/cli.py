@@ -18,7 +18,7 @@ from pathlib import Path
 from monarch_gateway.logs import configure_logging
 from monarch_gateway.sources import StaticSource, WorkerSource, parse_source
 from monarch_proxy.connection import new_event_loop
-from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE
+from monarch_proxy.protocol.frames import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_PARTIAL_FRAMES
 
 
 def parse_mesh(value: str) -> tuple[str, list[str]]:
@@ -99,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_FRAME_SIZE,
         help=f"largest message in bytes (default {DEFAULT_MAX_FRAME_SIZE})",
+    )
+    for flag, what in (
+        ("--max-unacked-bytes", "replies a client has not acknowledged, kept for a resume"),
+        ("--max-outbox-bytes", "messages queued for a client that is not reading"),
+    ):
+        serve.add_argument(
+            flag,
+            type=int,
+            help=f"per-session cap on {what}; past it the session is closed "
+            "(default: twice --max-frame-size)",
+        )
+    serve.add_argument(
+        "--max-partial-frames",
+        type=int,
+        default=DEFAULT_MAX_PARTIAL_FRAMES,
+        help="per-session cap on frames half sent in pieces "
+        f"(default {DEFAULT_MAX_PARTIAL_FRAMES})",
     )
     serve.add_argument(
         "--resume-grace",
@@ -197,6 +214,9 @@ def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         certfile=args.tls_cert,
         keyfile=args.tls_key,
         max_frame_size=args.max_frame_size,
+        max_unacked_bytes=args.max_unacked_bytes,
+        max_outbox_bytes=args.max_outbox_bytes,
+        max_partial_frames=args.max_partial_frames,
         resume_grace_s=args.resume_grace,
         attach_timeout_s=args.attach_timeout,
         stream_output=not args.no_stream_output,

@@ -89,7 +89,11 @@ class MeshService:
             await asyncio.sleep(OUTPUT_SETTLE_S)  # let the output tee relay what just arrived
         return {}, b""
 
-    async def spawn_procs(self, table: HandleTable, entry: Entry, meta: dict[str, Any]) -> Result:
+    async def spawn_procs(
+        self, table: HandleTable, entry: Entry, meta: dict[str, Any], output_tag: str = ""
+    ) -> Result:
+        """Spawn proc meshes; Monarch names them ``<name>_<output_tag>``, so the output their
+        processes write is routed to the session that spawned them (see output.py)."""
         require(entry, "host")
         per_host = field(meta, "per_host", dict)
         if not all(
@@ -100,7 +104,8 @@ class MeshService:
         mesh, hosts = entry.obj, entry.hosts
         if entry.whole:  # the mesh as it is now: replaced workers included
             mesh, hosts = self.host_meshes[entry.mesh], tuple(self.workers[entry.mesh])
-        procs = mesh.spawn_procs(per_host=per_host, name=name)
+        monarch_name = f"{name}_{output_tag}" if output_tag else name
+        procs = mesh.spawn_procs(per_host=per_host, name=monarch_name)
         if self.stream_logs:
             await procs.logging_option(stream_to_client=True, aggregate_window_sec=None)
         procs_entry = Entry("proc", procs, name, hosts, entry.mesh)

@@ -4,18 +4,26 @@ Protocol rules live in :mod:`monarch_proxy.protocol.server`; Monarch calls live 
 :mod:`monarch_gateway.operations`. This module connects the two: it runs each request as its
 own task (so one slow call never blocks another), sends replies on whichever connection the
 session has now, and keeps a dropped session alive for a grace period.
+
+Each session is bounded (``Limits``): replies kept for a resume, messages queued for a client
+that does not read and frames left half sent each have a cap; passing one closes that session
+with an ERROR frame naming the cap, and the others keep going. A session id is a credential (it
+resumes the session), so logs name sessions by a number instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hmac
+import itertools
 import json
 import logging
 import secrets
 import ssl as ssl_module
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -25,7 +33,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from monarch_gateway.handles import Entry, HandleTable
+from monarch_gateway.logs import RateLimit
 from monarch_gateway.monitor import Worker, WorkerMonitor
+from monarch_gateway.output import OutputRouter, new_tag
 
 if TYPE_CHECKING:
     from monarch_gateway.membership import Membership
@@ -42,26 +52,27 @@ from monarch_proxy.errors import (
     FAILURE_CATEGORIES,
     GatewayError,
     ProtocolError,
-    ProtocolVersionError,
     ProxyError,
+    SessionLimitError,
     UnknownHandleError,
     WorkerLostError,
 )
-from monarch_proxy.protocol.events import Departed, Released, Requested
+from monarch_proxy.protocol.events import ConnectionFailed, Departed, Hello, Released, Requested
 from monarch_proxy.protocol.frames import (
-    DEFAULT_MAX_FRAME_SIZE,
     HEADER,
     MAX_META_SIZE,
     PIECE_SIZE,
-    decode,
     pack_for_sending,
 )
-from monarch_proxy.protocol.server import ServerSession, error_frame, negotiate
+from monarch_proxy.protocol.names import CloseCode, Op
+from monarch_proxy.protocol.server import Limits, ServerHandshake, ServerSession, failed
 
 logger = logging.getLogger("monarch_gateway")
 
 CATEGORY_OF = {error: name for name, error in FAILURE_CATEGORIES.items()}
 HELLO_TIMEOUT_S = 10.0
+CLOSE_SEND_TIMEOUT_S = 2.0
+REMEMBERED_FAILURES = 1024  # ids of sessions closed for a cap or an error, to tell on resume
 # While other calls of a session are in flight, a reply waits up to COALESCE_S (or until
 # COALESCE_MAX messages are queued) so replies leave together in one WebSocket message: fewer
 # sends here and fewer wake-ups in the client, about 10-20% more calls/s under load. A reply
@@ -100,31 +111,52 @@ class Call:
 class GatewaySession:
     gateway: Gateway
     proto: ServerSession
+    number: int  # names the session in logs (its id is a secret: it resumes the session)
     table: HandleTable = field(default_factory=HandleTable)
     ws: ServerConnection | None = None
+    connection: int | None = None  # the id proto knows ws by
     calls: dict[int, Call] = field(default_factory=dict)
     expiry: asyncio.TimerHandle | None = None
     ended: bool = False
     outbox: list[bytes] = field(default_factory=list)
+    # Bytes of unsequenced frames (LOG, MEMBERS) queued or being written. Replies are not
+    # counted: they are the same objects proto keeps until acked, capped there.
+    outbox_bytes: int = 0
+    _queued_bytes: int = 0  # the part of outbox_bytes still in the outbox
     writing: bool = False
     flush_timer: asyncio.TimerHandle | None = None  # a coalescing writer start, pending
+    # Names this session's proc meshes, so worker output is routed here (see output.py).
+    output_tag: str = field(default_factory=new_tag)
 
     @property
     def id(self) -> str:
         return self.proto.session_id
 
-    def attach(self, ws: ServerConnection) -> None:
+    def attach(self, ws: ServerConnection, connection: int, hello: Hello) -> None:
+        """Give the session to ``ws``; the connection that held it is fenced and closed."""
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
-        self.outbox.clear()  # queued for the old connection; resume() replays what matters
-        self.ws = ws
+        old = self.ws
+        attached = self.proto.attach(connection, hello)
+        self.outbox.clear()  # queued for the old connection; attach() replays what matters
+        self.outbox_bytes = self._queued_bytes = 0
+        self.ws, self.connection = ws, connection
+        if old is not None and attached.fenced is not None:
+            logger.warning("session taken over by a new connection", extra={"session": self.number})
+            self.gateway.close_later(old, ServerSession.superseded())
+        self.send(attached.messages)
+        if attached.resumed:
+            logger.info(
+                "session resumed", extra={"session": self.number, "replayed": attached.replayed}
+            )
 
-    def detach(self, ws: ServerConnection) -> None:
-        if self.ws is not ws or self.ended:
+    def detach(self, connection: int) -> None:
+        if not self.proto.detach(connection) or self.ended:
             return
-        self.ws = None
+        self.ws, self.connection = None, None
         self.outbox.clear()
+        self.outbox_bytes = self._queued_bytes = 0
         loop = asyncio.get_running_loop()
         self.expiry = loop.call_later(self.gateway.resume_grace_s, self.end, "grace expired")
 
@@ -132,13 +164,29 @@ class GatewaySession:
         if self.ended:
             return
         self.ended = True
+        if self.expiry is not None:
+            self.expiry.cancel()
         for call in self.calls.values():
             if call.waiter is not None:
                 call.waiter.cancel()
         self.calls.clear()
         self.table.clear()
         self.gateway.sessions.pop(self.id, None)
-        logger.info("session ended", extra={"session": self.id, "reason": reason})
+        logger.info("session ended", extra={"session": self.number, "reason": reason})
+
+    def fail(self, failure: ConnectionFailed) -> None:
+        """The client broke the protocol or a cap: tell it why, close, free everything.
+
+        A client that could not read the reason is told again if it tries to resume.
+        """
+        logger.warning(
+            "session closed", extra={"session": self.number, "error": str(failure.error)}
+        )
+        self.gateway.remember_failure(self.id, failure)
+        ws = self.ws
+        self.end(getattr(failure.error, "code", "protocol"))
+        if ws is not None:
+            self.gateway.close_later(ws, failure)
 
     def handle(self, event: object) -> None:
         if isinstance(event, Requested):
@@ -160,13 +208,16 @@ class GatewaySession:
         elif isinstance(event, Departed):
             self.end("client said goodbye")
 
-    def send(self, messages: list[bytes]) -> None:
+    def send(self, messages: list[bytes], *, unsequenced: bool = False) -> None:
         """Queue messages for the client, in order, and make sure a writer is draining them.
 
         Reliable frames also stay buffered in ``proto`` until acked, so what cannot be sent now
         reaches the client when it resumes.
         """
-        if self.queue(messages):
+        if self.proto.failure is not None:  # the frames just made passed a cap
+            self._failed()
+            return
+        if self.queue(messages, unsequenced=unsequenced):
             if self.calls and len(self.outbox) < COALESCE_MAX:
                 loop = asyncio.get_running_loop()
                 self.flush_timer = loop.call_later(COALESCE_S, self._start_writer)
@@ -182,13 +233,31 @@ class GatewaySession:
 
     async def send_now(self, messages: list[bytes]) -> None:
         """:meth:`send`, writing in this task when no writer is active (one loop turn less)."""
+        if self.proto.failure is not None:
+            self._failed()
+            return
         if self.queue(messages):
             await self._write()
 
-    def queue(self, messages: list[bytes]) -> bool:
+    def _failed(self) -> None:
+        if not self.ended and self.proto.failure is not None:
+            self.fail(failed(self.proto.failure))
+
+    def queue(self, messages: list[bytes], *, unsequenced: bool = False) -> bool:
         """Add to the outbox; True if the caller must start the writer."""
-        if self.ws is None:
+        if self.ws is None or self.ended:
             return False
+        if unsequenced:
+            # A client that does not read: its replies stay in proto for a resume, up to the
+            # unacked cap; this one bounds the rest (worker output, membership events).
+            size = sum(len(m) for m in messages)
+            self.outbox_bytes += size
+            self._queued_bytes += size
+            limit = self.gateway.limits.max_outbox_bytes
+            if self.outbox_bytes > limit:
+                error = SessionLimitError("outbox_bytes", self.outbox_bytes, limit)
+                self.fail(self.proto.fail(error))
+                return False
         self.outbox += messages
         if self.writing:
             return False
@@ -202,9 +271,12 @@ class GatewaySession:
                 # (see frames.BATCH).
                 messages, self.outbox = pack_for_sending(self.outbox), []
                 ws = self.ws
+                sent, self._queued_bytes = self._queued_bytes, 0
                 with contextlib.suppress(ConnectionClosed):
                     for message in messages:
                         await ws.send(message)
+                if self.ws is ws:  # else the outbox was reset for a new connection
+                    self.outbox_bytes -= sent
         finally:
             self.writing = False
 
@@ -216,7 +288,7 @@ class GatewaySession:
 
     def _single_result_call(self, request: Requested, call: Call) -> bool:
         return (
-            request.op == "endpoint.call"
+            request.op == Op.ENDPOINT_CALL
             and request.meta.get("method") in SINGLE_RESULT_METHODS
             and call.entry is not None
             and call.error is None
@@ -229,7 +301,7 @@ class GatewaySession:
             call.waiter = begin_call(call.entry, request.meta, request.payload)
         except Exception as exc:
             self.calls.pop(request.id, None)
-            self.send(self.proto.failure(request.id, *failure_for(exc)))
+            self.send(self.proto.failure_reply(request.id, *failure_for(exc)))
             return
         call.waiter.add_done_callback(functools.partial(self._finish, request, call))
 
@@ -242,9 +314,9 @@ class GatewaySession:
         except asyncio.CancelledError:
             if call.lost is None:
                 return
-            data = self.proto.failure(request.id, *failure_for(lost_error(call.lost)))
+            data = self.proto.failure_reply(request.id, *failure_for(lost_error(call.lost)))
         except Exception as exc:
-            data = self.proto.failure(request.id, *failure_for(exc))
+            data = self.proto.failure_reply(request.id, *failure_for(exc))
         self.send(data)
 
     async def _serve(self, request: Requested) -> None:
@@ -255,10 +327,10 @@ class GatewaySession:
         except asyncio.CancelledError:
             if call.lost is None:
                 raise
-            data = self.proto.failure(request.id, *failure_for(lost_error(call.lost)))
+            data = self.proto.failure_reply(request.id, *failure_for(lost_error(call.lost)))
         except Exception as exc:
             meta, payload = failure_for(exc)
-            data = self.proto.failure(request.id, meta, payload)
+            data = self.proto.failure_reply(request.id, meta, payload)
         finally:
             self.calls.pop(request.id, None)
         if not self.ended:
@@ -268,37 +340,44 @@ class GatewaySession:
         service, table, meta, op = self.gateway.service, self.table, request.meta, request.op
         if call.error is not None:
             raise call.error
-        if op == "job.meshes":
+        if op == Op.JOB_MESHES:
             return service.meshes(table)
-        if op == "job.flush_output":
+        if op == Op.JOB_FLUSH_OUTPUT:
             return await service.flush_output()
-        if op == "job.reload":
+        if op == Op.JOB_RELOAD:
             alive = lambda entry: self.gateway.dead_worker_of(entry) is None  # noqa: E731
             return await service.reload(table, meta, alive)
-        if op == "job.members":
+        if op == Op.JOB_MEMBERS:
             return self.gateway.members(), b""
         entry = call.entry
         if entry is None:
             raise ProtocolError(f"operation {op!r} needs a handle")
-        if op == "mesh.slice":
+        if op == Op.MESH_SLICE:
             return service.slice(table, entry, meta)
         # The rest reach workers: fail fast if one they need is already dead.
         dead = self.gateway.dead_worker_of(entry)
         if dead is not None:
             raise WorkerLostError(f"{dead.describe()} is dead; this mesh cannot be used")
-        if op == "endpoint.call":
+        if op == Op.ENDPOINT_CALL:
 
             async def emit(payload: bytes) -> None:
                 await self.send_now(self.proto.item(request.id, {}, payload))
 
             return await service.call(entry, meta, request.payload, emit)
-        if op == "host.spawn_procs":
-            return await service.spawn_procs(table, entry, meta)
-        if op == "proc.spawn":
+        if op == Op.HOST_SPAWN_PROCS:
+            return await service.spawn_procs(table, entry, meta, self.output_tag)
+        if op == Op.PROC_SPAWN:
             return await service.spawn(table, entry, meta, request.payload)
-        if op == "mesh.stop":
+        if op == Op.MESH_STOP:
             return await service.stop(table, entry)
         raise GatewayError(f"unknown operation {op!r}; the client may be newer than the gateway")
+
+
+async def discard(ws: ServerConnection) -> None:
+    """Read and drop messages until the connection closes (so a closing handshake completes)."""
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
 
 
 class Gateway:
@@ -313,7 +392,7 @@ class Gateway:
         host: str = "127.0.0.1",
         port: int = 0,
         ssl: ssl_module.SSLContext | None = None,
-        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        limits: Limits | None = None,
         resume_grace_s: float = 30.0,
         sync_agent: str | None = None,
     ) -> None:
@@ -323,9 +402,16 @@ class Gateway:
         self.host = host
         self.requested_port = port
         self.ssl = ssl
-        self.max_frame_size = max_frame_size
+        self.limits = limits or Limits()
+        self.max_frame_size = self.limits.max_frame_size
         self.resume_grace_s = resume_grace_s
         self.sessions: dict[str, GatewaySession] = {}
+        self._numbers = itertools.count(1)  # session numbers, for logs
+        self._connections = itertools.count(1)  # connection ids, for the session cores
+        self._rejections = RateLimit(burst=10, window_s=60.0)
+        self._output = OutputRouter()
+        self._closing: dict[ServerConnection, asyncio.Task[None]] = {}
+        self._failures: collections.OrderedDict[str, ConnectionFailed] = collections.OrderedDict()
         self.monitor = WorkerMonitor(workers, self._worker_died)
         self._server: Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -358,16 +444,21 @@ class Gateway:
         return f"{scheme}://{self.host}:{self.port}"
 
     def publish_output(self, stream: str, text: str) -> None:
-        """Send worker output to every connected client. Callable from any thread."""
+        """Route captured output to the sessions whose actors wrote it (see output.py); the
+        rest (the gateway's own) goes to no client. Callable from any thread."""
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._publish, stream, text)
 
     def _publish(self, stream: str, text: str) -> None:
-        data = [ServerSession.log(stream, text)]
-        for session in list(self.sessions.values()):
-            if session.ws is not None:
-                session.send(data)
+        runs = self._output.feed(stream, text)
+        if not runs:
+            return
+        by_tag = {s.output_tag: s for s in self.sessions.values()}
+        for tag, lines in runs:
+            session = by_tag.get(tag)
+            if session is not None and session.ws is not None:
+                session.send([ServerSession.log(stream, lines)], unsequenced=True)
 
     def members(self) -> dict[str, Any]:
         if self.membership is not None:
@@ -381,7 +472,7 @@ class Gateway:
         data = [ServerSession.members(event)]
         for session in list(self.sessions.values()):
             if session.ws is not None:
-                session.send(data)
+                session.send(data, unsequenced=True)
 
     def dead_worker_of(self, entry: Entry) -> Worker | None:
         if entry.whole:  # spawns go to the current workers
@@ -404,15 +495,7 @@ class Gateway:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
-            dead = sorted(w.address for w in self.monitor.liveness.dead)
-            body = {
-                "status": "degraded" if dead else "ok",
-                "sessions": len(self.sessions),
-                "handles": sum(len(s.table) for s in self.sessions.values()),
-                "workers": len(self.monitor.workers),
-                "dead_workers": dead,
-            }
-            return connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+            return connection.respond(HTTPStatus.OK, json.dumps(self.health(request)) + "\n")
         refused = self._check_token(connection, request)
         if refused is None and request.path == SYNC_PATH and self.sync_agent is None:
             return connection.respond(
@@ -421,90 +504,114 @@ class Gateway:
             )
         return refused
 
-    def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
+    def health(self, request: Request) -> dict[str, Any]:
+        """Liveness for anyone (probes); the details only with the bearer token."""
+        dead = sorted(w.address for w in self.monitor.liveness.dead)
+        body: dict[str, Any] = {"status": "degraded" if dead else "ok"}
+        if self._authorized(request):
+            body |= {
+                "sessions": len(self.sessions),
+                "handles": sum(len(s.table) for s in self.sessions.values()),
+                "workers": len(self.monitor.workers),
+                "dead_workers": dead,
+            }
+        return body
+
+    def _authorized(self, request: Request) -> bool:
         if self.token is None:
-            return None
+            return True
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
+        return scheme.lower() == "bearer" and hmac.compare_digest(
             presented.encode(), self.token.encode()
-        ):
+        )
+
+    def _check_token(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self._authorized(request):
+            return None
+        # Anyone can knock: at most a few lines a minute, then a count of the rest.
+        allowed, suppressed = self._rejections.allow(time.monotonic())
+        if allowed:
             logger.warning(
                 "rejected connection: missing or wrong bearer token",
-                extra={"peer": str(connection.remote_address)},
+                extra={"peer": str(connection.remote_address), "suppressed": suppressed},
             )
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
-        return None
+        return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
 
     async def _connection(self, ws: ServerConnection) -> None:
         if ws.request is not None and ws.request.path == SYNC_PATH and self.sync_agent:
             await relay_sync(ws, self.sync_agent)
             return
-        session = await self._handshake(ws)
+        connection = next(self._connections)
+        session = await self._handshake(ws, connection)
         if session is None:
             return
         try:
+            # Read until the connection is closed, even once the session has failed, ended or
+            # moved to another connection (proto ignores those bytes): a reader must be there
+            # for the closing handshake to complete.
             async for message in ws:
-                if isinstance(message, str):
-                    await self._refuse(ws, "protocol", "text messages are not part of the protocol")
-                    session.end("protocol error")
-                    return
-                try:
-                    events = session.proto.receive(message)
-                except ProtocolError as exc:
-                    logger.warning(
-                        "protocol error", extra={"session": session.id, "error": str(exc)}
-                    )
-                    await self._refuse(ws, "protocol", str(exc))
-                    session.end("protocol error")
-                    return
-                for event in events:
+                for event in session.proto.receive(message, connection):
+                    if isinstance(event, ConnectionFailed):
+                        session.fail(event)
+                        break
                     session.handle(event)
         except ConnectionClosed:
             pass
         finally:
-            session.detach(ws)
+            session.detach(connection)
+            closing = self._closing.pop(ws, None)
+            if closing is not None:  # returning would close with 1000 before the ERROR frame
+                await closing
 
-    async def _handshake(self, ws: ServerConnection) -> GatewaySession | None:
+    async def _handshake(self, ws: ServerConnection, connection: int) -> GatewaySession | None:
+        core = ServerHandshake(max_frame_size=self.max_frame_size)
         try:
             first = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S)
-            if isinstance(first, str):
-                raise ProtocolError("text messages are not part of the protocol")
-            hello = decode(first, max_size=self.max_frame_size)
-            version = negotiate(hello)
-        except ProtocolVersionError as exc:
-            await self._refuse(ws, "version_mismatch", str(exc))
-            return None
-        except ProtocolError as exc:
-            await self._refuse(ws, "protocol", f"bad HELLO: {exc}")
-            return None
         except (ConnectionClosed, TimeoutError):
             return None
-        session = self.sessions.get(str(hello.meta.get("session", "")))
-        if session is not None:
-            try:
-                missed = session.proto.resume(hello)
-            except ProtocolError as exc:
-                await self._refuse(ws, "protocol", str(exc))
-                return None
-            session.attach(ws)
-            session.send([session.proto.welcome(resumed=True), *missed])
-            logger.info("session resumed", extra={"session": session.id, "replayed": len(missed)})
-            return session
-        proto = ServerSession(
-            secrets.token_urlsafe(18), version, max_frame_size=self.max_frame_size
-        )
-        session = GatewaySession(self, proto)
-        self.sessions[session.id] = session
-        session.attach(ws)
-        session.send([proto.welcome(resumed=False)])
-        logger.info("session opened", extra={"session": session.id, "peer": str(ws.remote_address)})
+        [event] = core.receive(first)
+        if isinstance(event, ConnectionFailed):
+            await asyncio.gather(self.close_with(ws, event), discard(ws))
+            return None
+        failure = self._failures.get(event.session_id or "")
+        if failure is not None:  # closed for a reason the client may never have read
+            await self.close_with(ws, failure)
+            return None
+        session = self.sessions.get(event.session_id or "")
+        if session is None:  # a new session (an unknown or expired id gets a fresh one)
+            proto = ServerSession(secrets.token_urlsafe(18), event.version, limits=self.limits)
+            session = GatewaySession(self, proto, next(self._numbers))
+            self.sessions[session.id] = session
+            logger.info(
+                "session opened",
+                extra={"session": session.number, "peer": str(ws.remote_address)},
+            )
+        session.attach(ws, connection, event)
         return session
 
+    def remember_failure(self, session_id: str, failure: ConnectionFailed) -> None:
+        self._failures[session_id] = failure
+        while len(self._failures) > REMEMBERED_FAILURES:
+            self._failures.popitem(last=False)
+
+    def close_later(self, ws: ServerConnection, failure: ConnectionFailed) -> None:
+        """Close ``ws`` for ``failure`` from a callback; its handler waits for this to finish."""
+        if ws not in self._closing:
+            self._closing[ws] = asyncio.get_running_loop().create_task(self.close_with(ws, failure))
+
     @staticmethod
-    async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(error_frame(code, message))
-            await ws.close(1008 if code != "protocol" else 1002, code)
+    async def close_with(ws: ServerConnection, failure: ConnectionFailed) -> None:
+        """Send the failure's ERROR frame (if any) and close with its code."""
+        reason = str(getattr(failure.error, "code", "closed"))
+        try:
+            async with asyncio.timeout(CLOSE_SEND_TIMEOUT_S):
+                if failure.message is not None:
+                    await ws.send(failure.message)
+                await ws.close(failure.close_code, reason)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:  # a client that does not read: close() would wait forever
+            ws.transport.abort()
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let running calls finish (up to ``timeout_s``), then close."""
@@ -525,7 +632,7 @@ class Gateway:
             session.end("gateway shutting down")
             if ws is not None:
                 with contextlib.suppress(ConnectionClosed):
-                    await ws.close(1001, "gateway shutting down")
+                    await ws.close(CloseCode.GOING_AWAY, "gateway shutting down")
         await self._server.wait_closed()
         await self.monitor.stop()
         logger.info("gateway stopped")

@@ -10,6 +10,7 @@ connection drops.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -29,12 +30,13 @@ from monarch_proxy import codec
 from monarch_proxy.errors import (
     AuthenticationError,
     ProtocolError,
-    ProtocolVersionError,
     ProxyError,
     TransportError,
+    error_for_code,
 )
 from monarch_proxy.protocol.client import ClientSession
 from monarch_proxy.protocol.events import (
+    ConnectionFailed,
     Failed,
     Logged,
     MembershipChanged,
@@ -44,6 +46,7 @@ from monarch_proxy.protocol.events import (
     Welcomed,
 )
 from monarch_proxy.protocol.frames import pack_for_sending
+from monarch_proxy.protocol.names import CloseCode, Op
 
 logger = logging.getLogger("monarch_proxy")
 
@@ -55,10 +58,14 @@ ACK_DELAY_S = 0.02
 
 # Close codes after which resuming cannot help: fail every pending call at once.
 FINAL_CLOSE_CODES: dict[int, ProxyError] = {
-    1001: TransportError("the gateway shut down"),
-    1002: ProtocolError("the gateway closed the connection: protocol error"),
-    1008: ProtocolError("the gateway closed the connection: policy violation"),
-    1009: ProtocolError("the gateway closed the connection: a frame was over its size limit"),
+    CloseCode.GOING_AWAY: TransportError("the gateway shut down"),
+    CloseCode.PROTOCOL_ERROR: ProtocolError("the gateway closed the connection: protocol error"),
+    CloseCode.POLICY_VIOLATION: ProtocolError(
+        "the gateway closed the connection: policy violation"
+    ),
+    CloseCode.MESSAGE_TOO_BIG: ProtocolError(
+        "the gateway closed the connection: a frame was over its size limit"
+    ),
 }
 
 
@@ -109,8 +116,11 @@ class GatewayConnection:
         self._releases: list[int] = []
         self._outbox: list[bytes] = []  # small requests waiting for the writer task
         self._outbox_scheduled = False
+        self._big: collections.deque[list[bytes]] = collections.deque()  # frames sent in pieces
+        self._big_writing = False
         self._ack_scheduled = False
         self._closing = False
+        self._closed_by: ProxyError | None = None  # why the connection was failed, if it was
         self._ws: ClientConnection | None = None
         self._loop = new_event_loop()
         self._thread = threading.Thread(
@@ -152,7 +162,7 @@ class GatewayConnection:
 
     def submit(
         self,
-        op: str,
+        op: Op,
         meta: dict[str, Any],
         payload: bytes = b"",
         *,
@@ -161,25 +171,29 @@ class GatewayConnection:
         future: concurrent.futures.Future[Reply] = concurrent.futures.Future()
         with self._lock:
             if self._closing:
+                if self._closed_by is not None:  # say why: a cap, a takeover, a lost session
+                    raise self._closed_by
                 raise TransportError("the connection to the gateway is closed")
             request_id, pieces = self._session.request(op, meta, payload)
             self._futures[request_id] = future
             if on_item is not None:
                 self._item_callbacks[request_id] = on_item
             if len(pieces) > 1:
-                big = pieces  # its own writer, so small calls keep flowing beside it
+                # Its own writer, so small calls keep flowing beside it; big frames go one
+                # after another (the gateway caps frames left half sent per session).
+                big = pieces
             else:
                 big = None
                 self._outbox.extend(pieces)
                 wake, self._outbox_scheduled = not self._outbox_scheduled, True
         if big is not None:
-            self._loop.call_soon_threadsafe(self._send_nowait, big)
+            self._loop.call_soon_threadsafe(self._queue_big, big)
         elif wake:  # one wake-up of the event loop carries every request queued until it runs
             self._loop.call_soon_threadsafe(self._start_outbox_writer)
         return future
 
     def request(
-        self, op: str, meta: dict[str, Any], payload: bytes = b"", timeout: float | None = None
+        self, op: Op, meta: dict[str, Any], payload: bytes = b"", timeout: float | None = None
     ) -> Reply:
         """Submit and wait: for short control operations (spawn, slice)."""
         return self.submit(op, meta, payload).result(timeout)
@@ -282,17 +296,19 @@ class GatewayConnection:
                 f"gateway closed the connection during the handshake: {exc}"
             ) from None
         with self._lock:
-            events = self._session.receive(first)  # type: ignore[arg-type]
+            events = self._session.receive(first)
         event = events[0] if events else None
         if isinstance(event, Rejected):
             await ws.close()
-            if event.code == "version_mismatch":
-                raise ProtocolVersionError(event.message)
-            raise ProtocolError(f"gateway rejected the session ({event.code}): {event.message}")
+            raise error_for_code(event.code, event.message, event.meta)
+        if isinstance(event, ConnectionFailed):
+            await ws.close(event.close_code)
+            raise event.error
         if not isinstance(event, Welcomed):
+            await ws.close()
             raise ProtocolError(f"expected WELCOME from the gateway, got {event!r}")
         self._ws = ws
-        if resuming and not event.resumed:
+        if event.lost:  # decided by the session core: the gateway lost our session
             self._fail_all(
                 TransportError(
                     "the gateway no longer holds this session (its grace period ran out or it "
@@ -303,6 +319,12 @@ class GatewayConnection:
         for piece in event.replay:
             await ws.send(piece)
         self._flush_releases()
+        # Replies replayed in the same message as WELCOME (the gateway packs them together).
+        for later in events[1:]:
+            if isinstance(later, ConnectionFailed):
+                await ws.close(later.close_code)
+                raise later.error
+            self._dispatch(later)
 
     async def _reconnect(self) -> None:
         deadline = time.monotonic() + self._resume_grace_s
@@ -311,7 +333,7 @@ class GatewayConnection:
         while time.monotonic() < deadline and not self._closing:
             try:
                 await self._connect(resuming=True)
-                logger.info("resumed gateway session %s", self._session.session_id)
+                logger.info("resumed the gateway session")  # its id is a credential: not logged
                 return
             except (AuthenticationError, ProtocolError):
                 raise
@@ -330,8 +352,11 @@ class GatewayConnection:
         try:
             async for message in ws:
                 with self._lock:
-                    events = self._session.receive(message)  # type: ignore[arg-type]
+                    events = self._session.receive(message)
                 for event in events:
+                    if isinstance(event, ConnectionFailed):
+                        await ws.close(event.close_code)
+                        raise event.error
                     self._dispatch(event)
                 self._schedule_ack()
         except ConnectionClosed:
@@ -367,7 +392,7 @@ class GatewayConnection:
                 except Exception:  # a user callback must not break the connection
                     logger.exception("membership listener failed")
         elif isinstance(event, Rejected):
-            raise ProtocolError(f"gateway closed the session ({event.code}): {event.message}")
+            raise error_for_code(event.code, event.message, event.meta)
 
     def _start_outbox_writer(self) -> None:
         self._loop.create_task(self._write_outbox())
@@ -382,6 +407,19 @@ class GatewayConnection:
             # While disconnected, dropping these is safe: they are pending requests, which the
             # session replays after it resumes.
             await self._send(pack_for_sending(messages))
+
+    def _queue_big(self, pieces: list[bytes]) -> None:
+        self._big.append(pieces)
+        if not self._big_writing:
+            self._big_writing = True
+            self._loop.create_task(self._write_big())
+
+    async def _write_big(self) -> None:
+        try:
+            while self._big:
+                await self._send(self._big.popleft())
+        finally:
+            self._big_writing = False
 
     def _send_nowait(self, pieces: list[bytes]) -> None:
         # While disconnected the request stays pending in the session and is replayed on resume.
@@ -439,6 +477,8 @@ class GatewayConnection:
                 self._session.forget(request_id)
             if not keep_open:
                 self._closing = True
+                if isinstance(exc, ProxyError) and self._closed_by is None:
+                    self._closed_by = exc
         for future in futures.values():
             if not future.done():
                 future.set_exception(exc)

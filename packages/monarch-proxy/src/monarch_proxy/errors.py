@@ -1,9 +1,13 @@
 """Every error monarch-proxy raises, in one tree.
 
     ProxyError
+    ├── InvalidStateError          a frame was sent in a state that does not allow it (a bug here;
+    │                              also an AssertionError)
     ├── ProtocolError              a peer broke the wire protocol (malformed or unexpected frame)
     │   ├── ProtocolVersionError   client and gateway share no protocol version
-    │   └── FrameTooLargeError     a frame is over the negotiated maximum size
+    │   ├── FrameTooLargeError     a frame is over the negotiated maximum size
+    │   ├── SessionLimitError      a session passed one of the gateway's per-session memory caps
+    │   └── SessionSupersededError another connection resumed this session; this one is fenced
     ├── TransportError             the connection is gone and could not be resumed
     ├── AuthenticationError        the gateway refused the bearer token
     ├── WorkspaceUnavailableError  job.sync() needs monarch-sync here (also an ImportError)
@@ -22,17 +26,30 @@ the same through the proxy as it does in-process.
 
 from __future__ import annotations
 
+from monarch_proxy.protocol.names import ErrorCode
+
 
 class ProxyError(Exception):
     """Base class of every error raised by monarch-proxy itself."""
 
 
+class InvalidStateError(ProxyError, AssertionError):
+    """This side tried to send a frame its connection state does not allow (raised at once)."""
+
+
 class ProtocolError(ProxyError):
-    """A frame could not be parsed or was not valid in the current state."""
+    """A frame could not be parsed or was not valid in the current state.
+
+    ``code`` is the ERROR frame code the receiving side answers with before it closes.
+    """
+
+    code: ErrorCode = ErrorCode.PROTOCOL
 
 
 class ProtocolVersionError(ProtocolError):
     """The client and gateway have no protocol version in common."""
+
+    code = ErrorCode.VERSION_MISMATCH
 
     @classmethod
     def between(cls, client: tuple[int, int], gateway: tuple[int, int]) -> ProtocolVersionError:
@@ -53,6 +70,50 @@ class FrameTooLargeError(ProtocolError):
             f"frame of {size} bytes is over the {max_size}-byte limit; send smaller arguments or "
             "start the gateway with a larger --max-frame-size"
         )
+
+
+class SessionLimitError(ProtocolError):
+    """A session went over one of the gateway's per-session caps; the gateway closed it.
+
+    ``limit`` names the cap (``unacked_bytes``, ``outbox_bytes``, ``partial_frames``), ``size``
+    is what the session reached and ``max_size`` the cap. Other sessions are unaffected.
+    """
+
+    CODES = {
+        "unacked_bytes": ErrorCode.UNACKED_LIMIT,
+        "outbox_bytes": ErrorCode.OUTBOX_LIMIT,
+        "partial_frames": ErrorCode.PARTIAL_LIMIT,
+        "partial_bytes": ErrorCode.PARTIAL_LIMIT,
+    }
+    ADVICE = {
+        "unacked_bytes": "the client did not acknowledge replies; it must keep reading",
+        "outbox_bytes": "the client did not read what the gateway sent",
+        "partial_frames": "too many frames were left half sent in pieces",
+        "partial_bytes": "too many bytes of frames were left half sent in pieces",
+    }
+    FLAGS = {
+        "unacked_bytes": "--max-unacked-bytes",
+        "outbox_bytes": "--max-outbox-bytes",
+        "partial_frames": "--max-partial-frames",
+        "partial_bytes": "--max-frame-size (twice it)",
+    }
+
+    def __init__(self, limit: str, size: int, max_size: int) -> None:
+        self.limit = limit
+        self.size = size
+        self.max_size = max_size
+        self.code = self.CODES.get(limit, ErrorCode.PROTOCOL)
+        super().__init__(
+            f"session closed: {limit} reached {size}, over the gateway's cap of {max_size} "
+            f"({self.ADVICE.get(limit, 'a per-session limit')}); the gateway's "
+            f"{self.FLAGS.get(limit, 'limit flags')} sets the cap"
+        )
+
+
+class SessionSupersededError(ProtocolError):
+    """Another connection presented this session's id and took it over; this one is closed."""
+
+    code = ErrorCode.SUPERSEDED
 
 
 class TransportError(ProxyError):
@@ -110,6 +171,19 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f"\n\nRemote traceback:\n{self.text}"
+
+
+def error_for_code(code: str, message: str, meta: dict[str, object] | None = None) -> ProtocolError:
+    """The error a client raises for an ERROR frame (code, message, meta) the gateway sent."""
+    meta = meta or {}
+    if code == ErrorCode.VERSION_MISMATCH:
+        return ProtocolVersionError(message)
+    if code == ErrorCode.SUPERSEDED:
+        return SessionSupersededError(message)
+    limit, size, max_size = meta.get("limit"), meta.get("size"), meta.get("max_size")
+    if isinstance(limit, str) and isinstance(size, int) and isinstance(max_size, int):
+        return SessionLimitError(limit, size, max_size)
+    return ProtocolError(f"gateway closed the session ({code}): {message}")
 
 
 # Wire names of the gateway-side failure categories, mapped to the error raised on the client.

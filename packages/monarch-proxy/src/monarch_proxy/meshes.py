@@ -30,6 +30,7 @@ from monarch_proxy.errors import (
     WorkspaceUnavailableError,
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
+from monarch_proxy.protocol.names import Op
 from monarch_proxy.values import Extent, ValueMesh
 
 M = TypeVar("M", bound="MeshProxy")
@@ -73,13 +74,13 @@ class MeshProxy:
     def slice(self: M, **selection: Selection) -> M:
         """A sub-mesh, sliced on the gateway: ``mesh.slice(hosts=0, gpus=slice(0, 4))``."""
         meta, _ = self._connection.request(
-            "mesh.slice", {"handle": self._handle, "selection": _selection_meta(selection)}
+            Op.MESH_SLICE, {"handle": self._handle, "selection": _selection_meta(selection)}
         )
         return self._derive(type(self), meta)
 
     def stop(self) -> FutureProxy[None]:
         """Stop the mesh's actors or processes on the workers."""
-        future = self._connection.submit("mesh.stop", {"handle": self._handle})
+        future = self._connection.submit(Op.MESH_STOP, {"handle": self._handle})
         return FutureProxy(future, lambda _m, _p: None, f"{self.name}.stop()")
 
     def _derive(self, cls: type[M], meta: dict[str, Any]) -> M:
@@ -106,7 +107,7 @@ class HostMeshProxy(MeshProxy):
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"per_host[{label!r}] must be a positive int, got {size!r}")
         meta, _ = self._connection.request(
-            "host.spawn_procs", {"handle": self._handle, "per_host": per_host, "name": name}
+            Op.HOST_SPAWN_PROCS, {"handle": self._handle, "per_host": per_host, "name": name}
         )
         return self._derive(ProcMeshProxy, meta)
 
@@ -149,7 +150,7 @@ class ProcMeshProxy(MeshProxy):
     ) -> ActorMeshProxy:
         class_bytes = codec.dumps_class(cls) if cls is not None else b""
         meta, _ = self._connection.request(
-            "proc.spawn",
+            Op.PROC_SPAWN,
             {
                 "handle": self._handle,
                 "name": name,
@@ -183,7 +184,7 @@ class EndpointProxy:
     ) -> Any:
         meta = {"handle": self._mesh.handle, "endpoint": self._name, "method": method}
         return self._mesh._connection.submit(
-            "endpoint.call", meta, codec.dumps_call(args, kwargs), **options
+            Op.ENDPOINT_CALL, meta, codec.dumps_call(args, kwargs), **options
         )
 
     def _describe(self, method: str) -> str:
@@ -282,7 +283,7 @@ class JobState:
         workspace: Workspace | None = None,
     ) -> JobState:
         """Ask the gateway for its host meshes. ``on_close`` runs after :meth:`close`."""
-        meta, _ = connection.request("job.meshes", {})
+        meta, _ = connection.request(Op.JOB_MESHES, {})
         meshes = {
             name: HostMeshProxy(
                 connection, int(m["handle"]), codec.extent_from_meta(m["extent"]), name
@@ -308,7 +309,7 @@ class JobState:
 
     def members(self) -> dict[str, Any]:
         """How the meshes stand: ``{"meshes": {name: {"workers", "dead", "whole"}}, "whole"}``."""
-        meta, _ = self._connection.request("job.members", {})
+        meta, _ = self._connection.request(Op.JOB_MEMBERS, {})
         return meta
 
     def on_membership(self, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -342,7 +343,7 @@ class JobState:
 
     def reload(self, paths: list[str], timeout: float = 60.0) -> dict[str, int]:
         """Re-import the modules loaded from ``paths`` (relative to the synced folder)."""
-        meta, _ = self._connection.request("job.reload", {"paths": list(paths)}, timeout=timeout)
+        meta, _ = self._connection.request(Op.JOB_RELOAD, {"paths": list(paths)}, timeout=timeout)
         return {str(k): int(v) for k, v in meta["reloaded"].items()}
 
     @property
@@ -369,7 +370,7 @@ class JobState:
 
     def flush_output(self, timeout: float = 10.0) -> None:
         """Wait until worker output produced so far has reached this client."""
-        self._connection.request("job.flush_output", {}, timeout=timeout)
+        self._connection.request(Op.JOB_FLUSH_OUTPUT, {}, timeout=timeout)
 
     def close(self) -> None:
         """Flush worker output, end the session (freeing its meshes) and disconnect."""

@@ -14,6 +14,7 @@ class Welcomed:
     resumed: bool
     max_frame_size: int
     replay: list[bytes] = field(default_factory=list)  # requests to send again after a resume
+    lost: list[int] = field(default_factory=list)  # requests the gateway lost with the session
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Rejected:
 
     code: str
     message: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 # Server-side events.
@@ -75,3 +77,23 @@ class Released:
 @dataclass(frozen=True, slots=True)
 class Departed:
     """The client ended its session on purpose (BYE): free everything now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A client opened a connection: a new session, or a resume of ``session_id``."""
+
+    version: int
+    session_id: str | None
+    last_seq: int
+
+
+# Both sides.
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The peer broke the protocol or a cap: send ``message`` (an ERROR frame, or nothing),
+    then close the connection with ``close_code``. The core is CLOSED and ignores later bytes."""
+
+    error: Exception
+    message: bytes | None
+    close_code: int

@@ -37,7 +37,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from monarch_proxy.errors import FrameTooLargeError, ProtocolError
+from monarch_proxy.errors import FrameTooLargeError, ProtocolError, SessionLimitError
 
 HEADER = struct.Struct("!BBHIQQ")
 
@@ -52,6 +52,8 @@ FLAG_MORE = 0x01
 SIZE_KEY = "$size"
 LENGTH = struct.Struct("!I")
 BATCH_LIMIT = 256 * 1024  # messages up to this size are packed together by the writers
+# Frames a peer may leave half sent in pieces at once (each may be up to the frame size).
+DEFAULT_MAX_PARTIAL_FRAMES = 16
 
 
 class FrameKind(enum.IntEnum):
@@ -74,10 +76,6 @@ class FrameKind(enum.IntEnum):
     BATCH = 33
 
 
-CLIENT_KINDS = frozenset(
-    {FrameKind.HELLO, FrameKind.REQUEST, FrameKind.RELEASE, FrameKind.ACK, FrameKind.BYE}
-)
-SERVER_KINDS = frozenset(FrameKind) - CLIENT_KINDS - {FrameKind.CHUNK, FrameKind.BATCH}
 # Server frames that are sequenced, buffered until acked, and replayed after a resume.
 RELIABLE_KINDS = frozenset({FrameKind.REPLY, FrameKind.FAILURE, FrameKind.ITEM})
 
@@ -147,15 +145,31 @@ def decode(data: bytes | memoryview, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) 
             f"{kind.name} frame declares {meta_len} bytes of meta but carries "
             f"{len(view) - HEADER.size}"
         )
-    meta: dict[str, Any] = {}
-    if meta_len:
-        try:
-            meta = json.loads(bytes(view[HEADER.size : HEADER.size + meta_len]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"{kind.name} frame meta is not valid JSON: {exc}") from None
-        if not isinstance(meta, dict):
-            raise ProtocolError(f"{kind.name} frame meta must be a JSON object")
+    meta = parse_meta(bytes(view[HEADER.size : HEADER.size + meta_len]), kind) if meta_len else {}
     return Frame(kind, ident, seq, meta, view[HEADER.size + meta_len :], bool(flags & FLAG_MORE))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # built once: loads() would per call
+
+
+def parse_meta(raw: bytes, kind: FrameKind) -> dict[str, Any]:
+    """A frame's JSON meta object; every way JSON can be wrong becomes a :class:`ProtocolError`.
+
+    Strict JSON only: ``NaN`` and ``Infinity`` are refused, an integer past Python's limit of
+    4,300 digits (a ValueError) and deep nesting (a RecursionError in the parser) are refused
+    like any other malformed meta. Fields are type- and range-checked where they are used.
+    """
+    try:
+        meta = _DECODER.decode(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise ProtocolError(f"{kind.name} frame meta is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"{kind.name} frame meta must be a JSON object")
+    return meta
 
 
 def batch(messages: list[bytes]) -> bytes:
@@ -224,8 +238,19 @@ class Reassembler:
     first; the pieces are kept as they came and joined once, at the end.
     """
 
-    def __init__(self, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        max_size: int = DEFAULT_MAX_FRAME_SIZE,
+        *,
+        max_partial_frames: int = DEFAULT_MAX_PARTIAL_FRAMES,
+        max_partial_bytes: int | None = None,
+    ) -> None:
         self.max_size = max_size
+        # Security limits: a peer that starts frames and never finishes them holds at most this
+        # many frames, and this many declared bytes, in memory (SessionLimitError past them).
+        self.max_partial_frames = max_partial_frames
+        self.max_partial_bytes = 2 * max_size if max_partial_bytes is None else max_partial_bytes
+        self.partial_bytes = 0  # declared sizes of the frames half received
         # (id, seq) -> first piece, declared size, bytes so far, the pieces' payloads
         self._partial: dict[tuple[int, int], tuple[Frame, int, int, list[bytes | memoryview]]] = {}
 
@@ -248,6 +273,7 @@ class Reassembler:
                 self._partial[key] = (first, size, filled, parts)
                 return None
             del self._partial[key]
+            self.partial_bytes -= size
             return Frame(first.kind, first.id, first.seq, first.meta, b"".join(parts))
         if not frame.more:
             return frame
@@ -260,9 +286,19 @@ class Reassembler:
             raise FrameTooLargeError(size, self.max_size)
         if key in self._partial:
             raise ProtocolError(f"{frame.kind.name} {frame.id} started twice")
+        if len(self._partial) >= self.max_partial_frames:
+            raise SessionLimitError(
+                "partial_frames", len(self._partial) + 1, self.max_partial_frames
+            )
+        if self.partial_bytes + size > self.max_partial_bytes:
+            raise SessionLimitError(
+                "partial_bytes", self.partial_bytes + size, self.max_partial_bytes
+            )
+        self.partial_bytes += size
         self._partial[key] = (frame, size, len(frame.payload), [frame.payload])
         return None
 
     def reset(self) -> None:
         """Drop half-received frames (the connection they came on is gone)."""
         self._partial.clear()
+        self.partial_bytes = 0
