@@ -5,6 +5,7 @@ server: the gateway through a port-forward made with the Python client, the code
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from monarch.actor import Actor, current_rank, endpoint
 
 import monarch_k8s.cluster
 from monarch_k8s import KubernetesJob, MeshNotReadyError, MeshSpec, OperatorNotInstalledError
-from monarch_k8s.names import GROUP, PLURAL, VERSION
+from monarch_k8s.names import ACTIVITY_ANNOTATION, GROUP, PLURAL, VERSION
 from monarch_proxy import AuthenticationError, WorkerLostError
 
 MODEL = """
@@ -208,4 +209,35 @@ def test_state_wakes_a_mesh_scaled_to_zero_for_idleness(
     # state() marks activity, the operator scales the mesh back, and the actors answer
     ranks = job.state(timeout=120).workers.spawn_procs(per_host={"procs": 1}).spawn("r", Ranked)
     assert list(ranks.rank.call().get(timeout=120).values()) == [0]
+    job.kill()
+
+
+def test_a_mesh_with_a_connected_client_is_not_idle(
+    monarch_operator: Any, k8s_api: Any, k8s_namespace: str, outside_cluster: None
+) -> None:
+    """The operator counts the gateway's sessions on its authenticated ``/healthz`` (without the
+    token the gateway answers liveness only, which once made every mesh look idle)."""
+    job = KubernetesJob(
+        compute=MeshSpec(replicas=1), namespace=k8s_namespace, api_client=k8s_api, sync_dirs=[],
+        timeout=240,
+    )  # fmt: skip
+    ranks = job.state().workers.spawn_procs(per_host={"procs": 1}).spawn("r", Ranked)
+    custom = k8s.CustomObjectsApi(k8s_api)
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, k8s_namespace, PLURAL, job.name, {"spec": {"idleTimeoutSeconds": 2}}
+    )
+    mesh_before = custom.get_namespaced_custom_object(
+        GROUP, VERSION, k8s_namespace, PLURAL, job.name
+    )
+    stamp = mesh_before["metadata"].get("annotations", {}).get(ACTIVITY_ANNOTATION)
+
+    def activity_marked() -> bool:  # the operator saw the session and marked the mesh in use
+        mesh = custom.get_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, job.name)
+        return mesh["metadata"].get("annotations", {}).get(ACTIVITY_ANNOTATION) != stamp
+
+    wait_until(activity_marked, timeout=60, what="the operator to mark the mesh in use")
+    time.sleep(6)  # three idle timeouts with the session open
+    sets = k8s.AppsV1Api(k8s_api).list_namespaced_stateful_set(k8s_namespace).items
+    assert [s.spec.replicas for s in sets if s.metadata.name == job.name] == [1]
+    assert list(ranks.rank.call().get(timeout=60).values()) == [0]
     job.kill()

@@ -310,3 +310,14 @@ def test_children_a_mesh_no_longer_asks_for_are_named_for_pruning() -> None:
     attach = parse_mesh(body({"workerSelector": {"matchLabels": {"a": "b"}}}))
     assert sorted(stale_children(attach, render_children(attach, now=NOW, opts=OPTS))) == [
         ("Service", "mesh-svc"), ("StatefulSet", "mesh")]  # fmt: skip
+
+
+def test_a_short_idle_timeout_is_marked_before_a_pass_could_find_the_mesh_idle() -> None:
+    spec = {"replicas": 1, "idleTimeoutSeconds": 2, "gateway": {"enabled": True},
+            "podTemplate": {"containers": [{"name": "w"}]}}  # fmt: skip
+    marked = parse_mesh(body(spec, annotations={names.ACTIVITY_ANNOTATION: "2026-12-01T12:00:00Z"}))
+    later = NOW + timedelta(seconds=1)  # half the timeout: the 5 s throttle must not apply
+    stamp = activity_to_mark(marked, 1, later)
+    assert stamp == "2026-12-01T12:00:01Z"
+    remarked = parse_mesh(body(spec, annotations={names.ACTIVITY_ANNOTATION: stamp}))
+    assert desired_replicas(remarked, later) == 1

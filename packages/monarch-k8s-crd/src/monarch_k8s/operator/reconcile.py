@@ -7,6 +7,7 @@ pass; replaces carry the live ``resourceVersion``, so a stale one is refused, ne
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -197,15 +198,24 @@ class Reconciler:
         assert mesh.gateway is not None
         selector = ",".join(f"{k}={v}" for k, v in gateway_labels(mesh.name).items())
         pods = self.core.list_namespaced_pod(mesh.namespace, label_selector=selector).items
+        token = self.gateway_token(mesh)
         for pod in pods:
             if pod_ready(pod) and pod.status is not None and pod.status.pod_ip:
                 url = f"http://{pod.status.pod_ip}:{mesh.gateway.port}/healthz"
+                # without the token /healthz answers liveness only (no session count)
+                request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
                 try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
+                    with urllib.request.urlopen(request, timeout=2) as response:
                         return int(json.loads(response.read()).get("sessions", 0))
                 except (OSError, ValueError):
                     return None
         return None
+
+    def gateway_token(self, mesh: Mesh) -> str:
+        """The bearer token of the mesh's gateway, from the Secret the operator generated."""
+        secret = self.read("Secret", mesh.namespace, names.token_secret_name(mesh.name)) or {}
+        encoded = (secret.get("data") or {}).get(names.TOKEN_KEY, "")
+        return base64.b64decode(encoded).decode() if encoded else ""
 
     def prune(self, mesh: Mesh, children: list[Obj]) -> None:
         for kind, name in stale_children(mesh, children):

@@ -190,12 +190,15 @@ def is_idle(mesh: Mesh, now: datetime) -> bool:
 def activity_to_mark(mesh: Mesh, sessions: int | None, now: datetime) -> str | None:
     """The ``last-activity`` value to write when the gateway has clients (``/healthz``
     ``sessions``), or None: written at most every quarter of the timeout (and 5 s), so marking
-    use costs one patch now and then, not one per pass."""
+    use costs one patch now and then, not one per pass; but always once the mark is half the
+    timeout old, so a pass never finds a mesh with clients idle (a 2 s timeout and a 5 s
+    throttle once scaled such a mesh away)."""
     if not mesh.idle_timeout_s or not sessions:
         return None
     raw = mesh.annotations.get(names.ACTIVITY_ANNOTATION)
     last = parse_time(raw) if raw else None
-    if last is not None and (now - last).total_seconds() < max(5.0, mesh.idle_timeout_s / 4):
+    every = min(max(5.0, mesh.idle_timeout_s / 4), mesh.idle_timeout_s / 2)
+    if last is not None and (now - last).total_seconds() < every:
         return None
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
