@@ -103,12 +103,13 @@ def agents(
         for i in range(n):
             listen = "127.0.0.1:0" if netns is None else f"10.9.{i + 1}.2:7878"
             cmd = [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", listen,
-                   "--root", str(base / f"a{i}"), "--token", TOKEN, "--stall-timeout", "30", *(["--verbose"] if os.environ.get("SYNC_VERBOSE") else [])]  # fmt: skip
+                   "--root", str(base / f"a{i}"), "--stall-timeout", "30", *(["--verbose"] if os.environ.get("SYNC_VERBOSE") else [])]  # fmt: skip
             if members_file is not None and i == 0:  # the gateway's agent: the root
                 cmd += ["--members-file", str(members_file)]
             if netns is not None:
                 cmd = ["ip", "netns", "exec", netns[i], *cmd]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+            env = {**os.environ, "MONARCH_SYNC_TOKEN": TOKEN}  # never on a command line
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         for p in procs:
             assert p.stdout is not None
             line = p.stdout.readline()

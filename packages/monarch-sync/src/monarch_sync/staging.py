@@ -3,21 +3,28 @@
 Each needed blob is written once, at its first location in the new tree; that location is also
 where it is read back to serve children that fall behind or get re-attached. :meth:`finish`
 fills every other chunk (duplicates, and chunks the agent already held, hashing what it copies),
-creates folders, symlinks and exec bits, and removes what the manifest no longer lists.
+creates folders, symlinks and file modes (exactly: 0600 stays 0600), and removes what the
+manifest no longer lists.
+
+Containment is checked on disk, not only as text: files are opened relative to the staging
+folder one component at a time with ``O_NOFOLLOW`` (:func:`open_beneath`), so no write goes
+through a symlink, and every symlink created is resolved afterwards and refused if it lands
+outside the tree (a chain of links that each look inside can still climb out).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
 from .diff import Plan, diff
-from .exceptions import DigestMismatch
-from .manifest import Kind, Manifest, chunk_digest
+from .exceptions import DigestMismatch, PathEscape
+from .manifest import Entry, Kind, Manifest, chunk_digest
 from .store import Store
 
-__all__ = ["LocalChunks", "Readers", "Staging", "begin_staging"]
+__all__ = ["LocalChunks", "Readers", "Staging", "begin_staging", "check_links", "open_beneath"]
 
 Location = tuple[str, int, int]  # path, offset, size
 
@@ -40,6 +47,30 @@ class LocalChunks:
     def __getitem__(self, digest: bytes) -> Location:
         path, off, size = self._table[digest]
         return self._base + path, off, size
+
+
+def open_beneath(root: str, rel: str, flags: int, mode: int = 0o600) -> int:
+    """Open ``root/rel`` without following a symlink anywhere below ``root`` (raises OSError)."""
+    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        *parents, name = rel.split("/")
+        for part in parents:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        return os.open(name, flags | nofollow, mode, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def check_links(folder: Path, links: list[Entry]) -> None:
+    """Refuse symlinks that resolve outside ``folder`` on disk; raises PathEscape."""
+    top = os.path.realpath(folder)
+    for e in links:
+        real = os.path.realpath(os.path.join(folder, e.path))
+        if real != top and not real.startswith(top + "/"):
+            raise PathEscape(e.path, f"symlink {e.target!r} resolves outside the tree on disk")
 
 
 def read_at(loc: Location) -> bytes:
@@ -131,7 +162,7 @@ class Staging:
         path, off, size = self.first[index]
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = self._open(path)
             if off == 0 and size == self._sizes.get(path):  # a whole small file: done with it
                 os.write(fd, data)
                 os.close(fd)
@@ -142,6 +173,16 @@ class Staging:
             self._fds[path] = fd
         os.pwrite(fd, data, off)
         self.received.add(index)
+
+    def _open(self, path: str) -> int:
+        """A file of the tree for writing (``path`` under the folder), never through a link."""
+        base = str(self.folder)
+        try:
+            return open_beneath(base, path[len(base) + 1 :], os.O_WRONLY | os.O_CREAT)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise PathEscape(path[len(base) + 1 :], "a folder on its way is a symlink") from None
+            raise
 
     def has(self, index: int) -> bool:
         return index in self.received or self.manifest.blobs[index][0] in self.local
@@ -169,10 +210,9 @@ class Staging:
         for e in self.plan.write:
             path = base + e.path
             if self._complete(e.path, e.chunks):
-                if e.executable:
-                    os.chmod(path, 0o755)
+                os.chmod(path, e.mode)  # opened beneath the folder, so no link on the way
                 continue
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = self._open(path)
             try:
                 off = 0
                 for digest, size in e.chunks:
@@ -189,11 +229,11 @@ class Staging:
                     off += size
             finally:
                 os.close(fd)
-            if e.executable:
-                os.chmod(path, 0o755)
+            os.chmod(path, e.mode)  # opened beneath the folder, so no link on the way
         for e in self.plan.links:
             _remove(base + e.path)
             os.symlink(e.target, base + e.path)
+        check_links(self.folder, self.plan.links)
         # A clone of a tampered base may hold paths this manifest does not list.
         if self.tampered:
             _sweep(self.folder, self.manifest)
