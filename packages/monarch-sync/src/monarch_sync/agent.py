@@ -243,6 +243,7 @@ class Agent:
             elif self._holder != push_id and not acquire.cancelled():
                 self._lock.release()  # granted just as we gave up
 
+
 class NodeSession:
     def __init__(
         self,

@@ -55,7 +55,8 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="monarch-sync", description=__doc__)
+    # No abbreviations: "--token SECRET" must not be taken for --token-file.
+    p = argparse.ArgumentParser(prog="monarch-sync", description=__doc__, allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def token_args(sp: argparse.ArgumentParser) -> None:
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
             "--token-file", help="read the shared secret from this file (or MONARCH_SYNC_TOKEN)"
         )
 
-    a = sub.add_parser("agent", help="run the receiving daemon on a node")
+    a = sub.add_parser("agent", allow_abbrev=False, help="run the receiving daemon on a node")
     a.add_argument(
         "--listen",
         default="127.0.0.1:7878",
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--verbose", action="store_true", help="log each push's phases")
     token_args(a)
 
-    s = sub.add_parser("push", help="push a folder to agents")
+    s = sub.add_parser("push", allow_abbrev=False, help="push a folder to agents")
     s.add_argument("src")
     s.add_argument("--to", help="comma-separated HOST:PORT list")
     s.add_argument(

@@ -47,9 +47,7 @@ def diff(old: Manifest | None, new: Manifest, available: Container[bytes] = ()) 
             or (was.kind is Kind.LINK and now.target != was.target)
         ):
             plan.remove.append(was)
-        elif was.kind is Kind.FILE and (
-            now.chunks != was.chunks or now.mode != was.mode
-        ):
+        elif was.kind is Kind.FILE and (now.chunks != was.chunks or now.mode != was.mode):
             plan.remove.append(was)  # break the hard link before writing a new inode
     plan.remove.sort(key=lambda e: (-e.path.count("/"), e.path))
     removed = {e.path for e in plan.remove}

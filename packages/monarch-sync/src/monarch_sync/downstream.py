@@ -269,7 +269,9 @@ class Downstream:
                 **self.extra_head,
             }
             if self.patch is not None:
-                conn.send_frame(FrameType.MANIFEST, manifest_payload({**head, **self.patch[0]}, self.patch[1]))
+                conn.send_frame(
+                    FrameType.MANIFEST, manifest_payload({**head, **self.patch[0]}, self.patch[1])
+                )
             else:
                 conn.send_frame(FrameType.MANIFEST, manifest_payload(head, await self._full))
             while True:

@@ -12,7 +12,9 @@ Handshake and channel. The agent opens with CHALLENGE (its 16-byte nonce; the on
 tag is zeros). The connector answers HELLO = its own nonce | JSON ``{"push_id", "sender"}``.
 From the token and both nonces each side derives one key per direction (BLAKE3 ``derive_key``,
 then keyed BLAKE3), and from HELLO on *every* frame carries a 16-byte keyed-BLAKE3 tag over
-``seq:u64 | type:u8 | length:u32 | payload``, where ``seq`` counts that direction's frames. A
+``seq:u64 | type:u8 | length:u32 | payload``, where ``seq`` counts that direction's frames
+(for BLOBS the payload's table of indices and sizes: the data is bound by content, as each blob
+must hash to its digest in the tagged manifest, which the receiver checks before using it). A
 relay that forwards a challenge and its answer learns neither key, so it can neither inject,
 replay, reorder nor drop a frame without the receiver failing the connection; the connector
 also learns that the agent holds the token (its first tagged frame verifies). Keyed BLAKE3 was
@@ -49,6 +51,8 @@ import blake3
 
 from .exceptions import FrameTooLarge, InvalidState, SyncProtocolError
 from .frames import (
+    BATCH_COUNT,
+    BATCH_ENTRY,
     HEADER,
     MAX_FRAME,
     TAG_SIZE,
@@ -178,10 +182,25 @@ def _keys(token: str, agent_nonce: bytes, connector_nonce: bytes) -> tuple[bytes
 
 
 def _tag(key: bytes, seq: int, ftype: int, parts: tuple[Payload, ...] | list[Payload]) -> bytes:
-    h = blake3.blake3(MAC_HEAD.pack(seq, ftype, sum(len(p) for p in parts)), key=key)
-    for part in parts:
-        h.update(part)
+    """MAC of one frame. A BLOBS frame's blob data is bound through the tagged table's
+    indices: each blob must hash to its digest in the (tagged) manifest, which every receiver
+    checks before using it, so hashing the data a second time here would buy nothing."""
+    size = sum(len(p) for p in parts)
+    h = blake3.blake3(MAC_HEAD.pack(seq, ftype, size), key=key)
+    if ftype == F.BLOBS:
+        h.update(_covered(parts[0]) if len(parts) == 1 else parts[0])  # sender: table first
+    else:
+        for part in parts:
+            h.update(part)
     return h.digest(length=TAG_SIZE)
+
+
+def _covered(payload: Payload) -> Payload:
+    """The count and table of a received BLOBS payload (what its tag covers)."""
+    if len(payload) < BATCH_COUNT.size:
+        return payload
+    (count,) = BATCH_COUNT.unpack_from(payload)
+    return payload[: BATCH_COUNT.size + count * BATCH_ENTRY.size]
 
 
 class SyncConnection:

@@ -49,19 +49,40 @@ class LocalChunks:
         return self._base + path, off, size
 
 
-def open_beneath(root: str, rel: str, flags: int, mode: int = 0o600) -> int:
-    """Open ``root/rel`` without following a symlink anywhere below ``root`` (raises OSError)."""
-    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
-    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_beneath(
+    root: str, rel: str, flags: int, mode: int = 0o600, *, dirs: dict[str, int] | None = None
+) -> int:
+    """Open ``root/rel`` without following a symlink anywhere below ``root`` (raises OSError).
+
+    ``dirs``: folder descriptors kept between calls (relative folder -> fd; the caller closes
+    them), so the files of one folder cost one open each.
+    """
+    parent, _, name = rel.rpartition("/")
+    own = dirs is None
+    cache: dict[str, int] = {} if dirs is None else dirs
     try:
-        *parents, name = rel.split("/")
-        for part in parents:
-            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=dfd)
-            os.close(dfd)
-            dfd = nfd
-        return os.open(name, flags | nofollow, mode, dir_fd=dfd)
+        dfd = cache.get(parent)
+        if dfd is None:
+            dfd = cache.get("")
+            if dfd is None:
+                dfd = cache[""] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            walked = ""
+            for part in parent.split("/") if parent else ():
+                walked = f"{walked}/{part}" if walked else part
+                nfd = cache.get(walked)
+                if nfd is None:
+                    nfd = cache[walked] = os.open(part, DIR_FLAGS, dir_fd=dfd)
+                dfd = nfd
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
     finally:
-        os.close(dfd)
+        if own:
+            for fd in cache.values():
+                os.close(fd)
 
 
 def check_links(folder: Path, links: list[Entry]) -> None:
@@ -130,6 +151,8 @@ class Staging:
         self.first: dict[int, Location] = {}  # blob index -> its first location in the tree
         self._sizes = {str(folder) + "/" + e.path: e.size for e in plan.write}
         self._fds: dict[str, int] = {}
+        self._dirs: dict[str, int] = {}  # folder descriptors for open_beneath
+        self._modes = {str(folder) + "/" + e.path: e.mode for e in plan.write}
         self.readers = Readers()  # serving children from disk; close_readers() at the end
         index = manifest.blob_index
         base = str(folder) + "/"
@@ -177,11 +200,17 @@ class Staging:
     def _open(self, path: str) -> int:
         """A file of the tree for writing (``path`` under the folder), never through a link."""
         base = str(self.folder)
+        # Created with its mode (writable for us meanwhile); finish() fixes what umask changed.
+        mode = self._modes.get(path, 0o600) | 0o200
         try:
-            return open_beneath(base, path[len(base) + 1 :], os.O_WRONLY | os.O_CREAT)
+            return open_beneath(
+                base, path[len(base) + 1 :], os.O_WRONLY | os.O_CREAT, mode, dirs=self._dirs
+            )
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise PathEscape(path[len(base) + 1 :], "a folder on its way is a symlink") from None
+                raise PathEscape(
+                    path[len(base) + 1 :], "a folder on its way is a symlink"
+                ) from None
             raise
 
     def has(self, index: int) -> bool:
@@ -210,7 +239,7 @@ class Staging:
         for e in self.plan.write:
             path = base + e.path
             if self._complete(e.path, e.chunks):
-                os.chmod(path, e.mode)  # opened beneath the folder, so no link on the way
+                _fix_mode(path, e.mode)
                 continue
             fd = self._open(path)
             try:
@@ -229,7 +258,7 @@ class Staging:
                     off += size
             finally:
                 os.close(fd)
-            os.chmod(path, e.mode)  # opened beneath the folder, so no link on the way
+            _fix_mode(path, e.mode)
         for e in self.plan.links:
             _remove(base + e.path)
             os.symlink(e.target, base + e.path)
@@ -251,9 +280,10 @@ class Staging:
         return True
 
     def close_files(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._dirs.values()]:
             os.close(fd)
         self._fds.clear()
+        self._dirs.clear()
 
     def close_readers(self) -> None:
         self.readers.close()
@@ -273,6 +303,12 @@ def begin_staging(store: Store, manifest: Manifest, name: str) -> Staging:
     with os.scandir(folder) as it:
         staging.prepare(empty=next(it, None) is None)
     return staging
+
+
+def _fix_mode(path: str, mode: int) -> None:
+    """Give a file we created its exact mode, where umask (or our write bit) changed it."""
+    if (mode | 0o200) & ~_UMASK != mode:
+        os.chmod(path, mode)  # created beneath the folder by us: no link on the way
 
 
 def _remove(path: str) -> None:
