@@ -731,7 +731,15 @@ def channel_push(code: Path, src: Path, base: Path, n: int) -> tuple[float, floa
         _, status, usage = os.wait4(pusher.pid, 0)
         wall = time.perf_counter() - t0
         assert os.waitstatus_to_exitcode(status) == 0, "push failed"
-        cpu = usage.ru_utime + usage.ru_stime + sum(_proc_cpu(p.pid) for p in procs) - before
+        # Agents finish housekeeping (the spare clone) after the push: count it, for both ways.
+        agents_cpu = sum(_proc_cpu(p.pid) for p in procs)
+        while True:
+            time.sleep(0.5)
+            now = sum(_proc_cpu(p.pid) for p in procs)
+            if now - agents_cpu < 0.02:
+                break
+            agents_cpu = now
+        cpu = usage.ru_utime + usage.ru_stime + now - before
         return wall, cpu
     finally:
         for p in procs:
