@@ -203,12 +203,13 @@ def test_replayed_frame_fails_with_bad_mac() -> None:
     assert_failing(a, ErrorCode.BAD_MAC)
 
 
-def test_blobs_tag_covers_the_table() -> None:
+@pytest.mark.parametrize("offset", [8, -17])  # an index in the table; the last data byte
+def test_blobs_tag_covers_table_and_data(offset: int) -> None:
     a, c = at(Side.AGENT, S.RECEIVING)
     c.state = S.FEEDING  # skip the NEED round trip
     c.send(F.BLOBS, struct.pack("!HII", 1, 0, 3), b"abc")
     frame = bytearray(wire(c))
-    frame[8] ^= 1  # the index in the table
+    frame[offset] ^= 1
     a.receive_data(bytes(frame))
     assert_failing(a, ErrorCode.BAD_MAC)
 
