@@ -20,7 +20,7 @@ from sync_helpers import TOKEN, running_agents
 from monarch_sync import cli, protocol
 from monarch_sync.agent import Agent
 from monarch_sync.client import push
-from monarch_sync.downstream import manifest_payload
+from monarch_sync.downstream import Downstream, manifest_payload
 from monarch_sync.frames import (
     ErrorCode,
     Frame,
@@ -108,7 +108,9 @@ async def _finding_2_symlink_chain_cannot_escape_on_disk(tmp_path: Path) -> None
     (src / "d" / "up").symlink_to("..")  # d/up -> the root: inside
     (src / "x").symlink_to("d/up/..")  # text: "d"; disk: the root's parent
     prev = "x"
-    for i in range(40):  # each "wN -> w(N-1)/.." is the root as text, one level up on disk
+    # Each "wN -> w(N-1)/.." is the root as text, one level up on disk: enough to reach "/"
+    # from the agent's version folder, few enough for the kernel's 40-link limit.
+    for i in range(len(tmp_path.resolve().parts) + 4):
         (src / f"w{i}").symlink_to(f"{prev}/..")
         prev = f"w{i}"
     (src / "final").symlink_to(f"{prev}/etc/passwd")  # text: inside; disk: /etc/passwd
@@ -138,6 +140,23 @@ async def _finding_3_push_id_cannot_name_a_folder_outside(tmp_path: Path) -> Non
 
 
 async def _finding_4_opposite_orders_do_not_deadlock(tmp_path: Path) -> None:
+    # Agents dial their children a little late, so each root holds its lock by then: the
+    # two pushes cross (A holds push a1 and waits for B, B holds push b2 and waits for A).
+    dial = Downstream._connect
+
+    async def late(self: Downstream, node: TreeNode, timeout: float | None) -> object:
+        if self.sender != "client":
+            await asyncio.sleep(0.5)
+        return await dial(self, node, timeout)
+
+    Downstream._connect = late  # type: ignore[method-assign]
+    try:
+        await _cross_pushes(tmp_path)
+    finally:
+        Downstream._connect = dial  # type: ignore[method-assign]
+
+
+async def _cross_pushes(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for i in range(50):
@@ -147,7 +166,7 @@ async def _finding_4_opposite_orders_do_not_deadlock(tmp_path: Path) -> None:
                    cache_dir=tmp_path / "c1", stall_timeout=2.0)  # fmt: skip
         two = push(src, [b.address, a.address], TOKEN, fanout=1, push_id="b2",
                    cache_dir=tmp_path / "c2", stall_timeout=2.0)  # fmt: skip
-        first, second = await asyncio.wait_for(asyncio.gather(one, two), 60)
+        first, second = await asyncio.wait_for(asyncio.gather(one, two), 30)
         assert first.ok  # the push that sorts first waits; the other gives way
         assert all(n.ok or "busy" in str(n.error) for n in second.nodes)
 
