@@ -84,7 +84,7 @@ def at(side: Side, state: State) -> tuple[SyncConnection, SyncConnection]:
 
 def tagged(peer: SyncConnection, ftype: FrameType, payload: bytes = b"x") -> bytes:
     """A frame with a valid tag from ``peer``, whatever its own table says."""
-    if not peer._send_key:
+    if peer._send_key is None:
         return encode_frame(ftype, payload)
     peer._queue(ftype, (payload,))
     return wire(peer)
