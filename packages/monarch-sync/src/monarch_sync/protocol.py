@@ -47,10 +47,9 @@ import hmac
 import json
 import re
 import struct
-from typing import Any, NamedTuple
+from typing import Any
 
 import blake3
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .exceptions import FrameTooLarge, InvalidState, SyncProtocolError
@@ -173,32 +172,21 @@ PREAUTH = {Side.AGENT: S.AWAIT_HELLO, Side.CONNECTOR: S.AWAIT_CHALLENGE}
 OVER = (S.DONE, S.FAILED)
 
 
-class Key(NamedTuple):
-    raw: bytes
-    aead: AESGCM  # one-shot, for frames in one piece
-
-
-def _keys(token: str, agent_nonce: bytes, connector_nonce: bytes) -> tuple[Key, Key]:
-    """(agent -> connector key, connector -> agent key) for one connection."""
+def _keys(token: str, agent_nonce: bytes, connector_nonce: bytes) -> tuple[AESGCM, AESGCM]:
+    """(agent -> connector MAC, connector -> agent MAC) for one connection."""
     base = blake3.blake3(token.encode(), derive_key_context=KEY_CONTEXT).digest()
     nonces = agent_nonce + connector_nonce
-    a2c = blake3.blake3(b"a2c" + nonces, key=base).digest()
-    c2a = blake3.blake3(b"c2a" + nonces, key=base).digest()
-    return Key(a2c, AESGCM(a2c)), Key(c2a, AESGCM(c2a))
+    return (
+        AESGCM(blake3.blake3(b"a2c" + nonces, key=base).digest()),
+        AESGCM(blake3.blake3(b"c2a" + nonces, key=base).digest()),
+    )
 
 
-def _tag(key: Key, seq: int, ftype: int, parts: tuple[Payload, ...] | list[Payload]) -> bytes:
+def _tag(mac: AESGCM, seq: int, ftype: int, parts: tuple[Payload, ...] | list[Payload]) -> bytes:
     """MAC of one frame: GMAC (AES-GCM with the payload as associated data, nothing encrypted)
-    under nonce ``seq:u64 | type:u8``; GCM binds the length itself. A frame sent in parts (a
-    BLOBS table and its blobs) is fed part by part rather than joined (no copy)."""
-    nonce = MAC_NONCE.pack(seq, ftype)
-    if len(parts) <= 1:
-        return key.aead.encrypt(nonce, b"", parts[0] if parts else b"")
-    gcm = Cipher(algorithms.AES(key.raw), modes.GCM(nonce)).encryptor()
-    for part in parts:
-        gcm.authenticate_additional_data(part)
-    gcm.finalize()
-    return gcm.tag
+    under nonce ``seq:u64 | type:u8``; GCM binds the length itself."""
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    return mac.encrypt(MAC_NONCE.pack(seq, ftype), b"", data)
 
 
 class SyncConnection:
@@ -225,8 +213,8 @@ class SyncConnection:
         self._token = token
         self._nonce = nonce
         self._peer_nonce = b""
-        self._send_key: Key | None = None
-        self._recv_key: Key | None = None
+        self._send_key: AESGCM | None = None
+        self._recv_key: AESGCM | None = None
         self._send_seq = self._recv_seq = 0
         self._peer_verified = False
         self._max_frame = max_frame
