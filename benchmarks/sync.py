@@ -5,6 +5,13 @@
     python benchmarks/sync.py --netns                    # only the bandwidth-limited run (root)
     python benchmarks/sync.py --simulate                 # only the 1,000 / 10,000 node model
     python benchmarks/sync.py --gateway --quick          # through the gateway against direct
+    python benchmarks/sync.py --channel main             # channel MAC cost: main vs this tree
+
+``--channel REF``: the cost of the authenticated channel. Full pushes (N = 8, 32) of a 40 MB,
+1,000-file tree with this tree's monarch-sync and with the one at git REF (extracted to a
+temporary folder), alternating, on fresh agents each time; pusher and agents are processes
+(``PYTHONPATH`` picks the code), and their CPU seconds (user + system, from ``/proc``) are
+summed next to the push's wall time. ``channel_cpu_ratio_N`` = after / before (median).
 
 ``--gateway``: the same pushes through a real gateway's ``/sync`` relay to the agent beside it,
 which plans the tree over the workers' agents, against pushing to those same agents directly:
@@ -103,12 +110,13 @@ def agents(
         for i in range(n):
             listen = "127.0.0.1:0" if netns is None else f"10.9.{i + 1}.2:7878"
             cmd = [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", listen,
-                   "--root", str(base / f"a{i}"), "--token", TOKEN, "--stall-timeout", "30", *(["--verbose"] if os.environ.get("SYNC_VERBOSE") else [])]  # fmt: skip
+                   "--root", str(base / f"a{i}"), "--stall-timeout", "30", *(["--verbose"] if os.environ.get("SYNC_VERBOSE") else [])]  # fmt: skip
             if members_file is not None and i == 0:  # the gateway's agent: the root
                 cmd += ["--members-file", str(members_file)]
             if netns is not None:
                 cmd = ["ip", "netns", "exec", netns[i], *cmd]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+            env = {**os.environ, "MONARCH_SYNC_TOKEN": TOKEN}  # never on a command line
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         for p in procs:
             assert p.stdout is not None
             line = p.stdout.readline()
@@ -694,6 +702,89 @@ def gateway_vs_direct(work: Path, out: dict, *, quick: bool, ns: list[int] | Non
         )
 
 
+def _proc_cpu(pid: int) -> float:
+    """User + system seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def channel_push(code: Path, src: Path, base: Path, n: int) -> tuple[float, float]:
+    """(wall s, CPU s of pusher + agents) of one full push to n fresh agents run from ``code``."""
+    env = {**os.environ, "MONARCH_SYNC_TOKEN": TOKEN, "PYTHONPATH": str(code),
+           "XDG_CACHE_HOME": str(base / "xdg")}  # fmt: skip
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for i in range(n):
+            cmd = [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", "127.0.0.1:0",
+                   "--root", str(base / f"a{i}"), "--stall-timeout", "30"]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
+        addrs = []
+        for p in procs:
+            assert p.stdout is not None
+            addrs.append(p.stdout.readline().split(" on ")[1].split(",")[0])
+        before = sum(_proc_cpu(p.pid) for p in procs)
+        t0 = time.perf_counter()
+        pusher = subprocess.Popen(
+            [sys.executable, "-m", "monarch_sync.cli", "push", str(src), "--to", ",".join(addrs),
+             "--quiet"], env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        _, status, usage = os.wait4(pusher.pid, 0)
+        wall = time.perf_counter() - t0
+        assert os.waitstatus_to_exitcode(status) == 0, "push failed"
+        # Agents finish housekeeping (the spare clone) after the push: count it, for both ways.
+        agents_cpu = sum(_proc_cpu(p.pid) for p in procs)
+        while True:
+            time.sleep(0.5)
+            now = sum(_proc_cpu(p.pid) for p in procs)
+            if now - agents_cpu < 0.02:
+                break
+            agents_cpu = now
+        cpu = usage.ru_utime + usage.ru_stime + now - before
+        return wall, cpu
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def channel_cost(ref: str, work: Path, out: dict, *, ns: list[int], repeats: int) -> None:
+    """Full pushes with the code at ``ref`` and with this tree's, alternating (see --channel)."""
+    repo = Path(__file__).resolve().parent.parent
+    old = work / "before"
+    old.mkdir(parents=True)
+    tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "packages/monarch-sync/src"],
+                         check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(old)], input=tar, check=True)
+    codes = {
+        "before": old / "packages/monarch-sync/src",
+        "after": repo / "packages/monarch-sync/src",
+    }
+    src = work / "src"
+    make_workspace(src, files=1000, large=0)
+    for n in ns:
+        runs: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for r in range(repeats):
+            for way, code in codes.items():
+                runs[way].append(channel_push(code, src, work / f"{way}-{n}-{r}", n))
+        for way in codes:
+            walls, cpus = zip(*runs[way], strict=True)
+            out[f"channel_{way}_wall_s_{n}"] = sorted(walls)[len(walls) // 2]
+            out[f"channel_{way}_cpu_s_{n}"] = sorted(cpus)[len(cpus) // 2]
+        out[f"channel_cpu_ratio_{n}"] = (
+            out[f"channel_after_cpu_s_{n}"] / out[f"channel_before_cpu_s_{n}"]
+        )
+        out[f"channel_wall_ratio_{n}"] = (
+            out[f"channel_after_wall_s_{n}"] / out[f"channel_before_wall_s_{n}"]
+        )
+        print(f"N={n}: CPU after/before {out[f'channel_cpu_ratio_{n}']:.3f} "
+              f"({out[f'channel_after_cpu_s_{n}']:.2f}s / {out[f'channel_before_cpu_s_{n}']:.2f}s), "
+              f"wall {out[f'channel_wall_ratio_{n}']:.3f} "
+              f"({out[f'channel_after_wall_s_{n}']:.2f}s / {out[f'channel_before_wall_s_{n}']:.2f}s)",
+              flush=True)  # fmt: skip
+
+
 def make_workspace_undo_edit(src: Path) -> None:
     p = src / "pkg3" / "sub3" / "mod3.py"
     p.write_bytes(p.read_bytes().removesuffix(b"\n# edited\n"))
@@ -713,6 +804,7 @@ def main() -> int:
     p.add_argument("--no-rsync", action="store_true", help="skip the rsync baselines")
     p.add_argument("--repeats", type=int, help="full pushes per tool and N (median reported)")
     p.add_argument("--gateway", action="store_true", help="only: through the gateway vs direct")
+    p.add_argument("--channel", metavar="REF", help="only: channel cost, code at REF vs this tree")
     p.add_argument("--_netns-client", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--_gateway", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -746,6 +838,8 @@ def main() -> int:
             netns_run(work, out)
         elif args.gateway:
             gateway_vs_direct(work, out, quick=args.quick, ns=args.ns)
+        elif args.channel:
+            channel_cost(args.channel, work, out, ns=args.ns or [8, 32], repeats=REPEATS or 3)
         else:
             ns = args.ns or ([8, 32] if args.quick else [8, 32, 64])
             loopback(ns, work, out, quick=args.quick)

@@ -13,7 +13,20 @@ Each push is a :class:`NodeSession`:
 5. gather the children's results and send RESULT upstream.
 
 If the upstream connection dies the session keeps its state and waits ``resume_timeout`` for
-an ancestor to adopt it; the adopter gets a NEED for what is still missing.
+an ancestor to adopt it (``client_resume``, a few seconds, when the upstream was the pusher
+itself, which reconnects within a second or is gone); the adopter gets a NEED for what is
+still missing.
+
+One push at a time per agent, and a lock order that cannot deadlock: a push waits for the lock
+(heartbeating upstream, so its parent does not take it for stalled) only while its upstream is
+connected, and a push whose id sorts after the holder's waits at most ``stall_timeout`` before
+it is refused with ERROR ``busy``. Every cycle of waits (two pushes reaching two agents in
+opposite orders) holds such a waiter, so one push gives up and the other completes.
+
+Before authentication a connection gets ``hello_timeout`` in all to present a valid HELLO
+(heartbeats are a protocol error then, so they cannot extend it), its frame may be at most
+:data:`~monarch_sync.protocol.PREAUTH_MAX` bytes, and at most ``max_unauthenticated``
+connections may be waiting at once (more are closed on accept).
 """
 
 from __future__ import annotations
@@ -38,14 +51,7 @@ from .downstream import (
     parse_manifest_frame,
 )
 from .exceptions import BadToken, DigestMismatch, PeerLost, SyncError, SyncProtocolError
-from .frames import (
-    FrameType,
-    bitmap_from_indices,
-    decode_blob,
-    decode_blobs,
-    encode_frame,
-    encode_json,
-)
+from .frames import ErrorCode, FrameType, bitmap_from_indices, decode_blobs
 from .manifest import Manifest, chunk_digest
 from .recovery import Recovery
 from .staging import Staging, begin_staging
@@ -56,6 +62,7 @@ __all__ = ["Agent", "NodeSession"]
 
 MAX_REFETCH = 3
 KEEP_RESULTS = 64
+CLIENT_RESUME = 3.0  # seconds a session waits for its pusher to reconnect (it retries in <1 s)
 log = logging.getLogger("monarch_sync.agent")
 
 
@@ -71,6 +78,9 @@ class Agent:
         resume_timeout: float | None = None,
         advertise: str | None = None,
         members_file: str | Path | None = None,
+        hello_timeout: float = 5.0,
+        max_unauthenticated: int = 64,
+        client_resume: float = CLIENT_RESUME,
     ) -> None:
         if not token:
             raise BadToken("an agent needs a non-empty token")
@@ -88,7 +98,12 @@ class Agent:
         self._sessions: dict[str, NodeSession] = {}
         self._finished: collections.OrderedDict[str, list[NodeResult]] = collections.OrderedDict()
         self._lock = asyncio.Lock()
+        self._holder: str | None = None  # push id of the session holding the lock
         self._handlers: set[asyncio.Task[Any]] = set()
+        self.hello_timeout = hello_timeout
+        self.max_unauthenticated = max_unauthenticated
+        self.client_resume = client_resume
+        self.unauthenticated = 0  # connections still before a verified HELLO
 
     @property
     def synced_path(self) -> Path:
@@ -132,7 +147,7 @@ class Agent:
         return planned, {"fanout": int(k), "depth": planned.depth()}
 
     async def start(self) -> None:
-        self._server = await serve(self._handle, self.host, self.port)
+        self._server = await serve(self._handle, self.host, self.port, token=self.token)
 
     async def serve_forever(self) -> None:
         if self._server is None:
@@ -156,13 +171,20 @@ class Agent:
         self._handlers.add(task)
         keep_open = False
         try:
-            hello = await accept(conn, self.token, self.stall_timeout)
-            push_id = str(hello.get("push_id", ""))
+            if self.unauthenticated >= self.max_unauthenticated:
+                return  # connection cap before authentication: closed at once
+            self.unauthenticated += 1
+            try:
+                async with asyncio.timeout(self.hello_timeout):  # heartbeats do not extend it
+                    hello = await accept(conn, self.hello_timeout)
+            finally:
+                self.unauthenticated -= 1
+            push_id = str(hello["push_id"])  # validated by the core
             frame = await conn.expect(FrameType.MANIFEST, self.stall_timeout)
             head, body = parse_manifest_frame(frame)
             if push_id in self._finished:  # adopted after we finished: replay the result
-                conn.send(encode_frame(FrameType.NEED, bitmap_from_indices((), head["blobs"])))
-                conn.send(encode_json(FrameType.RESULT, self._finished[push_id]))
+                conn.send_frame(FrameType.NEED, bitmap_from_indices((), head["blobs"]))
+                conn.send_json(FrameType.RESULT, self._finished[push_id])
                 await conn.drain(self.stall_timeout)
                 return
             session = self._sessions.get(push_id)
@@ -170,13 +192,10 @@ class Agent:
                 session.reattach(conn)
                 keep_open = True
                 return
-            waiting = None
-            if self._lock.locked():  # keep the parent from declaring us stalled meanwhile
-                waiting = asyncio.create_task(_heartbeat(conn, self.stall_timeout / 4))
-            async with self._lock:  # one push at a time per agent
-                if waiting is not None:
-                    waiting.cancel()
-                session = NodeSession(self, push_id, conn, head, body)
+            if not await self._acquire(conn, push_id):
+                return
+            try:
+                session = NodeSession(self, push_id, conn, head, body, str(hello["sender"]))
                 self._sessions[push_id] = session
                 try:
                     results = await session.run()
@@ -185,6 +204,9 @@ class Agent:
                 self._finished[push_id] = results
                 while len(self._finished) > KEEP_RESULTS:
                     self._finished.popitem(last=False)
+            finally:
+                self._holder = None
+                self._lock.release()
         except (BadToken, PeerLost, SyncProtocolError, TimeoutError, ValueError, KeyError):
             pass
         finally:
@@ -192,12 +214,53 @@ class Agent:
             if not keep_open:
                 conn.close()
 
+    async def _acquire(self, conn: Conn, push_id: str) -> bool:
+        """Take the one-push lock for ``push_id`` (see the module docstring); False: refused
+        (ERROR busy sent) or the upstream went away meanwhile."""
+        loop = asyncio.get_running_loop()
+        patient = self._holder is None or push_id < self._holder
+        deadline = loop.time() + self.stall_timeout
+        acquire = asyncio.ensure_future(self._lock.acquire())
+        beat = self.stall_timeout / 4
+        try:
+            while True:
+                done, _ = await asyncio.wait({acquire}, timeout=min(beat, 0.25))
+                if done:
+                    self._holder = push_id
+                    return True
+                if conn.closed:
+                    return False  # nobody to serve: do not queue behind the holder
+                if not patient and loop.time() > deadline:
+                    msg = f"serving push {self._holder}, which goes first; retry later"
+                    conn.send_json(FrameType.ERROR, {"code": ErrorCode.BUSY, "message": msg})
+                    await conn.drain(self.stall_timeout)
+                    return False
+                conn.send_frame(FrameType.HEARTBEAT)  # the parent must not take us for stalled
+                patient = patient or self._holder is None or push_id < self._holder
+        finally:
+            if not acquire.done():
+                acquire.cancel()
+            elif self._holder != push_id and not acquire.cancelled():
+                self._lock.release()  # granted just as we gave up
+
 
 class NodeSession:
     def __init__(
-        self, agent: Agent, push_id: str, upstream: Conn, head: dict[str, Any], body: bytes
+        self,
+        agent: Agent,
+        push_id: str,
+        upstream: Conn,
+        head: dict[str, Any],
+        body: bytes,
+        sender: str = "",
     ) -> None:
         self.agent = agent
+        # A pusher that lost its connection reconnects at once or is gone: wait briefly.
+        self.resume_timeout = (
+            min(agent.resume_timeout, agent.client_resume)
+            if sender == "client"
+            else agent.resume_timeout
+        )
         self.push_id = push_id
         self.upstream: Conn | None = upstream
         self.reattached = asyncio.Event()
@@ -216,31 +279,35 @@ class NodeSession:
         self.staging: Staging | None = None
 
     # -- upstream plumbing --------------------------------------------------------------
-    def _send_up(self, data: bytes) -> None:
+    def _send_up(self, ftype: FrameType, payload: bytes = b"") -> None:
         if self.upstream is not None:
-            self.upstream.send(data)
+            self.upstream.send_frame(ftype, payload)
+
+    def _send_up_json(self, ftype: FrameType, obj: Any) -> None:
+        if self.upstream is not None:
+            self.upstream.send_json(ftype, obj)
 
     def reattach(self, conn: Conn) -> None:
         """An ancestor adopted us: drop the old parent, tell the new one what is missing."""
         old, self.upstream = self.upstream, conn
         if old is not None:
-            old.send(encode_json(FrameType.ERROR, {"code": "reparented", "message": ""}))
+            old.send_json(FrameType.ERROR, {"code": ErrorCode.REPARENTED, "message": ""})
             old.close()
         if self.need_sent:
-            conn.send(self._need_frame(self.missing))
+            conn.send_frame(FrameType.NEED, self._need_bitmap(self.missing))
         self.reattached.set()
 
     async def _wait_upstream(self) -> Conn:
         while self.upstream is None:
             self.reattached.clear()
             try:
-                await asyncio.wait_for(self.reattached.wait(), self.agent.resume_timeout)
+                await asyncio.wait_for(self.reattached.wait(), self.resume_timeout)
             except TimeoutError:
                 raise PeerLost(self.me, "upstream lost and no ancestor re-attached") from None
         return self.upstream
 
-    def _need_frame(self, indices: set[int]) -> bytes:
-        return encode_frame(FrameType.NEED, bitmap_from_indices(indices, self.head["blobs"]))
+    def _need_bitmap(self, indices: set[int]) -> bytes:
+        return bitmap_from_indices(indices, self.head["blobs"])
 
     def _need_more(self, indices: set[int]) -> None:
         new = indices - self.expected - self.got
@@ -248,7 +315,7 @@ class NodeSession:
             self.expected |= new
             self.missing |= new
             if self.need_sent:
-                self._send_up(self._need_frame(new))
+                self._send_up(FrameType.NEED, self._need_bitmap(new))
 
     def _poke_receiver(self) -> None:
         """A child finished attaching: wake the receive loop to re-check its exit condition."""
@@ -258,7 +325,7 @@ class NodeSession:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.agent.stall_timeout / 4)
-            self._send_up(encode_frame(FrameType.HEARTBEAT))
+            self._send_up(FrameType.HEARTBEAT)
 
     # -- the push -----------------------------------------------------------------------
     async def run(self) -> list[NodeResult]:
@@ -286,8 +353,8 @@ class NodeSession:
             if self.staging is not None:
                 self.staging.close_files()
                 self.agent.store.abort(self.staging.folder)
-            msg = {"code": "failed", "message": own["error"]}
-            self._send_up(encode_json(FrameType.ERROR, msg))
+            msg = {"code": ErrorCode.FAILED, "message": own["error"]}
+            self._send_up_json(FrameType.ERROR, msg)
             return [own]
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -295,7 +362,7 @@ class NodeSession:
             results = [own, *await self.downstream.finish()]
             conn = await _maybe(self._wait_upstream())
             if conn is not None:
-                conn.send(encode_json(FrameType.RESULT, results))
+                conn.send_json(FrameType.RESULT, results)
                 with contextlib.suppress(SyncError, TimeoutError):
                     await conn.drain(self.agent.stall_timeout)
                 conn.close()
@@ -319,7 +386,7 @@ class NodeSession:
             root=str(self.head.get("root", "")),
             blob_count=int(self.head["blobs"]),
             stall_timeout=self.agent.stall_timeout,
-            on_node_done=lambda r: self._send_up(encode_json(FrameType.NODE_DONE, r)),
+            on_node_done=lambda r: self._send_up_json(FrameType.NODE_DONE, r),
             on_need_more=self._need_more,
             on_attached=self._poke_receiver,
             recovery=Recovery.from_json(self.head.get("recovery")),  # the client's rule
@@ -337,7 +404,7 @@ class NodeSession:
         ds.set_source(staging)
         # Ask for our own blobs at once, so data flows down while the subtree is still
         # connecting; what the children lack beyond that follows as incremental NEEDs.
-        self._send_up(self._need_frame(self.expected))
+        self._send_up(FrameType.NEED, self._need_bitmap(self.expected))
         self.need_sent = True
         self._trace(f"NEED sent ({len(self.expected)} blobs)")
         await self._receive(manifest, staging, ds)
@@ -354,7 +421,7 @@ class NodeSession:
         }
         if self.planned is not None:
             result["planned"] = self.planned
-        self._send_up(encode_json(FrameType.NODE_DONE, result))
+        self._send_up_json(FrameType.NODE_DONE, result)
         return result
 
     async def _obtain_manifest(self, store: Store) -> Manifest:
@@ -368,7 +435,7 @@ class NodeSession:
                 manifest = await asyncio.to_thread(Manifest.from_patch, base, body, removed)
             else:
                 conn = await self._wait_upstream()
-                conn.send(encode_frame(FrameType.MANIFEST_WANTED))
+                conn.send_frame(FrameType.MANIFEST_WANTED)
                 frame = await conn.expect(FrameType.MANIFEST, self.agent.stall_timeout)
                 head, body = parse_manifest_frame(frame)
         if manifest is None:
@@ -404,19 +471,17 @@ class NodeSession:
                     self.upstream = None
                     conn.close()
                 continue
-            if frame.type is FrameType.BLOBS or frame.type is FrameType.BLOB:
-                batch = (
-                    decode_blobs(frame) if frame.type is FrameType.BLOBS else [decode_blob(frame)]
-                )
+            if frame.type is FrameType.BLOBS:
                 verified = []
-                for index, data in batch:  # verified one by one, passed on as one run
+                for index, data in decode_blobs(frame):  # verified one by one, passed on as a run
                     if index in self.got or index >= len(blobs):
                         continue
-                    if chunk_digest(data) != blobs[index][0]:
+                    # The size too: offsets in the tree are computed from the table's sizes.
+                    if len(data) != blobs[index][1] or chunk_digest(data) != blobs[index][0]:
                         self.refetches[index] += 1
                         if self.refetches[index] > MAX_REFETCH:
                             raise DigestMismatch(f"blob {index}", blobs[index][0].hex(), "corrupt")
-                        conn.send(encode_frame(FrameType.REFETCH, struct.pack("!I", index)))
+                        conn.send_frame(FrameType.REFETCH, struct.pack("!I", index))
                         continue
                     if index in need:
                         staging.write_blob(index, data)
@@ -430,12 +495,6 @@ class NodeSession:
                 self.upstream = None
                 conn.close()
         staging.close_files()
-
-
-async def _heartbeat(conn: Conn, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        conn.send(encode_frame(FrameType.HEARTBEAT))
 
 
 async def _maybe(awaitable: Any) -> Any:

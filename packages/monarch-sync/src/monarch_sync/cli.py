@@ -45,26 +45,31 @@ def read_peers(to: str | None, peers_file: str | None) -> list[str]:
 
 
 def _token(args: argparse.Namespace) -> str:
+    """From --token-file or MONARCH_SYNC_TOKEN: never from the command line (``ps`` shows it)."""
     if args.token_file:
         return Path(args.token_file).read_text().strip()
-    token = args.token or os.environ.get("MONARCH_SYNC_TOKEN", "")
+    token = os.environ.get("MONARCH_SYNC_TOKEN", "")
     if not token:
-        raise SystemExit(
-            "monarch-sync: a token is required (--token, --token-file or MONARCH_SYNC_TOKEN)"
-        )
+        raise SystemExit("monarch-sync: a token is required (--token-file or MONARCH_SYNC_TOKEN)")
     return token
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="monarch-sync", description=__doc__)
+    # No abbreviations: "--token SECRET" must not be taken for --token-file.
+    p = argparse.ArgumentParser(prog="monarch-sync", description=__doc__, allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def token_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--token", help="shared secret (or MONARCH_SYNC_TOKEN)")
-        sp.add_argument("--token-file", help="read the token from this file")
+        sp.add_argument(
+            "--token-file", help="read the shared secret from this file (or MONARCH_SYNC_TOKEN)"
+        )
 
-    a = sub.add_parser("agent", help="run the receiving daemon on a node")
-    a.add_argument("--listen", default="0.0.0.0:7878", help="HOST:PORT to listen on")
+    a = sub.add_parser("agent", allow_abbrev=False, help="run the receiving daemon on a node")
+    a.add_argument(
+        "--listen",
+        default="127.0.0.1:7878",
+        help="HOST:PORT to listen on (loopback unless told otherwise, e.g. 0.0.0.0:7878)",
+    )
     a.add_argument(
         "--root", required=True, help="folder holding versions; live tree is ROOT/current"
     )
@@ -78,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--verbose", action="store_true", help="log each push's phases")
     token_args(a)
 
-    s = sub.add_parser("push", help="push a folder to agents")
+    s = sub.add_parser("push", allow_abbrev=False, help="push a folder to agents")
     s.add_argument("src")
     s.add_argument("--to", help="comma-separated HOST:PORT list")
     s.add_argument(

@@ -1,22 +1,22 @@
-"""Thin asyncio adapter around :class:`FrameDecoder` plus the token handshake.
+"""Thin asyncio adapter around the :class:`~monarch_sync.protocol.SyncConnection` core.
 
-The agent opens every connection with a CHALLENGE nonce; the connector answers with the keyed
-BLAKE3 of that nonce under the token, so the token itself never crosses the wire.
+The core does the handshake, the per-frame MAC and the frame-order table; this module moves its
+bytes, holds its frames until :meth:`Conn.recv` takes them, and turns a failed core into a
+closed connection whose next ``recv`` raises (BadToken, SyncProtocolError or PeerLost).
+Deadlines live here and in the callers: a clock is I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import blake3
-
 from .exceptions import BadToken, PeerLost, SyncProtocolError
-from .frames import Frame, FrameDecoder, FrameType, Payload, decode_json, encode_json
+from .frames import ErrorCode, Frame, FrameType, Payload, decode_json
+from .protocol import NONCE_SIZE, Side, SyncConnection
 
 __all__ = [
     "Conn",
@@ -24,16 +24,10 @@ __all__ = [
     "accept",
     "connect",
     "dial_tcp",
-    "mac",
     "parse_peer",
     "serve",
     "wrap_socket",
 ]
-
-
-def mac(token: str, nonce: bytes) -> str:
-    key = blake3.blake3(token.encode()).digest()
-    return blake3.blake3(nonce, key=key).hexdigest()
 
 
 def parse_peer(peer: str) -> tuple[str, int]:
@@ -50,10 +44,11 @@ IOV_MAX = 1024  # buffers one writev() may gather (the Linux limit)
 class _FrameProtocol(asyncio.Protocol):
     """Feeds received bytes straight into the decoder (no StreamReader copy in between)."""
 
-    def __init__(self) -> None:
+    def __init__(self, core: Callable[[], SyncConnection] | None = None) -> None:
         self.conn: Conn | None = None
         self.transport: asyncio.Transport | None = None
         self.on_connect: Callable[[Conn], None] | None = None
+        self._core = core  # the agent side starts its core (and its CHALLENGE) at once
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -62,6 +57,8 @@ class _FrameProtocol(asyncio.Protocol):
             transport.max_size = READ_SIZE  # bigger reads: fewer syscalls, fewer split frames
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.conn = Conn(transport, f"{peer[0]}:{peer[1]}")
+        if self._core is not None:
+            self.conn.attach(self._core())
         if self.on_connect is not None:
             self.on_connect(self.conn)
 
@@ -70,6 +67,8 @@ class _FrameProtocol(asyncio.Protocol):
         self.conn._data(data)
 
     def eof_received(self) -> bool:
+        if self.conn is not None and self.conn.core is not None:
+            self.conn.core.receive_eof()
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -86,14 +85,15 @@ class _FrameProtocol(asyncio.Protocol):
 
 
 class Conn:
-    """A framed connection: ``recv`` whole frames, ``send`` bytes, ``drain`` to respect flow."""
+    """A framed, authenticated connection: ``recv`` whole frames, ``send_frame``, ``drain``."""
 
     HIGH_WATER = 8 * 1024 * 1024  # decoded-but-unread bytes before we stop reading the socket
 
     def __init__(self, transport: asyncio.Transport, peer: str) -> None:
         self.transport = transport
         self.peer = peer
-        self._decoder = FrameDecoder()
+        self.core: SyncConnection | None = None
+        self._early: list[bytes] = []  # bytes that came before the core was attached
         self._frames: collections.deque[Frame] = collections.deque()
         self._queued = 0
         self._paused = False
@@ -106,15 +106,22 @@ class Conn:
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None and hasattr(os, "writev") else -1
 
+    def attach(self, core: SyncConnection) -> None:
+        """Start speaking through ``core`` (its CHALLENGE, if any, goes out now)."""
+        self.core = core
+        self.flush()
+        early, self._early = self._early, []
+        for data in early:
+            self._data(data)
+
     # -- protocol callbacks --------------------------------------------------------------
     def _data(self, data: bytes) -> None:
-        self._decoder.receive_data(data)
-        try:
-            frames = self._decoder.frames()
-        except SyncProtocolError as exc:
-            self._error = exc
-            self.transport.abort()
+        core = self.core
+        if core is None:
+            self._early.append(data)
             return
+        core.receive_data(data)
+        frames = core.events_received()
         if frames:
             self._frames.extend(frames)
             self._queued += sum(len(f.payload) for f in frames)
@@ -122,6 +129,12 @@ class Conn:
             if self._queued > self.HIGH_WATER and not self._paused:
                 self._paused = True
                 self.transport.pause_reading()
+        if core.error is not None and self._error is None:
+            err = core.error
+            self._error = BadToken(self.peer) if err.code == ErrorCode.BAD_TOKEN else err
+            self.flush()  # the ERROR frame the core queued for the peer, if any
+            self._arrived.set()
+            self.close()
 
     def _lost(self, exc: Exception | None) -> None:
         if self._error is None:
@@ -134,7 +147,8 @@ class Conn:
 
     # -- API -----------------------------------------------------------------------------
     async def recv(self, timeout: float | None = None) -> Frame:
-        """Next frame; raises PeerLost on EOF or reset, TimeoutError after ``timeout``."""
+        """Next frame; raises PeerLost on EOF or reset, TimeoutError after ``timeout``, and
+        SyncProtocolError (or BadToken) once the core failed the connection."""
         while not self._frames:
             if self._error is not None:
                 raise self._error
@@ -153,11 +167,6 @@ class Conn:
         self._frames.append(Frame(FrameType.HEARTBEAT, b""))
         self._arrived.set()
 
-    def unread(self, frame: Frame) -> None:
-        """Put a frame back; the next :meth:`recv` returns it."""
-        self._frames.appendleft(frame)
-        self._queued += len(frame.payload)
-
     async def expect(self, ftype: FrameType, timeout: float | None = None) -> Frame:
         """Next frame other than HEARTBEAT, which must be ``ftype``; ERROR frames raise."""
         frame = await self.recv(timeout)
@@ -165,25 +174,40 @@ class Conn:
             frame = await self.recv(timeout)
         if frame.type is FrameType.ERROR:
             err = decode_json(frame)
-            if err.get("code") == "bad_token":
+            code = err.get("code") if isinstance(err, dict) else None
+            if code == ErrorCode.BAD_TOKEN:
                 raise BadToken(self.peer)
-            raise PeerLost(self.peer, f"{err.get('code')}: {err.get('message')}")
+            message = err.get("message") if isinstance(err, dict) else None
+            raise PeerLost(self.peer, f"{code}: {message}")
         if frame.type is not ftype:
             raise SyncProtocolError(f"{self.peer}: expected {ftype.name}, got {frame.type.name}")
         return frame
 
-    def send(self, *parts: Payload) -> None:
-        if not self.closed:
-            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+    def queue_frame(self, ftype: FrameType, *parts: Payload) -> None:
+        """Queue one frame in the core (tagged, not copied); :meth:`flush` writes the queue."""
+        if not self.closed and self.core is not None:
+            self.core.send(ftype, *parts)
 
-    def send_parts(self, parts: list[Payload]) -> None:
-        """Write ``parts`` in order, copying each at most once in user space.
+    def send_frame(self, ftype: FrameType, *parts: Payload) -> None:
+        self.queue_frame(ftype, *parts)
+        self.flush()
 
-        With nothing buffered they go to the socket in one gathered write (``writev``: no join,
-        no copy); only what the socket did not take is handed to the transport, which buffers
-        it. Behind a backlog each part is appended to the transport's buffer as it is.
+    def send_json(self, ftype: FrameType, obj: Any) -> None:
+        if not self.closed and self.core is not None:
+            self.core.send_json(ftype, obj)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what the core queued, copying each part at most once in user space.
+
+        With nothing buffered the parts go to the socket in one gathered write (``writev``: no
+        join, no copy); only what the socket did not take is handed to the transport, which
+        buffers it. Behind a backlog each part is appended to the transport's buffer as it is.
         """
-        if self.closed:
+        if self.core is None:
+            return
+        parts = self.core.data_to_send()
+        if not parts or self.closed:
             return
         transport = self.transport
         if (
@@ -210,9 +234,6 @@ class Conn:
             transport.write(memoryview(part)[sent:] if sent else part)
             sent = 0
 
-    def send_json(self, ftype: FrameType, obj: Any) -> None:
-        self.send(encode_json(ftype, obj))
-
     async def drain(self, timeout: float | None = None) -> None:
         if not self._can_write.is_set():
             await asyncio.wait_for(self._can_write.wait(), timeout)
@@ -230,13 +251,16 @@ class Conn:
 
 
 async def serve(
-    handler: Callable[[Conn], Coroutine[Any, Any, None]], host: str, port: int
+    handler: Callable[[Conn], Coroutine[Any, Any, None]], host: str, port: int, *, token: str
 ) -> asyncio.Server:
-    """Listen; run ``handler(conn)`` as a task for every accepted connection."""
+    """Listen; every accepted connection sends its CHALLENGE at once and runs ``handler``."""
     loop = asyncio.get_running_loop()
 
+    def core() -> SyncConnection:
+        return SyncConnection(Side.AGENT, token, nonce=os.urandom(NONCE_SIZE))
+
     def factory() -> _FrameProtocol:
-        proto = _FrameProtocol()
+        proto = _FrameProtocol(core)
         proto.on_connect = lambda conn: _spawn(loop.create_task(handler(conn)))
         return proto
 
@@ -255,7 +279,7 @@ Dial = Callable[[str, float], Coroutine[Any, Any, "Conn"]]
 
 
 async def dial_tcp(peer: str, timeout: float) -> Conn:
-    """A framed TCP connection to ``peer`` (``host:port``); raises PeerLost."""
+    """A TCP connection to ``peer`` (``host:port``), not yet authenticated; raises PeerLost."""
     host, port = parse_peer(peer)
     loop = asyncio.get_running_loop()
     try:
@@ -269,43 +293,45 @@ async def dial_tcp(peer: str, timeout: float) -> Conn:
 
 
 async def wrap_socket(sock: Any) -> Conn:
-    """A framed connection over an already connected socket (e.g. one end of a socketpair)."""
+    """A connection over an already connected socket (e.g. one end of a socketpair)."""
     _, proto = await asyncio.get_running_loop().create_connection(_FrameProtocol, sock=sock)
     assert proto.conn is not None
     return proto.conn
 
 
 async def connect(
-    peer: str, token: str, hello: dict[str, Any], timeout: float, *, dial: Dial | None = None
+    peer: str, token: str, push_id: str, sender: str, timeout: float, *, dial: Dial | None = None
 ) -> Conn:
-    """Open a connection to an agent and authenticate; raises PeerLost or BadToken.
+    """Open an authenticated connection to an agent; raises PeerLost or BadToken.
 
     ``dial`` opens the byte stream (default: TCP to ``peer``); the gateway tunnel passes its own.
     """
     conn = await (dial or dial_tcp)(peer, timeout)
     conn.peer = peer
     try:
-        challenge = decode_json(await conn.expect(FrameType.CHALLENGE, timeout))
-        nonce = bytes.fromhex(challenge["nonce"])
-        conn.send_json(FrameType.HELLO, {**hello, "mac": mac(token, nonce)})
+        conn.attach(SyncConnection(Side.CONNECTOR, token, nonce=os.urandom(NONCE_SIZE)))
+        await conn.expect(FrameType.CHALLENGE, timeout)
+        assert conn.core is not None
+        conn.core.send_hello(push_id, sender)
+        conn.flush()
     except TimeoutError as exc:
         conn.close()
         raise PeerLost(peer, "no challenge from agent") from exc
+    except SyncProtocolError as exc:
+        conn.close()
+        raise PeerLost(peer, f"bad challenge: {exc}") from exc
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-async def accept(conn: Conn, token: str, timeout: float) -> dict[str, Any]:
-    """Agent side of the handshake: returns the HELLO, or sends ERROR and raises BadToken."""
-    nonce = os.urandom(16)
-    conn.send_json(FrameType.CHALLENGE, {"nonce": nonce.hex()})
-    hello = decode_json(await conn.expect(FrameType.HELLO, timeout))
-    if not isinstance(hello, dict) or not hmac.compare_digest(
-        str(hello.get("mac", "")), mac(token, nonce)
-    ):
-        conn.send_json(FrameType.ERROR, {"code": "bad_token", "message": "bad token"})
-        await conn.drain(timeout)
-        raise BadToken(conn.peer)
-    return hello
+async def accept(conn: Conn, timeout: float) -> dict[str, Any]:
+    """Agent side of the handshake: the verified HELLO, within ``timeout`` in all.
+
+    Raises BadToken, SyncProtocolError (the core failed the connection: a frame other than
+    HELLO first, one over the pre-authentication cap, a bad push id), PeerLost or TimeoutError.
+    """
+    await conn.recv(timeout)  # the core lets nothing but a verified HELLO through first
+    assert conn.core is not None and conn.core.hello is not None
+    return conn.core.hello

@@ -3,7 +3,7 @@
 An agent builds the next version in a hard-link clone of its current one, so the plan says how
 to turn the old tree into the new one: what to remove, which folders and symlinks to create,
 which files to (re)write and which blobs it must receive because it holds no copy. A file whose
-content is unchanged but whose exec bit flipped is rewritten from the local copy, because a
+content is unchanged but whose mode changed is rewritten from the local copy, because a
 chmod on a hard link would also change the old version.
 """
 
@@ -47,9 +47,7 @@ def diff(old: Manifest | None, new: Manifest, available: Container[bytes] = ()) 
             or (was.kind is Kind.LINK and now.target != was.target)
         ):
             plan.remove.append(was)
-        elif was.kind is Kind.FILE and (
-            now.chunks != was.chunks or now.executable != was.executable
-        ):
+        elif was.kind is Kind.FILE and (now.chunks != was.chunks or now.mode != was.mode):
             plan.remove.append(was)  # break the hard link before writing a new inode
     plan.remove.sort(key=lambda e: (-e.path.count("/"), e.path))
     removed = {e.path for e in plan.remove}

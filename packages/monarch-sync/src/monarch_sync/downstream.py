@@ -33,19 +33,19 @@ from .exceptions import BadToken, PeerLost, SyncError, SyncProtocolError
 from .frames import (
     MAX_BATCH_BLOBS,
     MAX_BATCH_BYTES,
+    ErrorCode,
     Frame,
     FrameType,
     Payload,
+    blobs_table,
     decode_json,
-    encode_blobs_header,
-    encode_frame,
     indices_from_bitmap,
 )
 from .recovery import Loss, Recovery, SlowDetector
 from .relay import RelayState
 from .tree import TreeNode
 
-__all__ = ["BlobSource", "Downstream", "NodeResult", "failed_result", "manifest_frame"]
+__all__ = ["BlobSource", "Downstream", "NodeResult", "failed_result", "manifest_payload"]
 
 NodeResult = dict[str, Any]
 JSON_LEN = struct.Struct("!I")
@@ -68,7 +68,9 @@ class _Answered(SyncError):
 
 def _answer(peer: str, frame: Frame) -> SyncError:
     err = decode_json(frame)
-    if err.get("code") == "bad_token":
+    if not isinstance(err, dict):
+        return SyncProtocolError(f"{peer}: ERROR frame is not an object")
+    if err.get("code") == ErrorCode.BAD_TOKEN:
         return BadToken(peer)
     return _Answered(f"{peer}: {err.get('code')}: {err.get('message')}")
 
@@ -77,14 +79,20 @@ def failed_result(peer: str, reason: str) -> NodeResult:
     return {"peer": peer, "ok": False, "error": reason, "root": None, "bytes": 0, "seconds": 0.0}
 
 
-def manifest_frame(header: dict[str, Any], manifest_bytes: bytes) -> bytes:
+def manifest_payload(header: dict[str, Any], manifest_bytes: bytes) -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
-    return encode_frame(FrameType.MANIFEST, JSON_LEN.pack(len(head)) + head + manifest_bytes)
+    return JSON_LEN.pack(len(head)) + head + manifest_bytes
 
 
 def parse_manifest_frame(frame: Frame) -> tuple[dict[str, Any], bytes]:
-    (n,) = JSON_LEN.unpack_from(frame.payload)
-    head = json.loads(bytes(frame.payload[JSON_LEN.size : JSON_LEN.size + n]))
+    """The push header and manifest bytes of a MANIFEST frame; raises SyncProtocolError."""
+    try:
+        (n,) = JSON_LEN.unpack_from(frame.payload)
+        head = json.loads(bytes(frame.payload[JSON_LEN.size : JSON_LEN.size + n]))
+    except (struct.error, ValueError, RecursionError) as exc:
+        raise SyncProtocolError(f"malformed MANIFEST frame: {exc}") from None
+    if not isinstance(head, dict) or not isinstance(head.get("blobs"), int):
+        raise SyncProtocolError("MANIFEST header is not an object with a blob count")
     return head, bytes(frame.payload[JSON_LEN.size + n :])
 
 
@@ -241,7 +249,8 @@ class Downstream:
             conn = await connect(
                 node.peer,
                 self.token,
-                {"push_id": self.push_id, "sender": self.sender},
+                self.push_id,
+                self.sender,
                 timeout or self.stall_timeout,
                 dial=self.dial,
             )
@@ -260,22 +269,22 @@ class Downstream:
                 **self.extra_head,
             }
             if self.patch is not None:
-                conn.send(manifest_frame({**head, **self.patch[0]}, self.patch[1]))
+                conn.send_frame(
+                    FrameType.MANIFEST, manifest_payload({**head, **self.patch[0]}, self.patch[1])
+                )
             else:
-                conn.send(manifest_frame(head, await self._full))
+                conn.send_frame(FrameType.MANIFEST, manifest_payload(head, await self._full))
             while True:
                 frame = await conn.recv(self.stall_timeout)
                 kind = frame.type
                 if kind is FrameType.NEED:
                     break
                 if kind is FrameType.MANIFEST_WANTED:  # no base for the patch there
-                    conn.send(manifest_frame(head, await self._full))
+                    conn.send_frame(FrameType.MANIFEST, manifest_payload(head, await self._full))
                 elif kind is FrameType.NODE_DONE:  # a grandchild that needed nothing
                     self.on_node_done(decode_json(frame))
                 elif kind is FrameType.ERROR:
                     raise _answer(node.peer, frame)
-                elif kind is not FrameType.HEARTBEAT:
-                    raise SyncProtocolError(f"{node.peer}: expected NEED, got {kind.name}")
             need = indices_from_bitmap(frame.payload, self.blob_count)
             await self._source_ready.wait()
         except TimeoutError:
@@ -408,12 +417,11 @@ class Downstream:
                     try:
                         await asyncio.wait_for(child.wake.wait(), self.stall_timeout / 4)
                     except TimeoutError:  # idle: tell the child we are alive
-                        conn.send(encode_frame(FrameType.HEARTBEAT))
+                        conn.send_frame(FrameType.HEARTBEAT)
                         await conn.drain(self.stall_timeout)
                 # What is queued goes out as BLOBS frames of up to MAX_BATCH_BLOBS blobs and
                 # MAX_BATCH_BYTES each (a larger blob travels alone), about WRITE_BYTES per write.
                 # Nothing waits for a batch to fill: a frame holds whatever is queued now.
-                parts: list[Payload] = []
                 items: list[tuple[int, int]] = []
                 datas: list[Payload] = []
                 batch = size = 0
@@ -432,19 +440,17 @@ class Downstream:
                         data = self.fault(peer, index, data)
                     n = len(data)
                     if items and (size + n > MAX_BATCH_BYTES or len(items) == MAX_BATCH_BLOBS):
-                        parts.append(encode_blobs_header(items))
-                        parts += datas
+                        conn.queue_frame(FrameType.BLOBS, blobs_table(items), *datas)
                         items, datas, size = [], [], 0
                     items.append((index, n))
                     datas.append(data)
                     size += n
                     batch += n
-                parts.append(encode_blobs_header(items))
-                parts += datas
+                conn.queue_frame(FrameType.BLOBS, blobs_table(items), *datas)
                 child.owed = max(0, child.owed - owed)
                 if self.pace is not None:
                     await asyncio.sleep(self.pace(peer, batch))
-                conn.send_parts(parts)
+                conn.flush()
                 child.handed += batch
                 self.bytes_sent += batch
                 sent += 1
@@ -464,16 +470,16 @@ class Downstream:
             while True:
                 frame = await conn.recv(self.stall_timeout)
                 kind = frame.type
-                if kind is FrameType.HEARTBEAT:
+                if kind is FrameType.HEARTBEAT:  # the core let through only what a child may send
                     continue
-                if kind in (FrameType.BLOBS, FrameType.BLOB, FrameType.MANIFEST):
-                    raise SyncProtocolError(f"{peer}: unexpected {kind.name} from a child")
                 if kind is FrameType.NEED:
                     more = indices_from_bitmap(frame.payload, self.blob_count)
                     child.asked += len(more)
                     self.relay.pending[peer] |= more
                     self._feed_backlog(child)
                 elif kind is FrameType.REFETCH:
+                    if len(frame.payload) != 4:
+                        raise SyncProtocolError(f"{peer}: REFETCH is not a u32 index")
                     (index,) = struct.unpack("!I", frame.payload)
                     child.refetches[index] += 1
                     if child.refetches[index] > MAX_REFETCH:
@@ -490,7 +496,8 @@ class Downstream:
                     self._finish_child(child)
                     return
                 elif kind is FrameType.ERROR:
-                    if decode_json(frame).get("code") == "reparented":  # adopted: not ours now
+                    err = decode_json(frame)
+                    if isinstance(err, dict) and err.get("code") == ErrorCode.REPARENTED:
                         self._finish_child(child)
                         return
                     raise _answer(peer, frame)  # it failed itself: no reconnecting

@@ -3,8 +3,9 @@
 Tree::
 
     SyncError
-    ├── SyncProtocolError        malformed or unexpected frame from the peer
+    ├── SyncProtocolError        malformed, unauthenticated or unexpected frame (has .code)
     │   └── FrameTooLarge        a frame header announced more than the limit
+    ├── InvalidState(AssertionError)  we tried to send a frame the state does not allow
     ├── BadToken                 the agent refused our token (or we refused theirs)
     ├── PathEscape(ValueError)   a manifest path or symlink leaves the synced root
     ├── DigestMismatch           received bytes do not hash to the announced digest
@@ -18,6 +19,7 @@ __all__ = [
     "BadToken",
     "DigestMismatch",
     "FrameTooLarge",
+    "InvalidState",
     "PathEscape",
     "PeerLost",
     "PushFailed",
@@ -31,12 +33,20 @@ class SyncError(Exception):
 
 
 class SyncProtocolError(SyncError):
-    """The peer sent bytes that break the protocol."""
+    """The peer sent bytes that break the protocol; ``code`` is an ErrorCode value."""
+
+    def __init__(self, message: str, *, code: str = "bad_frame") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidState(SyncError, AssertionError):
+    """Our side tried to send a frame its connection state does not allow (a local bug)."""
 
 
 class FrameTooLarge(SyncProtocolError):
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"frame of {size} bytes exceeds the {limit}-byte limit")
+        super().__init__(f"frame of {size} bytes exceeds the {limit}-byte limit", code="too_large")
         self.size = size
         self.limit = limit
 

@@ -1,16 +1,17 @@
 """Wire framing, free of I/O.
 
-Every frame is ``type:u8 | length:u32 | payload``. TCP has no message boundaries, so
-:class:`FrameDecoder` keeps its own buffer: feed it bytes with :meth:`receive_data` and take
-complete frames from :meth:`frames`. Control payloads are small JSON objects. Blob data travels
+Every frame is ``type:u8 | length:u32 | payload | tag:16``: ``length`` counts the payload, and
+the tag is the frame's MAC (see :mod:`.protocol`; zeros on the one frame sent before keys
+exist, CHALLENGE). TCP has no message boundaries, so :class:`FrameDecoder` keeps its own buffer:
+feed it bytes with :meth:`receive_data` and take complete frames from :meth:`frames`. Control payloads are small JSON objects. Blob data travels
 in BLOBS frames that carry a run of up to :data:`MAX_BATCH_BLOBS` blobs (at most
 :data:`MAX_BATCH_BYTES` of data, or a single larger blob)::
 
     count:u16 | count x (index:u32 size:u32) | data of the first blob | data of the next | ...
 
-so the per-frame work (header, decode, await) is paid once per run, not once per blob. Each index
-points into the manifest's blob table, so the digest never travels twice. The single-blob BLOB
-frame (``index:u32 | bytes``) is still understood. Need-sets travel as bitmaps over that table.
+so the per-frame work (header, MAC, decode, await) is paid once per run, not once per blob. Each
+index points into the manifest's blob table, so the digest never travels twice. Need-sets travel
+as bitmaps over that table. Frame types and error codes each live in one enum here.
 """
 
 from __future__ import annotations
@@ -27,23 +28,23 @@ __all__ = [
     "MAX_BATCH_BLOBS",
     "MAX_BATCH_BYTES",
     "MAX_FRAME",
+    "TAG_SIZE",
+    "ErrorCode",
     "Frame",
     "FrameDecoder",
     "FrameType",
     "Payload",
     "bitmap_from_indices",
-    "decode_blob",
+    "blobs_table",
     "decode_blobs",
     "decode_json",
-    "encode_blob_header",
-    "encode_blobs_header",
     "encode_frame",
-    "encode_json",
+    "encode_json_payload",
     "indices_from_bitmap",
 ]
 
 HEADER = struct.Struct("!BI")
-BLOB_INDEX = struct.Struct("!I")
+TAG_SIZE = 16  # bytes of MAC after every payload
 BATCH_COUNT = struct.Struct("!H")
 BATCH_ENTRY = struct.Struct("!II")
 MAX_FRAME = 64 * 1024 * 1024  # manifests of very large trees travel in one frame
@@ -53,19 +54,33 @@ MAX_BATCH_BYTES = 256 * 1024  # data per BLOBS frame, unless it holds a single (
 
 
 class FrameType(enum.IntEnum):
-    CHALLENGE = 1  # agent -> connector: {"nonce": hex}
-    HELLO = 2  # connector -> agent: {"mac", "push_id", "sender"}
+    """Every frame type; who may send which, in which state, is the table in :mod:`.protocol`."""
+
+    CHALLENGE = 1  # agent -> connector: 16-byte nonce (the only frame without a MAC)
+    HELLO = 2  # connector -> agent: 16-byte nonce | json {"push_id", "sender"}
     MANIFEST = 3  # u32 json length | json {"tree", ...} | manifest bytes
     NEED = 4  # bitmap of blob indices still missing in the subtree
-    BLOB = 5  # u32 index | data
-    DONE = 6  # parent has offered every blob
-    REFETCH = 7  # u32 index: that blob arrived corrupted, send it again
-    NODE_DONE = 8  # one node's result, relayed upwards for progress
-    RESULT = 9  # final list of node results for a subtree
-    HEARTBEAT = 10
-    ERROR = 11  # {"code", "message"}
-    MANIFEST_WANTED = 12  # child cannot apply the manifest patch: send the full manifest
-    BLOBS = 13  # u16 count | count x (u32 index, u32 size) | data, data, ...
+    BLOBS = 5  # u16 count | count x (u32 index, u32 size) | data, data, ...
+    REFETCH = 6  # u32 index: that blob arrived corrupted, send it again
+    NODE_DONE = 7  # one node's result, relayed upwards for progress
+    RESULT = 8  # final list of node results for a subtree
+    HEARTBEAT = 9
+    ERROR = 10  # {"code": ErrorCode, "message"}
+    MANIFEST_WANTED = 11  # child cannot apply the manifest patch: send the full manifest
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of an ERROR frame, and of a connection the core failed."""
+
+    BAD_TOKEN = "bad_token"  # the peer's MAC does not verify under our token
+    BAD_MAC = "bad_mac"  # a frame after the handshake failed authentication
+    BAD_FRAME = "bad_frame"  # malformed bytes: unknown type, bad length, bad payload
+    UNEXPECTED = "unexpected"  # a frame type not allowed in the connection's state
+    TOO_LARGE = "too_large"  # a frame over the limit (small before authentication)
+    BAD_PUSH_ID = "bad_push_id"  # push id not 1-64 of [A-Za-z0-9_-]
+    BUSY = "busy"  # the agent serves another push that goes first (see Agent)
+    FAILED = "failed"  # the node failed its push (message says why)
+    REPARENTED = "reparented"  # an ancestor adopted the node: this parent is not needed
 
 
 Payload = bytes | memoryview  # frames decoded without copying are memoryviews
@@ -74,14 +89,16 @@ Payload = bytes | memoryview  # frames decoded without copying are memoryviews
 class Frame(NamedTuple):
     type: FrameType
     payload: Payload
+    tag: Payload = b""
 
 
-def encode_frame(ftype: FrameType, payload: bytes = b"") -> bytes:
-    return HEADER.pack(ftype, len(payload)) + payload
+def encode_frame(ftype: FrameType, payload: bytes = b"", tag: bytes = bytes(TAG_SIZE)) -> bytes:
+    """One whole frame (tests and CHALLENGE; the protocol core tags every other frame)."""
+    return HEADER.pack(ftype, len(payload)) + payload + tag
 
 
-def encode_json(ftype: FrameType, obj: Any) -> bytes:
-    return encode_frame(ftype, json.dumps(obj, separators=(",", ":")).encode())
+def encode_json_payload(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def decode_json(frame: Frame) -> Any:
@@ -91,29 +108,15 @@ def decode_json(frame: Frame) -> Any:
         raise SyncProtocolError(f"bad JSON in {frame.type.name} frame") from exc
 
 
-def encode_blob_header(index: int, size: int) -> bytes:
-    """Header for a BLOB frame; the caller writes the data right after it (no copy)."""
-    return HEADER.pack(FrameType.BLOB, BLOB_INDEX.size + size) + BLOB_INDEX.pack(index)
+def blobs_table(items: list[tuple[int, int]]) -> bytes:
+    """The table that opens a BLOBS payload of ``(index, size)`` items, in order.
 
-
-def decode_blob(frame: Frame) -> tuple[int, Payload]:
-    if len(frame.payload) < BLOB_INDEX.size:
-        raise SyncProtocolError("BLOB frame shorter than its index")
-    (index,) = BLOB_INDEX.unpack_from(frame.payload)
-    return index, frame.payload[BLOB_INDEX.size :]
-
-
-def encode_blobs_header(items: list[tuple[int, int]]) -> bytes:
-    """Frame header and table for a BLOBS frame of ``(index, size)`` items, in order.
-
-    The caller writes each blob's data right after it (no copy).
+    The caller sends each blob's data right after it, as further parts of the frame (no copy).
     """
     count = len(items)
     if not 1 <= count <= MAX_BATCH_BLOBS:
         raise ValueError(f"a BLOBS frame holds 1 to {MAX_BATCH_BLOBS} blobs, not {count}")
-    table = struct.pack(f"!H{2 * count}I", count, *[v for item in items for v in item])
-    total = len(table) + sum(size for _, size in items)
-    return HEADER.pack(FrameType.BLOBS, total) + table
+    return struct.pack(f"!H{2 * count}I", count, *[v for item in items for v in item])
 
 
 def decode_blobs(frame: Frame) -> list[tuple[int, Payload]]:
@@ -177,8 +180,12 @@ class FrameDecoder:
         self._filled = 0
         self._size = 0
         self._kind = FrameType.HEARTBEAT
+        self.max_frame = max_frame
         self._chunks: list[bytes] = []
-        self._max = max_frame
+
+    @property
+    def _max(self) -> int:
+        return self.max_frame
 
     def receive_data(self, data: bytes) -> None:
         if data:
@@ -192,13 +199,18 @@ class FrameDecoder:
         return out
 
     def _header(self, buf: bytes | bytearray | memoryview, pos: int) -> tuple[FrameType, int]:
+        """Type and size of payload plus tag."""
         ftype, size = HEADER.unpack_from(buf, pos)
         if size > self._max:
             raise FrameTooLarge(size, self._max)
         try:
-            return FrameType(ftype), size
+            return FrameType(ftype), size + TAG_SIZE
         except ValueError:
             raise SyncProtocolError(f"unknown frame type {ftype}") from None
+
+    @staticmethod
+    def _frame(kind: FrameType, body: memoryview) -> Frame:
+        return Frame(kind, body[:-TAG_SIZE], body[-TAG_SIZE:])
 
     def _start_body(self, kind: FrameType, size: int, head: Payload) -> None:
         """A split frame's header is in: buffer its payload (``head`` is its first bytes)."""
@@ -238,7 +250,7 @@ class FrameDecoder:
             if self._filled < self._size:
                 return
             assert self._body is not None
-            out.append(Frame(self._kind, memoryview(self._body)))
+            out.append(self._frame(self._kind, memoryview(self._body)))
             self._body = None
             self._filled = 0
         while n - pos >= HEADER.size:
@@ -247,7 +259,7 @@ class FrameDecoder:
             if end > n:
                 self._start_body(kind, size, view[pos + HEADER.size :])
                 return
-            out.append(Frame(kind, view[pos + HEADER.size : end]))
+            out.append(self._frame(kind, view[pos + HEADER.size : end]))
             pos = end
         if pos < n:
             partial += view[pos:]

@@ -4,7 +4,7 @@ A manifest is the sorted list of entries (files, folders, symlinks) under a root
 list of chunks ``(digest, size)``: one chunk for small files, FastCDC chunks for large ones. The
 unique chunk digests, in manifest order, form the *blob table*; the wire refers to blobs by their
 index in it. The root hash is the BLAKE3 of the canonical encoding, so two trees have the same
-root hash exactly when they have the same paths, kinds, exec bits, contents and link targets.
+root hash exactly when they have the same paths, kinds, modes, contents and link targets.
 
 Chunk digests are XXH3-128 (:func:`chunk_digest`), not BLAKE3: every agent hashes every byte it
 receives to verify it, and BLAKE3 cost 0.05 s of CPU per agent for a 200 MB tree, 11% of a full
@@ -33,6 +33,7 @@ from .exceptions import PathEscape, SyncProtocolError
 
 __all__ = [
     "DIGEST_SIZE",
+    "MODE_BITS",
     "Entry",
     "Kind",
     "Manifest",
@@ -41,9 +42,10 @@ __all__ = [
     "validate_path",
 ]
 
-MAGIC = b"MSM2"  # MSM1 held BLAKE3 chunk digests
+MAGIC = b"MSM3"  # MSM1 held BLAKE3 chunk digests, MSM2 an exec bit instead of the mode
 COUNT = struct.Struct("!I")
-ENTRY = struct.Struct("!BBHQI")  # kind, executable, path length, size, chunk count
+ENTRY = struct.Struct("!BHHQI")  # kind, permission bits, path length, size, chunk count
+MODE_BITS = 0o777  # kept exactly (0600 stays 0600); setuid, setgid and sticky never travel
 DIGEST_SIZE = 16
 CHUNK = struct.Struct(f"!{DIGEST_SIZE}sI")
 TARGET = struct.Struct("!H")
@@ -67,10 +69,14 @@ Chunk = tuple[bytes, int]
 class Entry:
     path: str
     kind: Kind
-    executable: bool = False
+    mode: int = 0o644  # permission bits of a file (MODE_BITS)
     size: int = 0
     chunks: tuple[Chunk, ...] = ()
     target: str = ""
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.mode & 0o111)
 
     @property
     def digest(self) -> bytes:
@@ -234,7 +240,7 @@ def encode_entries(entries: list[Entry]) -> bytes:
     parts = [MAGIC, COUNT.pack(len(entries))]
     for e in entries:
         path = e.path.encode()
-        parts.append(ENTRY.pack(e.kind, e.executable, len(path), e.size, len(e.chunks)))
+        parts.append(ENTRY.pack(e.kind, e.mode & MODE_BITS, len(path), e.size, len(e.chunks)))
         parts.append(path)
         if e.kind is Kind.LINK:
             target = e.target.encode()
@@ -253,7 +259,7 @@ def _decode_entries(data: bytes) -> list[Entry]:
     pos = 4 + COUNT.size
     entries: list[Entry] = []
     for _ in range(count):
-        kind, exe, plen, size, nchunks = ENTRY.unpack_from(data, pos)
+        kind, mode, plen, size, nchunks = ENTRY.unpack_from(data, pos)
         pos += ENTRY.size
         path = data[pos : pos + plen].decode()
         pos += plen
@@ -265,7 +271,7 @@ def _decode_entries(data: bytes) -> list[Entry]:
             pos += tlen
         chunks = tuple(CHUNK.unpack_from(data, pos + i * CHUNK.size) for i in range(nchunks))
         pos += nchunks * CHUNK.size
-        entries.append(Entry(path, Kind(kind), bool(exe), size, chunks, target))
+        entries.append(Entry(path, Kind(kind), mode & MODE_BITS, size, chunks, target))
     if pos != len(data):
         raise ValueError("trailing bytes")
     return entries

@@ -21,7 +21,16 @@ from pyfastcdc import FastCDC
 
 from .exceptions import PathEscape
 from .ignore import IgnoreRules
-from .manifest import DIGEST_SIZE, Chunk, Entry, Kind, Manifest, chunk_digest, validate_link
+from .manifest import (
+    DIGEST_SIZE,
+    MODE_BITS,
+    Chunk,
+    Entry,
+    Kind,
+    Manifest,
+    chunk_digest,
+    validate_link,
+)
 
 __all__ = ["CDC_THRESHOLD", "StatCache", "chunk_file", "scan_tree"]
 
@@ -97,7 +106,7 @@ def scan_tree(root: str | Path, *, cache: StatCache | None = None) -> Manifest:
     cache = cache if cache is not None else StatCache()
     now = time.time_ns()
     entries: list[Entry] = []
-    to_hash: list[tuple[str, int, bool, StatKey]] = []
+    to_hash: list[tuple[str, int, int, StatKey]] = []
     fresh: dict[str, tuple[StatKey, tuple[Chunk, ...]]] = {}
 
     def walk(rel: str, rules: IgnoreRules) -> None:
@@ -121,7 +130,7 @@ def scan_tree(root: str | Path, *, cache: StatCache | None = None) -> Manifest:
             elif stat.S_ISREG(st.st_mode):
                 if rules.ignored(sub, False):
                     continue
-                exe = bool(st.st_mode & 0o111)
+                exe = st.st_mode & MODE_BITS
                 key = (st.st_size, st.st_mtime_ns, st.st_ino)
                 chunks = cache.get(sub, key)
                 if chunks is None:
@@ -136,7 +145,7 @@ def scan_tree(root: str | Path, *, cache: StatCache | None = None) -> Manifest:
     walk("", IgnoreRules())
     # Files go to the threads in batches of about HASH_BATCH_BYTES (a large file alone): one
     # task per small file would cost more in scheduling than in hashing.
-    batches: list[list[tuple[str, int, bool, StatKey]]] = []
+    batches: list[list[tuple[str, int, int, StatKey]]] = []
     batch_bytes = HASH_BATCH_BYTES
     for item in to_hash:
         if batch_bytes >= HASH_BATCH_BYTES or len(batches[-1]) >= HASH_BATCH_FILES:
@@ -145,7 +154,7 @@ def scan_tree(root: str | Path, *, cache: StatCache | None = None) -> Manifest:
         batches[-1].append(item)
         batch_bytes += item[1]
 
-    def hash_batch(batch: list[tuple[str, int, bool, StatKey]]) -> list[tuple[Chunk, ...]]:
+    def hash_batch(batch: list[tuple[str, int, int, StatKey]]) -> list[tuple[Chunk, ...]]:
         return [chunk_file(root / t[0], t[1]) for t in batch]
 
     with ThreadPoolExecutor(max_workers=2) as pool:

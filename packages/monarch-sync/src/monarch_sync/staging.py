@@ -3,21 +3,28 @@
 Each needed blob is written once, at its first location in the new tree; that location is also
 where it is read back to serve children that fall behind or get re-attached. :meth:`finish`
 fills every other chunk (duplicates, and chunks the agent already held, hashing what it copies),
-creates folders, symlinks and exec bits, and removes what the manifest no longer lists.
+creates folders, symlinks and file modes (exactly: 0600 stays 0600), and removes what the
+manifest no longer lists.
+
+Containment is checked on disk, not only as text: files are opened relative to the staging
+folder one component at a time with ``O_NOFOLLOW`` (:func:`open_beneath`), so no write goes
+through a symlink, and every symlink created is resolved afterwards and refused if it lands
+outside the tree (a chain of links that each look inside can still climb out).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
 from .diff import Plan, diff
-from .exceptions import DigestMismatch
-from .manifest import Kind, Manifest, chunk_digest
+from .exceptions import DigestMismatch, PathEscape
+from .manifest import Entry, Kind, Manifest, chunk_digest
 from .store import Store
 
-__all__ = ["LocalChunks", "Readers", "Staging", "begin_staging"]
+__all__ = ["LocalChunks", "Readers", "Staging", "begin_staging", "check_links", "open_beneath"]
 
 Location = tuple[str, int, int]  # path, offset, size
 
@@ -40,6 +47,51 @@ class LocalChunks:
     def __getitem__(self, digest: bytes) -> Location:
         path, off, size = self._table[digest]
         return self._base + path, off, size
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_beneath(
+    root: str, rel: str, flags: int, mode: int = 0o600, *, dirs: dict[str, int] | None = None
+) -> int:
+    """Open ``root/rel`` without following a symlink anywhere below ``root`` (raises OSError).
+
+    ``dirs``: folder descriptors kept between calls (relative folder -> fd; the caller closes
+    them), so the files of one folder cost one open each.
+    """
+    parent, _, name = rel.rpartition("/")
+    own = dirs is None
+    cache: dict[str, int] = {} if dirs is None else dirs
+    try:
+        dfd = cache.get(parent)
+        if dfd is None:
+            dfd = cache.get("")
+            if dfd is None:
+                dfd = cache[""] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            walked = ""
+            for part in parent.split("/") if parent else ():
+                walked = f"{walked}/{part}" if walked else part
+                nfd = cache.get(walked)
+                if nfd is None:
+                    nfd = cache[walked] = os.open(part, DIR_FLAGS, dir_fd=dfd)
+                dfd = nfd
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    finally:
+        if own:
+            for fd in cache.values():
+                os.close(fd)
+
+
+def check_links(folder: Path, links: list[Entry]) -> None:
+    """Refuse symlinks that resolve outside ``folder`` on disk; raises PathEscape."""
+    top = os.path.realpath(folder)
+    for e in links:
+        real = os.path.realpath(os.path.join(folder, e.path))
+        if real != top and not real.startswith(top + "/"):
+            raise PathEscape(e.path, f"symlink {e.target!r} resolves outside the tree on disk")
 
 
 def read_at(loc: Location) -> bytes:
@@ -99,6 +151,8 @@ class Staging:
         self.first: dict[int, Location] = {}  # blob index -> its first location in the tree
         self._sizes = {str(folder) + "/" + e.path: e.size for e in plan.write}
         self._fds: dict[str, int] = {}
+        self._dirs: dict[str, int] = {}  # folder descriptors for open_beneath
+        self._modes = {str(folder) + "/" + e.path: e.mode for e in plan.write}
         self.readers = Readers()  # serving children from disk; close_readers() at the end
         index = manifest.blob_index
         base = str(folder) + "/"
@@ -131,7 +185,7 @@ class Staging:
         path, off, size = self.first[index]
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = self._open(path)
             if off == 0 and size == self._sizes.get(path):  # a whole small file: done with it
                 os.write(fd, data)
                 os.close(fd)
@@ -142,6 +196,22 @@ class Staging:
             self._fds[path] = fd
         os.pwrite(fd, data, off)
         self.received.add(index)
+
+    def _open(self, path: str) -> int:
+        """A file of the tree for writing (``path`` under the folder), never through a link."""
+        base = str(self.folder)
+        # Created with its mode (writable for us meanwhile); finish() fixes what umask changed.
+        mode = self._modes.get(path, 0o600) | 0o200
+        try:
+            return open_beneath(
+                base, path[len(base) + 1 :], os.O_WRONLY | os.O_CREAT, mode, dirs=self._dirs
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise PathEscape(
+                    path[len(base) + 1 :], "a folder on its way is a symlink"
+                ) from None
+            raise
 
     def has(self, index: int) -> bool:
         return index in self.received or self.manifest.blobs[index][0] in self.local
@@ -169,10 +239,9 @@ class Staging:
         for e in self.plan.write:
             path = base + e.path
             if self._complete(e.path, e.chunks):
-                if e.executable:
-                    os.chmod(path, 0o755)
+                _fix_mode(path, e.mode)
                 continue
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = self._open(path)
             try:
                 off = 0
                 for digest, size in e.chunks:
@@ -189,11 +258,11 @@ class Staging:
                     off += size
             finally:
                 os.close(fd)
-            if e.executable:
-                os.chmod(path, 0o755)
+            _fix_mode(path, e.mode)
         for e in self.plan.links:
             _remove(base + e.path)
             os.symlink(e.target, base + e.path)
+        check_links(self.folder, self.plan.links)
         # A clone of a tampered base may hold paths this manifest does not list.
         if self.tampered:
             _sweep(self.folder, self.manifest)
@@ -211,9 +280,10 @@ class Staging:
         return True
 
     def close_files(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._dirs.values()]:
             os.close(fd)
         self._fds.clear()
+        self._dirs.clear()
 
     def close_readers(self) -> None:
         self.readers.close()
@@ -233,6 +303,12 @@ def begin_staging(store: Store, manifest: Manifest, name: str) -> Staging:
     with os.scandir(folder) as it:
         staging.prepare(empty=next(it, None) is None)
     return staging
+
+
+def _fix_mode(path: str, mode: int) -> None:
+    """Give a file we created its exact mode, where umask (or our write bit) changed it."""
+    if (mode | 0o200) & ~_UMASK != mode:
+        os.chmod(path, mode)  # created beneath the folder by us: no link on the way
 
 
 def _remove(path: str) -> None:

@@ -24,8 +24,8 @@ def agent_procs(tmp_path: Path) -> Iterator[list[tuple[subprocess.Popen[str], st
         root = tmp_path / f"agent{i}"
         p = subprocess.Popen(
             [sys.executable, "-m", "monarch_sync.cli", "agent", "--listen", "127.0.0.1:0",
-             "--root", str(root), "--token", TOKEN, "--stall-timeout", "2"],
-            stdout=subprocess.PIPE, text=True,
+             "--root", str(root), "--stall-timeout", "2"],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "MONARCH_SYNC_TOKEN": TOKEN},
         )  # fmt: skip
         assert p.stdout is not None
         line = p.stdout.readline()  # "monarch-sync agent listening on HOST:PORT, root ..."
@@ -95,12 +95,13 @@ def test_cli_push_exit_status_and_report(
     peers_file = tmp_path / "peers"
     peers_file.write_text("\n".join(addr for _, addr, _ in agent_procs[:2]) + "\n# comment\n")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    code = cli.main(["push", str(src), "--peers-file", str(peers_file), "--token", TOKEN])
+    monkeypatch.setenv("MONARCH_SYNC_TOKEN", TOKEN)
+    code = cli.main(["push", str(src), "--peers-file", str(peers_file)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.count("ok ") == 2
     code = cli.main(
-        ["push", str(src), "--to", f"{agent_procs[2][1]},127.0.0.1:1", "--token", TOKEN,
+        ["push", str(src), "--to", f"{agent_procs[2][1]},127.0.0.1:1",
          "--json", str(tmp_path / "r.json")]
     )  # fmt: skip
     out = capsys.readouterr().out

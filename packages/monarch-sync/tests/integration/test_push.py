@@ -117,7 +117,7 @@ def test_symlink_leaving_the_tree_is_refused_by_the_scanner(tmp_path: Path) -> N
 
 
 def test_agent_refuses_a_manifest_that_escapes_its_root(tmp_path: Path) -> None:
-    evil = Manifest([Entry("../escaped", Kind.FILE, False, 4, ((b"\x00" * DIGEST_SIZE, 4),))])
+    evil = Manifest([Entry("../escaped", Kind.FILE, 0o644, 4, ((b"\x00" * DIGEST_SIZE, 4),))])
 
     class Source:
         def has(self, index: int) -> bool:

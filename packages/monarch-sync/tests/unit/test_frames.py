@@ -10,19 +10,23 @@ from monarch_sync.frames import (
     FrameDecoder,
     FrameType,
     bitmap_from_indices,
-    decode_blob,
+    blobs_table,
     decode_blobs,
     decode_json,
-    encode_blob_header,
-    encode_blobs_header,
     encode_frame,
-    encode_json,
+    encode_json_payload,
     indices_from_bitmap,
 )
 
+
+def blobs_frame(items: list[tuple[int, bytes]]) -> bytes:
+    table = blobs_table([(i, len(d)) for i, d in items])
+    return encode_frame(FrameType.BLOBS, table + b"".join(d for _, d in items))
+
+
 SAMPLE = [
-    encode_json(FrameType.HELLO, {"push_id": "p", "mac": "ab"}),
-    encode_blob_header(7, 5) + b"hello",
+    encode_frame(FrameType.HELLO, encode_json_payload({"push_id": "p", "sender": "ab"})),
+    blobs_frame([(7, b"hello")]),
     encode_frame(FrameType.HEARTBEAT),
     encode_frame(FrameType.NEED, bitmap_from_indices({0, 9}, 10)),
 ]
@@ -49,12 +53,12 @@ def test_decoder_yields_same_frames_for_any_chunking(mode: str) -> None:
     frames = feed(chunks)
     assert [f.type for f in frames] == [
         FrameType.HELLO,
-        FrameType.BLOB,
+        FrameType.BLOBS,
         FrameType.HEARTBEAT,
         FrameType.NEED,
     ]
-    assert decode_json(frames[0]) == {"push_id": "p", "mac": "ab"}
-    assert decode_blob(frames[1]) == (7, b"hello")
+    assert decode_json(frames[0]) == {"push_id": "p", "sender": "ab"}
+    assert decode_blobs(frames[1]) == [(7, b"hello")]
     assert indices_from_bitmap(frames[3].payload, 10) == {0, 9}
 
 
@@ -67,7 +71,7 @@ def test_trailing_partial_frame_stays_buffered() -> None:
 
 def test_oversized_frame_is_refused_before_buffering() -> None:
     dec = FrameDecoder(max_frame=100)
-    dec.receive_data(encode_frame(FrameType.BLOB, b"x" * 101)[:5])
+    dec.receive_data(encode_frame(FrameType.BLOBS, b"x" * 101)[:5])
     with pytest.raises(FrameTooLarge) as info:
         dec.frames()
     assert info.value.size == 101
@@ -86,10 +90,6 @@ def test_bitmap_rejects_wrong_length_and_out_of_range() -> None:
         indices_from_bitmap(b"\x00", 20)
     with pytest.raises(SyncProtocolError):
         indices_from_bitmap(b"\x80", 7)
-
-
-def blobs_frame(items: list[tuple[int, bytes]]) -> bytes:
-    return encode_blobs_header([(i, len(d)) for i, d in items]) + b"".join(d for _, d in items)
 
 
 BATCH = [(3, b"abc"), (0, b""), (70000, b"z" * 1000), (9, b"tail")]
@@ -125,11 +125,11 @@ def test_large_split_frame_grows_as_it_arrives() -> None:
     assert len(frames) == 1 and bytes(frames[0].payload) == payload
 
 
-def test_encode_blobs_header_refuses_empty_and_oversized_batches() -> None:
+def test_blobs_table_refuses_empty_and_oversized_batches() -> None:
     with pytest.raises(ValueError):
-        encode_blobs_header([])
+        blobs_table([])
     with pytest.raises(ValueError):
-        encode_blobs_header([(i, 1) for i in range(MAX_BATCH_BLOBS + 1)])
+        blobs_table([(i, 1) for i in range(MAX_BATCH_BLOBS + 1)])
 
 
 def _blobs_payload(table: list[int], count: int | None = None, data: bytes = b"") -> Frame:

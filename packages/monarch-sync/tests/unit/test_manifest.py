@@ -18,7 +18,7 @@ def sample(exe: bool = False) -> Manifest:
         [
             Entry("b.txt", Kind.FILE, exe, 3, ((D1, 3),)),
             Entry("a", Kind.DIR),
-            Entry("a/big", Kind.FILE, False, 7, ((D2, 4), (D1, 3))),
+            Entry("a/big", Kind.FILE, 0o644, 7, ((D2, 4), (D1, 3))),
             Entry("a/link", Kind.LINK, target="../b.txt"),
         ]
     )
@@ -33,7 +33,7 @@ def test_roundtrip_and_root_hash_is_stable() -> None:
 
 
 def test_digests_of_the_wrong_size_are_refused_not_truncated() -> None:
-    bad = Manifest([Entry("f", Kind.FILE, False, 1, ((b"\x01" * 32, 1),))])
+    bad = Manifest([Entry("f", Kind.FILE, 0o644, 1, ((b"\x01" * 32, 1),))])
     with pytest.raises(ValueError, match="16 bytes"):
         bad.encode()
 
@@ -66,13 +66,13 @@ def test_links_inside_the_tree_are_kept() -> None:
 
 
 def test_decode_refuses_writing_through_a_symlink() -> None:
-    m = Manifest([Entry("l", Kind.LINK, target="."), Entry("l/x", Kind.FILE, False, 0, ())])
+    m = Manifest([Entry("l", Kind.LINK, target="."), Entry("l/x", Kind.FILE, 0o644, 0, ())])
     with pytest.raises(PathEscape):
         Manifest.decode(m.encode())
 
 
 def test_decode_refuses_escaping_path() -> None:
-    m = Manifest([Entry("../evil", Kind.FILE, False, 0, ())])
+    m = Manifest([Entry("../evil", Kind.FILE, 0o644, 0, ())])
     with pytest.raises(PathEscape):
         Manifest.decode(m.encode())
 
@@ -86,9 +86,9 @@ def test_patch_rebuilds_the_same_manifest() -> None:
     old = sample()
     new = Manifest(
         [
-            Entry("b.txt", Kind.FILE, True, 3, ((D1, 3),)),
+            Entry("b.txt", Kind.FILE, 0o755, 3, ((D1, 3),)),
             Entry("c", Kind.DIR),
-            Entry("c/x", Kind.FILE, False, 4, ((D2, 4),)),
+            Entry("c/x", Kind.FILE, 0o644, 4, ((D2, 4),)),
         ]
     )
     changed, removed = new.patch_from(old)
@@ -101,6 +101,6 @@ def test_patch_cannot_orphan_entries_or_escape() -> None:
     old = sample()
     with pytest.raises(PathEscape):  # folder "a" removed but "a/big" kept
         Manifest.from_patch(old, Manifest([]).encode(), ["a"])
-    evil = Manifest([Entry("../x", Kind.FILE, False, 0, ())]).encode()
+    evil = Manifest([Entry("../x", Kind.FILE, 0o644, 0, ())]).encode()
     with pytest.raises(PathEscape):
         Manifest.from_patch(old, evil, [])

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import monarch_sync
 
-CORE = ["frames.py", "manifest.py", "diff.py", "tree.py", "relay.py", "recovery.py"]
-FORBIDDEN = {"asyncio", "socket", "os", "subprocess", "threading"}
+CORE = ["protocol.py", "frames.py", "manifest.py", "diff.py", "tree.py", "relay.py", "recovery.py"]
+FORBIDDEN = {"asyncio", "socket", "os", "subprocess", "threading", "time", "random", "secrets"}
 
 
 def test_core_modules_import_no_io() -> None:
