@@ -122,6 +122,9 @@ def wheels(session: nox.Session) -> None:
             python,
             "--find-links",
             str(dist),
+            # uv caches a local wheel by its path and name: a rebuilt 0.1.0 must not be
+            # answered with the one an earlier run built at the same place
+            *(f"--refresh-package={p}" for p in PACKAGES),
             str(wheel),
         )
         module = import_name(package)
