@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -82,12 +81,7 @@ async def sync_agent(args: list[str]) -> int:
             if not report.ok:
                 print(report.format(), file=sys.stderr)
     print(f"monarch-sync agent listening on {agent.address}, root {ns.root}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await agent.close()
+    await agent.serve_until_signalled()
     return 0
 
 

@@ -36,6 +36,7 @@ import collections
 import contextlib
 import json
 import logging
+import signal
 import struct
 import time
 import uuid
@@ -154,6 +155,15 @@ class Agent:
             await self.start()
         assert self._server is not None
         await self._server.serve_forever()
+
+    async def serve_until_signalled(self) -> None:
+        """Serve (started already) until SIGINT or SIGTERM, then close: a CLI's main loop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.close()
 
     async def close(self) -> None:
         if self._server is not None:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,12 +135,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
     )
     await agent.start()
     print(f"monarch-sync agent listening on {agent.address}, root {args.root}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await agent.close()
+    await agent.serve_until_signalled()
     return 0
 
 
