@@ -1,0 +1,109 @@
+"""Gateway mode end to end on the fake cloud: launch, gateway, attach, spawn, call, sync,
+hot reload, the job cache, preemption and recovery, kill.
+
+Faked: only the cloud (``monarch_skypilot.testing.FakeCloud``): nodes are local process
+groups on their own loopback addresses, running the task's real ``setup`` and ``run`` strings
+with SkyPilot's variables, because no test may touch a real cloud. Everything the task starts
+is real: torchmonarch workers, monarch-gateway with TLS and a token, monarch-sync agents, and
+the client is monarch-proxy over the pinned certificate.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sky
+
+from monarch_proxy import WorkerLostError
+from monarch_skypilot import SkyPilotJob
+from monarch_skypilot.testing import FakeCloud
+
+ACTOR_V1 = """
+import time
+from monarch.actor import Actor, endpoint
+
+class Greeter(Actor):
+    def __init__(self):
+        self.calls = 0
+
+    @endpoint
+    def hello(self) -> str:
+        self.calls += 1
+        return f"v1:{self.calls}"
+
+    @endpoint
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+"""
+
+
+def make_job(cloud: FakeCloud, ports: dict[str, int], name: str, **kw: Any) -> SkyPilotJob:
+    return SkyPilotJob(
+        meshes={"trainers": 2},
+        resources=sky.Resources(infra="aws", use_spot=True),
+        cluster_name=name,
+        python_exe=sys.executable,
+        setup_commands="echo setup on node $SKYPILOT_SETUP_NODE_RANK",
+        image_id=None,
+        sky=cloud,
+        ready_timeout=120,
+        **ports,
+        **kw,
+    )
+
+
+def test_gateway_mode_spawns_calls_syncs_reloads_and_recovers_a_preempted_node(
+    cloud: FakeCloud, ports: dict[str, int], tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "job_state.pkl")
+    job = make_job(cloud, ports, "sky-gw")
+    try:
+        state = job.state(cached_path=cache)
+        assert state.names == ["trainers"] and state.trainers.size == 2
+        assert cloud.calls == ["launch sky-gw"]
+
+        # edit -> sync -> spawn -> call, through the gateway only
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "skyactors.py").write_text(ACTOR_V1)
+        assert job.sync(str(src)).changed == ["skyactors.py"]
+        actors = state.trainers.spawn_procs().spawn("greeters", "skyactors:Greeter")
+        assert sorted(actors.hello.call().get(timeout=60).values()) == ["v1:1", "v1:1"]
+        (src / "skyactors.py").write_text(ACTOR_V1.replace('f"v1:', 'f"v2:'))
+        result = job.sync(str(src))
+        assert result.changed == ["skyactors.py"] and result.reloaded
+        # same actors (their state kept), new code
+        assert sorted(actors.hello.call().get(timeout=60).values()) == ["v2:2", "v2:2"]
+
+        # a second client process would find the job in Monarch's cache and reuse the cluster
+        again = make_job(cloud, ports, "sky-gw")
+        again.state(cached_path=cache)
+        assert cloud.calls == ["launch sky-gw"]
+        again._close()
+
+        # preemption: node 1 dies mid-call; the call fails, the job relaunches, mesh is whole
+        events: list[dict[str, Any]] = []
+        whole = threading.Event()
+        state.on_membership(lambda e: (events.append(e), e.get("whole") and whole.set()))
+        slow = actors.nap.call(30)
+        time.sleep(1.0)
+        lost = cloud.preempt("sky-gw", 1)
+        with pytest.raises(WorkerLostError):
+            slow.get(timeout=60)
+        assert whole.wait(120), events
+        assert any(lost in str(e.get("lost")) for e in events), events
+        assert state.wait_for_workers(timeout=60)["whole"]
+        assert cloud.calls == ["launch sky-gw", "launch sky-gw"]
+        assert any("relaunch" in what for _, what in job.recoveries), job.recoveries
+        # meshes spawned afterwards use the replacement node, with the synced code
+        fresh = state.trainers.spawn_procs(name="again").spawn("g2", "skyactors:Greeter")
+        assert sorted(fresh.hello.call().get(timeout=60).values()) == ["v2:1", "v2:1"]
+    finally:
+        job.kill()
+    assert "down sky-gw" in cloud.calls and "sky-gw" not in cloud.clusters
