@@ -12,6 +12,7 @@ ask the cloud, which needs credentials on this side.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ class SkyPilotSdk:
     def _task(config: dict[str, Any]) -> Any:
         import sky
 
-        return sky.Task.from_yaml_config(config)
+        return sky.Task.from_yaml_config(copy.deepcopy(config))  # it consumes the dict
 
     def launch(
         self,
