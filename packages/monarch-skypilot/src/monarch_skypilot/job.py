@@ -227,6 +227,8 @@ class SkyPilotJob(JobTrait):
 
     def _kill(self) -> None:
         self._close()
+        if in_cluster():  # batch mode's client, done: the node command stops the workers
+            return
         if self._batch_job_id is not None:
             self._log(f"cancelling managed job {self._batch_job_id}")
             self._sky.jobs_cancel(self._batch_job_id)

@@ -37,12 +37,14 @@ class FakeNode:
     ip: str
     home: Path
     runs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    lost: bool = False  # preempted or torn down; a node whose task failed is still up
 
     @property
     def alive(self) -> bool:
-        return any(proc.poll() is None for proc in self.runs)
+        return not self.lost
 
     def kill(self) -> None:
+        self.lost = True
         for proc in self.runs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -202,7 +204,7 @@ class FakeCloud:
 
     def _provision(self, cluster: FakeCluster) -> None:
         wanted = int(cluster.task.get("num_nodes") or 1)
-        nodes = [n for n in cluster.nodes if n.alive or not n.runs]  # the head stays first
+        nodes = [n for n in cluster.nodes if n.alive]  # the head stays first
         fresh = []
         while len(nodes) < wanted:
             cluster.launches += 1

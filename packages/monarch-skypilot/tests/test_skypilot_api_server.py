@@ -1,0 +1,58 @@
+"""SkyPilot's real local API server, with no cloud enabled, answers ``state()``; the user gets
+our error naming ``sky check``, not a traceback.
+
+Nothing is faked: ``sky api start`` runs SkyPilot's server with ``HOME`` in a temporary folder
+(its state and ``~/.sky``) on a free port (``SKYPILOT_API_SERVER_LOCAL_PORT``), and it is
+stopped at teardown so nothing is left running. The client runs in a subprocess so that its
+SkyPilot reads that HOME from the start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import free_port
+
+CLIENT = """
+import sky
+from monarch_skypilot import NoCloudAccessError, SkyPilotJob
+job = SkyPilotJob(meshes={"trainers": 2}, resources=sky.Resources(infra="aws"),
+                  cluster_name="monarch-nocloud", log=None)
+try:
+    job.state(cached_path=None)
+except NoCloudAccessError as exc:
+    print("ERROR:", exc)
+"""
+
+
+@pytest.fixture
+def api_server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "SKYPILOT_API_SERVER_LOCAL_PORT": str(free_port()),
+        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+    }
+    sky = str(Path(sys.executable).parent / "sky")
+    subprocess.run([sky, "api", "start"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield env
+    finally:
+        subprocess.run([sky, "api", "stop"], env=env, capture_output=True, timeout=120)
+
+
+def test_state_without_any_cloud_says_to_run_sky_check(api_server: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT], env=api_server, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ERROR:" in done.stdout, done.stdout + done.stderr[-3000:]
+    message = done.stdout.split("ERROR:", 1)[1]
+    assert "`sky check`" in message and "monarch-nocloud" in message
+    assert "Traceback" not in done.stderr
