@@ -96,6 +96,8 @@ def typecheck(session: nox.Session) -> None:
 ABSENT_FROM = {
     "monarch-proxy": ("monarch", "monarch_sync"),
     "monarch-sync": ("monarch", "monarch_proxy", "monarch_gateway"),
+    # the laptop side of SkyPilotJob; the head node's gateway comes with its `node` extra
+    "monarch-skypilot": ("monarch_gateway",),
 }
 SERVING_PATH_IMPORTS_NO_SYNC = (
     "import sys, monarch_gateway.app, monarch_gateway.server, monarch_gateway.cli; "

@@ -20,7 +20,11 @@ from monarch_skypilot import InvalidJobError, TaskSpec, build_task
 from monarch_skypilot.task import node_command, split_nodes
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-SECRETS = {"MONARCH_GATEWAY_TOKEN": "t", "MONARCH_SKYPILOT_TLS_CERT": "c", "MONARCH_SKYPILOT_TLS_KEY": "k"}
+SECRETS = {
+    "MONARCH_GATEWAY_TOKEN": "t",
+    "MONARCH_SKYPILOT_TLS_CERT": "c",
+    "MONARCH_SKYPILOT_TLS_KEY": "k",
+}
 
 
 def candidates() -> list[Any]:
@@ -78,7 +82,9 @@ def test_use_spot_reaches_every_candidate() -> None:
 def test_default_setup_pins_this_clients_monarch_version() -> None:
     config = build_task(TaskSpec(meshes={"a": 1}), sky.Resources(infra="aws"))
     assert "torchmonarch==0.7.0" in config["setup"] and "monarch-skypilot[node]" in config["setup"]
-    assert str(config["resources"]["image_id"]).count("docker:pytorch/pytorch") == 1  # design default
+    assert (
+        str(config["resources"]["image_id"]).count("docker:pytorch/pytorch") == 1
+    )  # design default
 
 
 def test_nodes_are_cut_into_meshes_in_order_head_first() -> None:

@@ -504,18 +504,15 @@ class SkyPilotJob(JobTrait):
         deadline = time.monotonic() + timeout
         while True:
             record = self.batch_status()
-            if record.finished:
-                if record.status != "SUCCEEDED":
-                    raise BatchJobError(
-                        f"managed job {record.job_id} ended {record.status}"
-                        f"{': ' + record.failure_reason if record.failure_reason else ''}; "
-                        f"`sky jobs logs {record.job_id}` has its log",
-                        record.status,
-                    )
+            if record.finished and record.status == "SUCCEEDED":
                 return record
-            if time.monotonic() > deadline:
+            if record.finished or time.monotonic() > deadline:
+                ended = "ended" if record.finished else f"still after {timeout:g}s:"
+                reason = f": {record.failure_reason}" if record.failure_reason else ""
+                last = "\n".join(self.batch_logs().splitlines()[-LOG_LINES:])
                 raise BatchJobError(
-                    f"managed job {record.job_id} still {record.status} after {timeout:g}s",
+                    f"managed job {record.job_id} {ended} {record.status}{reason}; "
+                    f"`sky jobs logs {record.job_id}` has its log; its last lines:\n{last}",
                     record.status,
                 )
             time.sleep(POLL_S)
