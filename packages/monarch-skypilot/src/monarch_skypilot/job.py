@@ -354,6 +354,13 @@ class SkyPilotJob(JobTrait):
             raise InvalidJobError("sync() goes through the gateway: use mode='gateway'")
         return self.state().sync(src, reload=reload)
 
+    def set_autostop(self, idle_minutes: int, down: bool | None = None) -> None:
+        """Change the running cluster's autostop (``-1`` cancels it)."""
+        down = self.down_on_autostop if down is None else down
+        self._sky.autostop(self.cluster_name, idle_minutes, down)
+        self.idle_minutes_to_autostop = None if idle_minutes < 0 else idle_minutes
+        self.down_on_autostop = down
+
     # -- recovery -----------------------------------------------------------------------------
 
     def _watch(self) -> None:

@@ -251,8 +251,12 @@ class Node:
         if self.args.batch_script is not None:
             if self.rank == 0:
                 code = self.run_batch_client()
-            else:  # done when the head is
-                while listening(self.ips[0], int(self.args.port)):
+            else:  # done when the head is (once it has started: it may come up after us)
+                head = (self.ips[0], int(self.args.port))
+                deadline = time.monotonic() + READY_TIMEOUT_S
+                while not listening(*head) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                while listening(*head):
                     time.sleep(1.0)
                 code = 0
             self.stop()
