@@ -9,10 +9,8 @@ from monarch_skypilot.node import Node, parse
 
 
 def node(tmp_path: Path, ips: list[str]) -> Node:
-    args = parse(
-        ["--meshes", "trainers=2,eval=1", "--port", "22222", "--gateway-port", "8443"]
-        + ["--rank", "0", "--ips", "\n".join(ips), "--state-dir", str(tmp_path)]
-    )
+    argv = ["--meshes", "trainers=2,eval=1", "--port", "22222", "--gateway-port", "8443"]
+    args = parse([*argv, "--rank", "0", "--ips", "\n".join(ips), "--state-dir", str(tmp_path)])
     return Node(args)
 
 
