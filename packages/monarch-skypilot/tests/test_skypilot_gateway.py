@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sky
+from monarch.actor import Actor, endpoint
 
 from monarch_proxy import WorkerLostError
 from monarch_skypilot import SkyPilotJob
@@ -43,9 +44,17 @@ class Greeter(Actor):
 """
 
 
+class Echo(Actor):
+    """Not importable on the nodes: it travels by value."""
+
+    @endpoint
+    def echo(self, value: int) -> int:
+        return value
+
+
 def make_job(cloud: FakeCloud, ports: dict[str, int], name: str, **kw: Any) -> SkyPilotJob:
     return SkyPilotJob(
-        meshes={"trainers": 2},
+        meshes=kw.pop("meshes", {"trainers": 2}),
         resources=sky.Resources(infra="aws", use_spot=True),
         cluster_name=name,
         python_exe=sys.executable,
@@ -67,6 +76,7 @@ def test_gateway_mode_spawns_calls_syncs_reloads_and_recovers_a_preempted_node(
         state = job.state(cached_path=cache)
         assert state.names == ["trainers"] and state.trainers.size == 2
         assert cloud.calls == ["launch sky-gw"]
+        assert Path(cache).stat().st_mode & 0o077 == 0  # the cache holds the token and TLS key
 
         # edit -> sync -> spawn -> call, through the gateway only
         src = tmp_path / "src"
@@ -107,3 +117,20 @@ def test_gateway_mode_spawns_calls_syncs_reloads_and_recovers_a_preempted_node(
     finally:
         job.kill()
     assert "down sky-gw" in cloud.calls and "sky-gw" not in cloud.clusters
+
+
+def test_a_lost_head_node_is_relaunched_and_the_gateway_re_attached_by_state(
+    cloud: FakeCloud, ports: dict[str, int]
+) -> None:
+    job = make_job(cloud, ports, "sky-head", meshes={"hosts": 2})
+    try:
+        first = job.state(cached_path=None)
+        old_head = cloud.preempt("sky-head", 0)  # the gateway goes with it
+        state = job.state(cached_path=None)  # notices, relaunches, connects to the new head
+        assert state is not first and state.hosts.size == 2
+        assert old_head not in job.gateway_url()
+        actors = state.hosts.spawn_procs().spawn("a", Echo)
+        assert sorted(actors.echo.call(7).get(timeout=60).values()) == [7, 7]
+        assert any("unreachable" in what for _, what in job.recoveries), job.recoveries
+    finally:
+        job.kill()

@@ -38,6 +38,7 @@ from monarch._src.job.job import JobState as MonarchJobState
 from monarch_proxy import GatewayConnection, SyncResult
 from monarch_proxy import JobState as ProxyJobState
 from monarch_proxy.errors import ProxyError
+from monarch_proxy.protocol.names import Op
 from monarch_skypilot.certs import ClusterCert, pinned_context
 from monarch_skypilot.errors import (
     BatchJobError,
@@ -65,6 +66,7 @@ __all__ = ["SkyPilotJob"]
 DEFAULT_JOB_PATH = ".monarch/job_state.pkl"
 POLL_S = 0.5
 LOG_LINES = 40
+LIVENESS_TIMEOUT_S = 10.0
 
 
 def _stderr(message: str) -> None:
@@ -166,6 +168,12 @@ class SkyPilotJob(JobTrait):
         self._runtime_init()
 
     # -- JobTrait -----------------------------------------------------------------------------
+
+    def dump(self, filename: str) -> None:
+        """Monarch's job cache, readable by this user only: it holds the gateway's token and
+        the cluster's TLS key."""
+        super().dump(filename)
+        os.chmod(os.path.realpath(filename), 0o600)
 
     def _rebind_connection_inputs(self, spec: JobTrait) -> None:
         if isinstance(spec, SkyPilotJob):  # the SDK (or a test's cloud) and log of this process
@@ -314,10 +322,10 @@ class SkyPilotJob(JobTrait):
         """monarch-proxy's JobState for the gateway on the head node (reconnected, and the
         cluster relaunched, when the head was lost)."""
         if self._proxy is not None:
-            try:
-                self._proxy.members()
+            try:  # alive? (a connection resuming after a lost head would block for its grace)
+                self._proxy.connection.request(Op.JOB_MEMBERS, {}, timeout=LIVENESS_TIMEOUT_S)
                 return self._proxy
-            except ProxyError:
+            except (ProxyError, TimeoutError):
                 self._log(f"{self.cluster_name}: the gateway connection is gone; recovering")
                 self._close()
                 self._relaunch("the gateway was unreachable")
