@@ -20,10 +20,9 @@ import pytest
 from .conftest import free_port
 
 CLIENT = """
-import sky
 from monarch_skypilot import NoCloudAccessError, SkyPilotJob
-job = SkyPilotJob(meshes={"trainers": 2}, resources=sky.Resources(infra="aws"),
-                  cluster_name="monarch-nocloud", log=None)
+# no cloud named and no image: SkyPilot then needs no catalog (unreachable here) to say so
+job = SkyPilotJob(meshes={"trainers": 2}, cluster_name="monarch-nocloud", image_id=None, log=None)
 try:
     job.state(cached_path=None)
 except NoCloudAccessError as exc:
