@@ -1,5 +1,6 @@
 """SkyPilot's real local API server, with no cloud enabled, answers ``state()``; the user gets
-our error naming ``sky check``, not a traceback.
+our error naming ``sky check``, not a traceback; the adapter's ``status`` and ``down`` answer
+through the same server.
 
 Nothing is faked: ``sky api start`` runs SkyPilot's server with ``HOME`` in a temporary folder
 (its state and ``~/.sky``) on a free port (``SKYPILOT_API_SERVER_LOCAL_PORT``), and it is
@@ -27,6 +28,15 @@ try:
     job.state(cached_path=None)
 except NoCloudAccessError as exc:
     print("ERROR:", exc)
+
+# the adapter's other calls, against the same real server (signatures and result shapes)
+from monarch_skypilot import ClusterNotUpError, SkyPilotSdk
+api = SkyPilotSdk()
+print("STATUS:", api.status("monarch-nocloud"))
+try:
+    api.down("monarch-nocloud")
+except ClusterNotUpError as exc:
+    print("DOWN:", exc)
 """
 
 
@@ -52,6 +62,8 @@ def test_state_without_any_cloud_says_to_run_sky_check(api_server: dict[str, str
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ERROR:" in done.stdout, done.stdout + done.stderr[-3000:]
-    message = done.stdout.split("ERROR:", 1)[1]
+    message = done.stdout.split("ERROR:", 1)[1].split("STATUS:")[0]
     assert "`sky check`" in message and "monarch-nocloud" in message
     assert "Traceback" not in done.stderr
+    assert "STATUS: None" in done.stdout  # no such cluster
+    assert "DOWN: cluster 'monarch-nocloud' is not up" in done.stdout  # ClusterDoesNotExist
