@@ -270,7 +270,9 @@ class SkyPilotJob(JobTrait):
             self._task,
             self.cluster_name,
             idle_minutes_to_autostop=self.idle_minutes_to_autostop,
-            down=self.down_on_autostop,
+            # without autostop, SkyPilot's down=True means "down when the job ends": a worker
+            # that crashed would take the cluster (and its logs) with it
+            down=self.down_on_autostop and self.idle_minutes_to_autostop is not None,
             retry_until_up=self.retry_until_up,
         )
         if not cluster.up or len(cluster.internal_ips) < self.spec.num_nodes:

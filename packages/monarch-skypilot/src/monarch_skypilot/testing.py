@@ -74,6 +74,7 @@ class FakeCloud:
         self.clusters: dict[str, FakeCluster] = {}
         self.jobs: dict[int, FakeCluster] = {}
         self.calls: list[str] = []
+        self.launch_options: dict[str, Any] = {}  # of the last launch
         self._ids = itertools.count(1)
 
     # -- SkyApi ----------------------------------------------------------------------------
@@ -88,6 +89,7 @@ class FakeCloud:
         retry_until_up: bool,
     ) -> Cluster:
         self.calls.append(f"launch {cluster_name}")
+        self.launch_options = {"idle_minutes_to_autostop": idle_minutes_to_autostop, "down": down}
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             infra = self._choose(task, cluster_name)
