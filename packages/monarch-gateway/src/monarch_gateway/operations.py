@@ -139,7 +139,9 @@ class MeshService:
     def slice(self, table: HandleTable, entry: Entry, meta: dict[str, Any]) -> Result:
         if "view" in meta:  # split, flatten or rename: the hosts they span stay the same
             viewed = apply_view(entry.obj, meta)
-            return handle_reply(table, Entry(entry.kind, viewed, entry.name, entry.hosts, entry.mesh))
+            return handle_reply(
+                table, Entry(entry.kind, viewed, entry.name, entry.hosts, entry.mesh)
+            )
         selection = field(meta, "selection", dict)
         arguments: dict[str, int | slice] = {}
         for label, sel in selection.items():

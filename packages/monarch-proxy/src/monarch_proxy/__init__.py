@@ -3,6 +3,7 @@
 It does not need torchmonarch: a laptop with only this package drives real meshes in a cluster.
 """
 
+from monarch_proxy.accumulator import Accumulator
 from monarch_proxy.connection import GatewayConnection
 from monarch_proxy.errors import (
     ActorImportError,
@@ -41,6 +42,7 @@ from monarch_proxy.values import Extent, Point, ValueMesh
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulator",
     "ActorImportError",
     "ActorMeshProxy",
     "ArgumentEncodingError",

@@ -84,7 +84,11 @@ class Extent(Mapping[str, int]):
         return (Point(rank, self) for rank in range(self.nelements))
 
     def __repr__(self) -> str:
-        return "{" + ", ".join(f"{lb}: {s}" for lb, s in zip(self._labels, self._sizes)) + "}"
+        return (
+            "{"
+            + ", ".join(f"{lb}: {s}" for lb, s in zip(self._labels, self._sizes, strict=True))
+            + "}"
+        )
 
 
 class Point(Mapping[str, int]):
@@ -423,4 +427,3 @@ class ValueMesh(ShapeOps, Generic[T]):
     def __repr__(self) -> str:
         body = indent(pformat(tuple(self.items())), "  ")
         return f"ValueMesh({self.extent}):\n{body}"
-
