@@ -13,6 +13,7 @@ from typing import Any
 
 from monarch_gateway.handles import Entry, HandleTable, select_hosts
 from monarch_gateway.monitor import Worker
+from monarch_gateway.shim import to_monarch
 from monarch_gateway.views import apply_view
 from monarch_proxy import codec
 from monarch_proxy.errors import ActorImportError, GatewayError, ProtocolError
@@ -132,6 +133,7 @@ class MeshService:
                     "module where the gateway and workers run, or spawn with by_value=True"
                 ) from None
         args, kwargs = codec.loads(view[class_size:], "spawn arguments")
+        actor_class = to_monarch(actor_class)  # a class written with monarch_proxy.actor
         actors = entry.obj.spawn(name, actor_class, *args, **kwargs)
         await actors.initialized  # surface constructor failures at spawn, not at first call
         return handle_reply(table, Entry("actor", actors, name, entry.hosts, entry.mesh))
