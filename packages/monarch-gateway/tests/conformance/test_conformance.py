@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import re
 import threading
+from pathlib import Path
 
 import pytest
 from conformance_actors import Collides, Named, Probe
@@ -352,3 +354,26 @@ def test_unpicklable_argument(conform):
     assert conform(body, "unpicklable_argument_message").type == "TypeError"
     # The session goes on serving.
     assert conform(lambda api: api.probes.echo.choose(1).get(timeout=60)) == 1
+
+
+def test_item_may_leave_out_labels_of_size_one(conform):
+    def body(api):
+        return value_mesh(api).slice(gpus=slice(1, 2)).item(hosts=1)
+
+    monarch, proxy = conform.both(body)
+    assert "item_size_one_labels" in DIFFERENCES
+    assert isinstance(monarch, Raised) and monarch.type == "KeyError"
+    assert proxy == {"hosts": 1, "gpus": 1}
+
+
+def test_value_mesh_get_negative(conform):
+    monarch, proxy = conform.both(lambda api: value_mesh(api).get(-1))
+    assert "value_mesh_get_negative" in DIFFERENCES
+    assert isinstance(monarch, Raised) and monarch.type == "OverflowError"
+    assert isinstance(proxy, Raised) and proxy.type == "ValueError" and "-1" in proxy.message
+
+
+def test_every_difference_is_in_the_proxy_readme():
+    readme = Path(__file__).parents[3] / "monarch-proxy" / "README.md"
+    table = re.findall(r"^\| `(\w+)` \|", readme.read_text(), re.MULTILINE)
+    assert sorted(table) == sorted(DIFFERENCES)

@@ -25,6 +25,7 @@ from monarch_proxy.errors import (
     WorkspaceUnavailableError,
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
+from monarch_proxy.job import Job
 from monarch_proxy.memory import keep_freed_memory
 from monarch_proxy.meshes import (
     ActorMeshProxy,
@@ -37,7 +38,7 @@ from monarch_proxy.meshes import (
     Workspace,
     connect,
 )
-from monarch_proxy.values import Extent, Point, ValueMesh
+from monarch_proxy.values import Extent, Point, UnknownLabelError, ValueMesh
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "GatewayConnection",
     "GatewayError",
     "HostMeshProxy",
+    "Job",
     "JobState",
     "MeshProxy",
     "Point",
@@ -70,6 +72,7 @@ __all__ = [
     "SyncResult",
     "TransportError",
     "UnknownHandleError",
+    "UnknownLabelError",
     "ValueMesh",
     "WorkerLostError",
     "Workspace",
