@@ -377,3 +377,21 @@ def test_every_difference_is_in_the_proxy_readme():
     readme = Path(__file__).parents[3] / "monarch-proxy" / "README.md"
     table = re.findall(r"^\| `(\w+)` \|", readme.read_text(), re.MULTILINE)
     assert sorted(table) == sorted(DIFFERENCES)
+
+
+def test_calls_on_a_stopped_mesh(conform):
+    def body(api):
+        procs = api.hosts.spawn_procs(per_host={"gpus": 1})
+        actors = procs.spawn("stopped", Probe)
+        actors.stop().get(timeout=60)
+        try:
+            actors.echo.call(1).get(timeout=30)
+        finally:
+            procs.stop().get(timeout=60)
+
+    # The messages name actor and proc ids, which differ from run to run: compare the rest.
+    monarch, proxy = conform.both(body)
+    assert isinstance(monarch, Raised) and isinstance(proxy, Raised), (monarch, proxy)
+    assert monarch.type in proxy.types, (monarch.type, proxy.types)
+    for error in (monarch, proxy):
+        assert "received explicit stop request" in error.message
