@@ -18,13 +18,13 @@ from conformance_harness import Api, Conform  # noqa: E402
 from monarch_gateway.local import LocalCluster  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def conformance_cluster() -> Iterator[LocalCluster]:
     with LocalCluster(2).start() as cluster:
         yield cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def monarch_api(conformance_cluster: LocalCluster) -> Api:
     from monarch.actor import ActorError, attach_to_workers
 
@@ -39,7 +39,7 @@ def monarch_api(conformance_cluster: LocalCluster) -> Api:
     return Api("monarch", hosts, ActorError)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def proxy_api(conformance_cluster: LocalCluster) -> Iterator[Api]:
     import monarch_proxy
 
