@@ -47,12 +47,12 @@ def main() -> None:
         procs = job.hosts.spawn_procs(per_host={"gpus": args.per_host})
         greeters = procs.spawn("greeters", Greeter, "hello")
         for point, text in greeters.hello.call("laptop").get(timeout=60).items():
-            print(f"{point}: {text}")
+            print(f"{dict(point)}: {text}")
         squares = greeters.square.call(7).get()
         print(f"squares: {list(squares.values())}")
         first = greeters.slice(hosts=0, gpus=0)
         print(f"call_one on hosts=0, gpus=0: {first.square.call_one(12).get()}")
-        print(f"{procs.size} actors answered on {args.hosts} worker hosts")
+        print(f"{procs.size()} actors answered on {args.hosts} worker hosts")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def run_ddp(host_mesh: Any, gpus_per_host: int, steps: int) -> list[dict[str, An
     torch.distributed from rank 0's address, train, and return every rank's report."""
     procs = host_mesh.spawn_procs(per_host={"gpus": gpus_per_host})
     actors = procs.spawn("ddp_actor", DDPActor)
-    world = len(procs) if hasattr(procs, "__len__") else procs.size
+    world = procs.size()  # the same on a Monarch ProcMesh and a proxy
     master = actors.slice(hosts=0, gpus=0).rendezvous.call_one().get()
     actors.setup.call(master[0], master[1], world).get()
     try:

@@ -1,5 +1,6 @@
 """ValueMesh coordinates, and how arguments, results and exceptions are encoded."""
 
+import pickle
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ from monarch_proxy.errors import (
     RemoteTraceback,
     UnknownHandleError,
 )
-from monarch_proxy.values import Extent, ValueMesh
+from monarch_proxy.values import Extent, Point, ValueMesh
 
 
 def test_value_mesh_coordinates_are_row_major():
@@ -112,3 +113,41 @@ def test_keep_freed_memory_tunes_glibc_on_linux():
     from monarch_proxy import keep_freed_memory
 
     assert keep_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_points_and_extents_are_mappings():
+    extent = Extent(["hosts", "gpus"], [2, 3])
+    assert dict(extent) == {"hosts": 2, "gpus": 3} and len(extent) == 2
+    assert extent.labels == ["hosts", "gpus"] and extent.nelements == 6
+    assert repr(extent) == "{hosts: 2, gpus: 3}"
+    point = Point(4, extent)
+    assert dict(point) == {"hosts": 1, "gpus": 1} and point.size("gpus") == 3
+    assert repr(point) == "{'hosts': 1/2, 'gpus': 1/3}"
+    assert "nodes" not in point and point.get("nodes", -1) == -1
+    with pytest.raises(ValueError, match="Dimension 'nodes' not found"):
+        point["nodes"]
+    assert pickle.loads(pickle.dumps(point)) == point
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        Extent(["a"], [1, 2])
+
+
+def test_value_mesh_shape_operations():
+    mesh = ValueMesh(Extent(["hosts", "gpus"], [2, 4]), list("abcdefgh"))
+    assert mesh.slice(gpus=slice(1, 3)).values() == ["b", "c", "f", "g"]
+    sparse = mesh.slice(gpus=slice(0, 4, 2))
+    assert sparse.values() == ["a", "c", "e", "g"] and sparse.item(hosts=1, gpus=1) == "g"
+    with pytest.raises(ValueError, match="cannot flatten sparse mesh"):
+        sparse.flatten("r")
+    assert mesh.flatten("r").get(7) == "h"
+    assert mesh.rename(hosts="dp").sizes == {"dp": 2, "gpus": 4}
+    assert mesh.split(gpus=("a", "b"), a=2).item(hosts=1, a=1, b=0) == "g"
+    assert mesh.size() == 8 and mesh.size("gpus") == 4 and mesh.size(("hosts", "gpus")) == 8
+    with pytest.raises(TypeError, match="dimension labeled 'nodes'"):
+        mesh.slice(nodes=0)
+    with pytest.raises(IndexError, match="hosts=2"):
+        mesh.slice(hosts=2)
+    with pytest.raises(ValueError, match="index -1 out of range"):
+        mesh.get(-1)
+    with pytest.raises(ValueError, match="Duplicate dimension name 'gpus'"):
+        mesh.rename(hosts="gpus")
+    assert pickle.loads(pickle.dumps(mesh)) == mesh

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from monarch_gateway.monitor import tcp_endpoint
 from monarch_proxy import GatewayConnection, JobState, connect
+from monarch_proxy.job import Job
 
 if TYPE_CHECKING:
     from monarch_sync import SyncWorkspace
@@ -359,18 +360,100 @@ def _stop(process: subprocess.Popen[bytes], sig: signal.Signals, timeout_s: floa
         process.wait()
 
 
+class LocalJob(Job):
+    """The local default as a :class:`monarch_proxy.job.Job`: ``hosts`` workers and a gateway
+    on this machine (a :class:`LocalCluster`; ``options`` are its keyword arguments).
+
+    Unnamed, the processes live until :meth:`kill` or the end of this Python process. Named,
+    they outlive it (as Monarch's jobs do) until some ``LocalJob`` of that name is killed: the
+    running cluster is recorded in a file, and a ``LocalJob`` of the same name, in this
+    process or another, reuses it.
+    """
+
+    def __init__(self, hosts: int = 2, *, name: str | None = None, **options: Any) -> None:
+        super().__init__(name or f"local-{secrets.token_hex(4)}")
+        self.hosts = hosts
+        self.options = options
+        self._named = name is not None
+        self._cluster: LocalCluster | None = None
+        self._kill_on_close = False  # start_local(): closing the JobState stops the processes
+
+    @property
+    def record_path(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"monarch-local-job-{self.name}.json"
+
+    def _record(self) -> dict[str, Any] | None:
+        """The running cluster of this name, if its gateway process is alive."""
+        try:
+            record: dict[str, Any] = json.loads(self.record_path.read_text())
+            os.kill(int(record["pids"][0]), 0)
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+        return record
+
+    def _is_running(self) -> bool:
+        cluster = self._cluster
+        if cluster is not None and cluster.gateway is not None and cluster.gateway.poll() is None:
+            return True
+        return self._named and self._record() is not None
+
+    def _create(self) -> None:
+        cluster = LocalCluster(self.hosts, **self.options).start()
+        self._cluster = cluster
+        if self._named:
+            atexit.unregister(cluster.close)  # a named job outlives us, until its kill()
+            assert cluster.gateway is not None
+            pids = [p.pid for p in [cluster.gateway, *cluster.workers, *cluster.agents]]
+            record = {"url": cluster.url, "token": cluster.token, "sync": cluster.sync}
+            tmp = self.record_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**record, "pids": pids}))
+            tmp.replace(self.record_path)
+
+    def _connect(self) -> JobState:
+        if self._cluster is not None:
+            url, token, sync = self._cluster.url, self._cluster.token, self._cluster.sync
+        else:
+            record = self._record()
+            if record is None:
+                raise RuntimeError(f"local job {self.name!r} stopped while connecting")
+            url, token, sync = str(record["url"]), str(record["token"]), bool(record["sync"])
+        workspace = None
+        if sync:
+            from monarch_sync import SyncWorkspace
+
+            workspace = SyncWorkspace.through_gateway(url, token)
+        return JobState.fetch(
+            GatewayConnection.open(url, token),
+            on_close=self._closed if self._kill_on_close else None,
+            workspace=workspace,
+        )
+
+    def _closed(self) -> None:
+        self._state = None
+        self._kill()
+
+    def _kill(self) -> None:
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            cluster.close()
+        elif self._named and (record := self._record()) is not None:
+            for pid in record["pids"]:  # each was started in a session of its own
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(pid), signal.SIGKILL)
+        if self._named:
+            self.record_path.unlink(missing_ok=True)
+
+
 def start_local(hosts: int = 2, **options: Any) -> JobState:
     """Start ``hosts`` workers and a gateway here; return a connected JobState.
 
-    Closing the JobState (or leaving its ``with`` block) stops every process it started.
+    Closing the JobState (or leaving its ``with`` block) stops every process it started. For
+    the job contract (``apply``/``state``/``kill``, reuse by name) use :class:`LocalJob`.
     """
-    cluster = LocalCluster(hosts, **options).start()
+    job = LocalJob(hosts, **options)
+    job._kill_on_close = True
     try:
-        return JobState.fetch(
-            GatewayConnection.open(cluster.url, cluster.token),
-            on_close=cluster.close,
-            workspace=cluster.workspace() if cluster.sync else None,
-        )
+        return job.state()
     except BaseException:
-        cluster.close()
+        job.kill()
         raise

@@ -13,6 +13,8 @@ from typing import Any
 
 from monarch_gateway.handles import Entry, HandleTable, select_hosts
 from monarch_gateway.monitor import Worker
+from monarch_gateway.shim import to_monarch
+from monarch_gateway.views import apply_view
 from monarch_proxy import codec
 from monarch_proxy.errors import ActorImportError, GatewayError, ProtocolError
 from monarch_proxy.values import Extent
@@ -131,11 +133,17 @@ class MeshService:
                     "module where the gateway and workers run, or spawn with by_value=True"
                 ) from None
         args, kwargs = codec.loads(view[class_size:], "spawn arguments")
+        actor_class = to_monarch(actor_class)  # a class written with monarch_proxy.actor
         actors = entry.obj.spawn(name, actor_class, *args, **kwargs)
         await actors.initialized  # surface constructor failures at spawn, not at first call
         return handle_reply(table, Entry("actor", actors, name, entry.hosts, entry.mesh))
 
     def slice(self, table: HandleTable, entry: Entry, meta: dict[str, Any]) -> Result:
+        if "view" in meta:  # split, flatten or rename: the hosts they span stay the same
+            viewed = apply_view(entry.obj, meta)
+            return handle_reply(
+                table, Entry(entry.kind, viewed, entry.name, entry.hosts, entry.mesh)
+            )
         selection = field(meta, "selection", dict)
         arguments: dict[str, int | slice] = {}
         for label, sel in selection.items():
@@ -152,7 +160,9 @@ class MeshService:
                     f"selection for {label!r} must be an int or [start, stop, step]"
                 )
         sliced = entry.obj.slice(**arguments)
-        hosts = select_hosts(entry.hosts, selection.get("hosts"))
+        # After a split or rename "hosts" may not be the workers' dimension: keep them all then.
+        same_hosts = entry.obj.sizes.get("hosts") == len(entry.hosts)
+        hosts = select_hosts(entry.hosts, selection.get("hosts") if same_hosts else None)
         return handle_reply(table, Entry(entry.kind, sliced, entry.name, hosts, entry.mesh))
 
     async def reload(

@@ -60,6 +60,7 @@ from monarch_k8s.spec import (
 )
 from monarch_k8s.tunnel import PortForward
 from monarch_proxy import GatewayConnection, JobState, SyncResult
+from monarch_proxy.job import Job, state_is_open
 
 __all__ = ["KubernetesJob", "git_root"]
 
@@ -82,9 +83,12 @@ def _stderr(message: str) -> None:
     print(f"[monarch-k8s] {message}", file=sys.stderr, flush=True)
 
 
-class KubernetesJob:
+class KubernetesJob(Job):
     """A Monarch job on Kubernetes: new pods (``compute``), existing pods (``selector``), or an
     existing MonarchMesh by ``name``. ``state().workers`` is a :class:`monarch_proxy.HostMeshProxy`.
+
+    The job contract of :class:`monarch_proxy.job.Job`: a job named after a MonarchMesh that
+    exists (made by another process, or the operator's user) reuses it.
     """
 
     def __init__(
@@ -115,7 +119,7 @@ class KubernetesJob:
                 "KubernetesJob needs compute= (new pods), selector= (existing pods) "
                 "or name= (an existing MonarchMesh)"
             )
-        self.name = check_name(name) if name else f"monarch{secrets.token_hex(4)}"
+        super().__init__(check_name(name) if name else f"monarch{secrets.token_hex(4)}")
         self.namespace = namespace
         self.monarch_port = monarch_port
         self.sync_dirs = sync_dirs
@@ -127,7 +131,8 @@ class KubernetesJob:
         self._id = secrets.token_hex(4)
         self._created = False
         self._added_gateway = False
-        self._state: JobState | None = None
+        self._wait_timeout = timeout
+        self._kill_wait: tuple[bool, float] = (True, 120.0)
         self._tunnel: PortForward | None = None
         self._pod_ips: dict[str, tuple[str, str]] = {}  # pod IP -> (name, uid)
         self._lost: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -141,19 +146,23 @@ class KubernetesJob:
 
     # -- the job contract -------------------------------------------------------------------
 
-    def apply(self) -> KubernetesJob:
-        """Create the MonarchMesh (or find the one named), without waiting for it."""
+    def _is_running(self) -> bool:
+        """A MonarchMesh of this name exists: reuse it (fronted by a gateway)."""
         existing = self._mesh.get(self.name)
-        if existing is not None:
-            self._created = (existing["metadata"].get("labels") or {}).get(JOB_LABEL) is not None
-            self._log(f"reusing MonarchMesh {self.namespace}/{self.name}")
-            spec = existing.get("spec") or {}
-            if not spec.get("gateway") and not spec.get("workerSelector"):
-                # an upstream-style mesh: front it with a gateway, which kill() takes away again
-                self._mesh.patch(self.name, {"spec": {"gateway": {"enabled": True}}})
-                self._added_gateway = True
-                self._log(f"added a gateway to MonarchMesh {self.name} (removed again by kill())")
-            return self
+        if existing is None:
+            return False
+        self._created = (existing["metadata"].get("labels") or {}).get(JOB_LABEL) is not None
+        self._log(f"reusing MonarchMesh {self.namespace}/{self.name}")
+        spec = existing.get("spec") or {}
+        if not spec.get("gateway") and not spec.get("workerSelector"):
+            # an upstream-style mesh: front it with a gateway, which kill() takes away again
+            self._mesh.patch(self.name, {"spec": {"gateway": {"enabled": True}}})
+            self._added_gateway = True
+            self._log(f"added a gateway to MonarchMesh {self.name} (removed again by kill())")
+        return True
+
+    def _create(self) -> None:
+        """Create the MonarchMesh, without waiting for it."""
         if self.spec is None and self.selector is None:
             raise InvalidJobError(
                 f"no MonarchMesh {self.name!r} in namespace {self.namespace!r}: "
@@ -177,21 +186,22 @@ class KubernetesJob:
                 self._create_files(configmap, data, created)
         self._created = True
         self._log(f"created MonarchMesh {self.namespace}/{self.name}")
-        return self
 
     def state(self, timeout: float | None = None) -> JobState:
         """Create or find the mesh, wake it, wait for it, connect and sync; reused once open."""
-        if self._state is not None:
+        if self._state is not None and state_is_open(self._state):
             self._mesh.touch(self.name)
             return self._state
         self._t0, self.timings = time.perf_counter(), {}
-        self.apply()
+        self._wait_timeout = timeout if timeout is not None else self.timeout
+        return super().state()
+
+    def _connect(self) -> JobState:
         self._mesh.touch(self.name)  # wakes a mesh the operator scaled to zero for idleness
         self._mark("objects_created")
-        mesh = self._wait(timeout if timeout is not None else self.timeout)
-        state = self._connect(mesh)
+        mesh = self._wait(self._wait_timeout)
+        state = self._attach(mesh)
         self._mark("attached")
-        self._state = state
         self._sync_dirs(state)
         self._mark("synced")
         return state
@@ -210,6 +220,11 @@ class KubernetesJob:
     def kill(self, wait: bool = True, timeout: float = 120.0) -> None:
         """Close the connection and delete what this job created; pods of a selector or of a
         MonarchMesh this job did not create are left alone (and we say so)."""
+        self._kill_wait = (wait, timeout)
+        super().kill()
+
+    def _kill(self) -> None:
+        wait, timeout = self._kill_wait
         self._close()
         if not self._created:
             if self._added_gateway:
@@ -230,12 +245,6 @@ class KubernetesJob:
         self._created = False
         if wait:
             self._wait_gone(timeout)
-
-    def __enter__(self) -> KubernetesJob:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -374,7 +383,7 @@ class KubernetesJob:
                         target = p["containerPort"]
         return pod["metadata"]["name"], int(target)
 
-    def _connect(self, mesh: dict[str, Any]) -> JobState:
+    def _attach(self, mesh: dict[str, Any]) -> JobState:
         token, source = self._token_for(mesh)
         url = self._gateway_url(mesh)
         self._log(f"{self.name}: connecting to the gateway at {url}")
@@ -413,7 +422,7 @@ class KubernetesJob:
             if self.name in listed:
                 workers = len(listed[self.name].get("workers") or [])
             else:  # a gateway without membership: its mesh is as big as it started
-                workers = max((state[n].size for n in state.names), default=0)
+                workers = max((state[n].size() for n in state.names), default=0)
             if members.get("whole") and workers >= replicas:
                 self._log(f"{self.name}: {workers} workers attached")
                 return

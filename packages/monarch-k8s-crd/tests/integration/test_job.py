@@ -82,7 +82,7 @@ def test_laptop_spawns_syncs_reloads_survives_a_lost_pod_and_leaves_nothing(
         namespace=k8s_namespace, api_client=k8s_api, sync_dirs=[str(src)], timeout=240,
     )  # fmt: skip
     state = job.state()
-    assert state.workers.size == 2 and state[job.name] is state.workers
+    assert state.workers.size() == 2 and state[job.name] is state.workers
     procs = state.workers.spawn_procs(per_host={"procs": 1})
     model = procs.spawn("model", "laptoppkg.model:Model")
     assert sorted(model.version.call().get(timeout=120).values()) == [1, 1]

@@ -3,6 +3,7 @@
 It does not need torchmonarch: a laptop with only this package drives real meshes in a cluster.
 """
 
+from monarch_proxy.accumulator import Accumulator
 from monarch_proxy.connection import GatewayConnection
 from monarch_proxy.errors import (
     ActorImportError,
@@ -24,6 +25,7 @@ from monarch_proxy.errors import (
     WorkspaceUnavailableError,
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
+from monarch_proxy.job import Job
 from monarch_proxy.memory import keep_freed_memory
 from monarch_proxy.meshes import (
     ActorMeshProxy,
@@ -36,11 +38,12 @@ from monarch_proxy.meshes import (
     Workspace,
     connect,
 )
-from monarch_proxy.values import Extent, Point, ValueMesh
+from monarch_proxy.values import Extent, Point, UnknownLabelError, ValueMesh
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulator",
     "ActorImportError",
     "ActorMeshProxy",
     "ArgumentEncodingError",
@@ -53,6 +56,7 @@ __all__ = [
     "GatewayConnection",
     "GatewayError",
     "HostMeshProxy",
+    "Job",
     "JobState",
     "MeshProxy",
     "Point",
@@ -68,6 +72,7 @@ __all__ = [
     "SyncResult",
     "TransportError",
     "UnknownHandleError",
+    "UnknownLabelError",
     "ValueMesh",
     "WorkerLostError",
     "Workspace",

@@ -45,6 +45,14 @@ class FutureProxy(Generic[T]):
     def result(self, timeout: float | None = None) -> T:
         return self.get(timeout)
 
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        """The error the call raised, or ``None`` once it has succeeded (as Monarch's)."""
+        try:
+            self.get(timeout)
+        except Exception as exc:
+            return exc
+        return None
+
     def done(self) -> bool:
         return self._future.done()
 

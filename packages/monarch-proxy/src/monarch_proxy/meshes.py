@@ -12,6 +12,7 @@ and the gateway frees all of a session's handles when the session ends.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import threading
@@ -31,9 +32,10 @@ from monarch_proxy.errors import (
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
 from monarch_proxy.protocol.names import Op
-from monarch_proxy.values import Extent, ValueMesh
+from monarch_proxy.values import Extent, Shape, ShapeOps, ValueMesh
 
 M = TypeVar("M", bound="MeshProxy")
+N = TypeVar("N", bound="MeshProxy")
 Selection = int | slice
 
 
@@ -46,57 +48,66 @@ def _selection_meta(selection: dict[str, Selection]) -> dict[str, Any]:
     return out
 
 
-class MeshProxy:
-    """A mesh held by the gateway: its handle, extent and the connection it lives on."""
+class MeshProxy(ShapeOps):
+    """A mesh held by the gateway: its handle, shape and the connection it lives on.
 
-    kind = "mesh"
+    Public attributes are exactly those of Monarch's meshes (``slice``, ``split``, ``flatten``,
+    ``rename``, ``size``, ``sizes``, ``extent``, ``stop``, ...): everything else on an actor
+    mesh is an endpoint, so the proxy's own state lives in underscore names.
+    """
+
+    _kind = "mesh"
 
     def __init__(
-        self, connection: GatewayConnection, handle: int, extent: Extent, name: str
+        self,
+        connection: GatewayConnection,
+        handle: int,
+        extent: Extent,
+        name: str,
+        shape: Shape | None = None,
     ) -> None:
         self._connection = connection
         self._handle = handle
-        self.extent = extent
-        self.name = name
+        self._name = name
+        # Monarch's shape arithmetic, done here: bad labels and indices fail without a round
+        # trip, with Monarch's exception types; the gateway repeats the view on the real mesh.
+        self._mesh_shape = shape if shape is not None else Shape.dense(extent)
         self._finalizer = weakref.finalize(self, connection.release, handle)
 
     @property
-    def handle(self) -> int:
-        return self._handle
+    def _shape(self) -> Shape:
+        return self._mesh_shape
 
-    @property
-    def size(self) -> int:
-        return self.extent.nelements
-
-    def __len__(self) -> int:
-        return self.extent.nelements
-
-    def slice(self: M, **selection: Selection) -> M:
-        """A sub-mesh, sliced on the gateway: ``mesh.slice(hosts=0, gpus=slice(0, 4))``."""
-        meta, _ = self._connection.request(
-            Op.MESH_SLICE, {"handle": self._handle, "selection": _selection_meta(selection)}
-        )
-        return self._derive(type(self), meta)
+    def _new_with_shape(self: M, shape: Shape, view: tuple[str, dict[str, Any]]) -> M:
+        method, args = view
+        meta: dict[str, Any] = {"handle": self._handle}
+        if method == "slice":
+            meta["selection"] = _selection_meta(args)
+        else:
+            meta["view"], meta["args"] = method, args
+        reply, _ = self._connection.request(Op.MESH_SLICE, meta)
+        return self._derive(type(self), reply, shape)
 
     def stop(self) -> FutureProxy[None]:
         """Stop the mesh's actors or processes on the workers."""
         future = self._connection.submit(Op.MESH_STOP, {"handle": self._handle})
-        return FutureProxy(future, lambda _m, _p: None, f"{self.name}.stop()")
+        return FutureProxy(future, lambda _m, _p: None, f"{self._name}.stop()")
 
-    def _derive(self, cls: type[M], meta: dict[str, Any]) -> M:
+    def _derive(self, cls: type[N], meta: dict[str, Any], shape: Shape | None = None) -> N:
         return cls(
             self._connection,
             int(meta["handle"]),
             codec.extent_from_meta(meta["extent"]),
-            str(meta.get("name", self.name)),
+            str(meta.get("name", self._name)),
+            shape,
         )
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} {self.extent!r}>"
+        return f"<{type(self).__name__} {self._name!r} {self.extent!r}>"
 
 
 class HostMeshProxy(MeshProxy):
-    kind = "host"
+    _kind = "host"
 
     def spawn_procs(
         self, per_host: dict[str, int] | None = None, name: str = "procs"
@@ -113,7 +124,7 @@ class HostMeshProxy(MeshProxy):
 
 
 class ProcMeshProxy(MeshProxy):
-    kind = "proc"
+    _kind = "proc"
 
     def spawn(
         self, name: str, actor: type | str, *args: Any, by_value: bool | None = None, **kwargs: Any
@@ -164,12 +175,23 @@ class ProcMeshProxy(MeshProxy):
 
 
 class ActorMeshProxy(MeshProxy):
-    kind = "actor"
+    """Actors on a proc mesh: any attribute that is not one of Monarch's mesh methods is an
+    endpoint (``actors.name.call()`` works; Monarch itself refuses endpoints called ``slice``,
+    ``size``, ``stop``... when it spawns the class)."""
+
+    _kind = "actor"
 
     def __getattr__(self, endpoint: str) -> EndpointProxy:
         if endpoint.startswith("_"):
             raise AttributeError(endpoint)
         return EndpointProxy(self, endpoint)
+
+    @property
+    def initialized(self) -> FutureProxy[None]:
+        """Done: the gateway waits for the actors' constructors before it answers a spawn."""
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        done.set_result(({}, b""))
+        return FutureProxy(done, lambda _m, _p: None, f"{self._name}.initialized")
 
 
 class EndpointProxy:
@@ -182,13 +204,13 @@ class EndpointProxy:
     def _submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], **options: Any
     ) -> Any:
-        meta = {"handle": self._mesh.handle, "endpoint": self._name, "method": method}
+        meta = {"handle": self._mesh._handle, "endpoint": self._name, "method": method}
         return self._mesh._connection.submit(
             Op.ENDPOINT_CALL, meta, codec.dumps_call(args, kwargs), **options
         )
 
     def _describe(self, method: str) -> str:
-        return f"{self._mesh.name}.{self._name}.{method}()"
+        return f"{self._mesh._name}.{self._name}.{method}()"
 
     def call(self, *args: Any, **kwargs: Any) -> FutureProxy[ValueMesh[Any]]:
         """Call every actor; the result has one value per point of the mesh."""
