@@ -20,26 +20,56 @@ Contract
   the operator does not create it; once True the Job is created. A running job whose workspace
   is not ``ready`` shows ``Syncing`` but keeps its pods (hot reload is this module's business).
 
-Default mechanism (this file): the queue's or job's ``storage.workspace`` PVC ``<job>-workspace``
-is mounted at the working dir; whoever fills it (``kubectl cp`` into a worker, a sync agent)
-marks the version it holds by annotating the PVC ``torchrun.ai/workspace-version: <version>``.
-A job without ``spec.workspace.version`` is ready at once (the code is in the image).
+Mechanism: monarch-sync (see :mod:`.cache` for the whole design)
+-----------------------------------------------------------------
+- :func:`workspace_children`: the namespace's workspace cache (Deployment, PVC, token Secret,
+  its ServiceAccount and Role), shared by every job of the namespace and owned by none (it
+  keeps versions across jobs, so a resubmit sends only what changed).
+- :func:`add_workspace`: the ``workspace-sync`` init container (a monarch-sync agent that exits
+  once its tree is at ``spec.workspace.version``) on the workspace volume (the job's PVC, one
+  folder per pod, or an ``emptyDir``), mounted at the working dir; the trainer runs in the live
+  tree ``<working dir>/current`` (also ``$TORCHRUN_WORKSPACE``), wrapped so an agent on the same
+  folder serves hot reloads while it runs (images without ``monarch_k8s`` run unwrapped).
+- :func:`observe_workspace`: ready when the job has no worker pods yet (so its Job is created
+  at once and the pods start while the laptop still uploads: they wait in their init
+  container) or when every worker pod holds the version (``torchrun.ai/workspace-live``, set by
+  the cache after each push); ``Syncing`` in between, and again during a hot reload.
+
+**What a running worker sees on hot reload** (``kubectl torchrun sync JOB``): the symlink
+``$TORCHRUN_WORKSPACE`` (``<working dir>/current``) flips atomically to the new tree; a path
+opened through it reads the new version at once, and ``os.readlink`` on it names the version
+(``versions/<root hash>``): that change is the signal to watch. Processes keep their working
+directory (the tree they started in) until they restart: torchrun's restarts (a failed
+worker, ``--max-restarts``), a pod restart, or suspend/resume pick the new tree up. The two
+newest versions are kept, so an old working directory stays readable for one more reload.
+A job without ``spec.workspace.version`` gets none of this: the code is in the image.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s.torchrun import names
-from monarch_k8s.torchrun.objects import Options, pvc
+from monarch_k8s.torchrun.cache import (
+    AGENT,
+    CONTAINER_INIT,
+    POD_IP_ENV,
+    RUN_MODULE,
+    SYNC_PORT,
+    VERSION_ENV,
+    render_cache,
+    render_token_secret,
+    token_env,
+    worker_pod,
+)
+from monarch_k8s.torchrun.objects import Options
 from monarch_k8s.torchrun.spec import Job
 
 __all__ = [
-    "VERSION_ANNOTATION",
     "WorkspaceState",
     "add_workspace",
     "observe_workspace",
@@ -48,8 +78,14 @@ __all__ = [
 ]
 
 Obj = dict[str, Any]
-VERSION_ANNOTATION = "torchrun.ai/workspace-version"
 VOLUME = "workspace"
+POD_NAME_ENV = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+#: the trainer's command, run under the reload agent when the image has it (else as is);
+#: ``$1``/``$2`` are the listen address and root, the rest the original command
+WRAPPER = (
+    'l=$1 r=$2; shift 2; if python -c "import monarch_k8s.torchrun.agent" 2>/dev/null; '
+    f'then exec python -m {RUN_MODULE} run --listen "$l" --root "$r" -- "$@"; fi; exec "$@"'
+)
 
 
 @dataclass(frozen=True)
@@ -64,38 +100,69 @@ def submitted_version(job: Job) -> str | None:
     return str(version) if version else None
 
 
+def _listen_host(opts: Options) -> str:
+    return "$(POD_IP)" if opts.listen_host == "podIP" else opts.listen_host
+
+
 def workspace_children(job: Job, opts: Options) -> list[Obj]:
-    if not job.storage.workspace.enabled:
+    """The namespace's cache, not owned by the job. The token Secret is created once (its
+    random token is only used if none exists)."""
+    if submitted_version(job) is None:
         return []
-    return [pvc(job, VOLUME, job.storage.workspace)]
+    secret = render_token_secret(job.namespace, secrets.token_hex(24))
+    return [secret, *render_cache(job.namespace, image=opts.image, listen_host=_listen_host(opts))]
+
+
+def _with_env(container: Obj, *env: Obj) -> None:
+    ours = {e["name"] for e in env}
+    container["env"] = [*env, *(e for e in container.get("env") or [] if e["name"] not in ours)]
 
 
 def add_workspace(job: Job, pod_spec: Obj, container: Obj, opts: Options) -> None:
-    if not job.storage.workspace.enabled:
+    version = submitted_version(job)
+    if version is None:
         return
-    claim = {"claimName": names.pvc_name(job.name, VOLUME)}
-    pod_spec.setdefault("volumes", []).append({"name": VOLUME, "persistentVolumeClaim": claim})
-    mount = {"name": VOLUME, "mountPath": job.working_dir}
-    container.setdefault("volumeMounts", []).append(mount)
+    root = job.working_dir
+    live = f"{root}/current"
+    mount: Obj = {"name": VOLUME, "mountPath": root}
+    if job.storage.workspace.enabled:  # the job's claim: one folder per pod
+        claim = {"claimName": names.pvc_name(job.name, VOLUME)}
+        pod_spec.setdefault("volumes", []).append({"name": VOLUME, "persistentVolumeClaim": claim})
+        mount["subPathExpr"] = "$(POD_NAME)"
+    else:
+        pod_spec.setdefault("volumes", []).append({"name": VOLUME, "emptyDir": {}})
+    listen = f"{_listen_host(opts)}:{SYNC_PORT}"
+    env = [POD_IP_ENV, POD_NAME_ENV, token_env()]
+    init = {
+        "name": CONTAINER_INIT,
+        "image": opts.image,
+        "command": [*AGENT, "init", "--listen", listen, "--root", root, "--version", version],
+        "env": [*env, {"name": VERSION_ENV, "value": version}],
+        "volumeMounts": [dict(mount)],
+    }
+    pod_spec["initContainers"] = [init, *(pod_spec.get("initContainers") or [])]
+    _with_env(container, *env, {"name": "TORCHRUN_WORKSPACE", "value": live})
+    container.setdefault("volumeMounts", []).append(dict(mount))
+    container["workingDir"] = live
+    command = [*(container.get("command") or []), *(container.get("args") or [])]
+    if command:
+        container["command"] = ["sh", "-c", WRAPPER, "sh", listen, root, *command]
+        container.pop("args", None)
 
 
 def observe_workspace(api_client: client.ApiClient, job: Job) -> WorkspaceState:
     wanted = submitted_version(job)
     if wanted is None:
         return WorkspaceState(True, None, "no workspace version submitted")
-    name = names.pvc_name(job.name, VOLUME)
-    try:
-        claim = client.CoreV1Api(api_client).read_namespaced_persistent_volume_claim(
-            name, job.namespace
-        )
-        annotations = (claim.metadata.annotations if claim.metadata else None) or {}
-        have = annotations.get(VERSION_ANNOTATION)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        have = None
-    if have == wanted:
-        return WorkspaceState(True, have, f"workspace at version {wanted}")
-    return WorkspaceState(
-        False, have, f"waiting for the workspace at version {wanted} (it holds {have or 'none'})"
+    items = (
+        client.CoreV1Api(api_client)
+        .list_namespaced_pod(job.namespace, label_selector=f"{names.JOB_LABEL}={job.name}")
+        .items
     )
+    pods = [worker_pod(api_client.sanitize_for_serialization(p)) for p in items]
+    workers = [p for p in pods if p is not None]
+    if not workers:
+        return WorkspaceState(True, None, f"workers will wait for workspace {wanted[:12]}")
+    holding = [p for p in workers if p.live_version == wanted]
+    message = f"{len(holding)}/{len(workers)} workers hold workspace {wanted[:12]}"
+    return WorkspaceState(len(holding) == len(workers), wanted if holding else None, message)
