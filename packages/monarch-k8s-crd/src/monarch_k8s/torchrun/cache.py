@@ -215,7 +215,7 @@ class WorkerPod:
 def _running(statuses: list[Obj] | None, name: str) -> bool:
     for status in statuses or []:
         if status.get("name") == name:
-            return bool((status.get("state") or {}).get("running"))
+            return (status.get("state") or {}).get("running") is not None
     return False
 
 
