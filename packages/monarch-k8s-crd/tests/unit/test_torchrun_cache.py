@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from monarch_sync import push, scan_tree
 
 from monarch_k8s.torchrun import workspace
 from monarch_k8s.torchrun.cache import (
@@ -30,6 +29,7 @@ from monarch_k8s.torchrun.cache import (
 from monarch_k8s.torchrun.names import JOB_LABEL
 from monarch_k8s.torchrun.objects import Options
 from monarch_k8s.torchrun.spec import parse_job, parse_queue
+from monarch_sync import push, scan_tree
 
 TOKEN = "unit-test-token"
 
