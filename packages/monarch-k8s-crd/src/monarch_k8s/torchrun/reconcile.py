@@ -55,6 +55,10 @@ KINDS = {
     "ConfigMap": "v1",
     "Deployment": "apps/v1",
     "Job": "batch/v1",
+    # the namespace's workspace cache (workspace.py) runs under its own ServiceAccount
+    "ServiceAccount": "v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
 CREATE_ONCE = ("PersistentVolumeClaim", "Secret", "Job", "Pod")
 

@@ -22,9 +22,10 @@ Contract
 
 Mechanism: monarch-sync (see :mod:`.cache` for the whole design)
 -----------------------------------------------------------------
-- :func:`workspace_children`: the namespace's workspace cache (Deployment, PVC, token Secret,
-  its ServiceAccount and Role), shared by every job of the namespace and owned by none (it
-  keeps versions across jobs, so a resubmit sends only what changed).
+- :func:`workspace_children`: the job's ``<job>-workspace`` claim when ``storage.workspace`` is
+  enabled, and the namespace's workspace cache (Deployment, PVC, token Secret, its
+  ServiceAccount and Role), shared by every job of the namespace and owned by none (it keeps
+  versions across jobs, so a resubmit sends only what changed).
 - :func:`add_workspace`: the ``workspace-sync`` init container (a monarch-sync agent that exits
   once its tree is at ``spec.workspace.version``) on the workspace volume (the job's PVC, one
   folder per pod, or an ``emptyDir``), mounted at the working dir; the trainer runs in the live
@@ -42,7 +43,8 @@ opened through it reads the new version at once, and ``os.readlink`` on it names
 directory (the tree they started in) until they restart: torchrun's restarts (a failed
 worker, ``--max-restarts``), a pod restart, or suspend/resume pick the new tree up. The two
 newest versions are kept, so an old working directory stays readable for one more reload.
-A job without ``spec.workspace.version`` gets none of this: the code is in the image.
+A job without ``spec.workspace.version`` gets none of this: the code is in the image (and an
+enabled workspace claim is mounted at the working dir as scratch space).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from monarch_k8s.torchrun.cache import (
     token_env,
     worker_pod,
 )
-from monarch_k8s.torchrun.objects import Options
+from monarch_k8s.torchrun.objects import Options, pvc
 from monarch_k8s.torchrun.spec import Job
 
 __all__ = [
@@ -107,10 +109,12 @@ def _listen_host(opts: Options) -> str:
 def workspace_children(job: Job, opts: Options) -> list[Obj]:
     """The namespace's cache, not owned by the job. The token Secret is created once (its
     random token is only used if none exists)."""
+    claim = [pvc(job, VOLUME, job.storage.workspace)] if job.storage.workspace.enabled else []
     if submitted_version(job) is None:
-        return []
+        return claim
     secret = render_token_secret(job.namespace, secrets.token_hex(24))
-    return [secret, *render_cache(job.namespace, image=opts.image, listen_host=_listen_host(opts))]
+    cache = render_cache(job.namespace, image=opts.image, listen_host=_listen_host(opts))
+    return [*claim, secret, *cache]
 
 
 def _with_env(container: Obj, *env: Obj) -> None:
@@ -120,13 +124,20 @@ def _with_env(container: Obj, *env: Obj) -> None:
 
 def add_workspace(job: Job, pod_spec: Obj, container: Obj, opts: Options) -> None:
     version = submitted_version(job)
-    if version is None:
+    claim = {"claimName": names.pvc_name(job.name, VOLUME)}
+    if version is None:  # the code is in the image; the claim, if any, is scratch space
+        if job.storage.workspace.enabled:
+            pod_spec.setdefault("volumes", []).append(
+                {"name": VOLUME, "persistentVolumeClaim": claim}
+            )
+            container.setdefault("volumeMounts", []).append(
+                {"name": VOLUME, "mountPath": job.working_dir}
+            )
         return
     root = job.working_dir
     live = f"{root}/current"
     mount: Obj = {"name": VOLUME, "mountPath": root}
     if job.storage.workspace.enabled:  # the job's claim: one folder per pod
-        claim = {"claimName": names.pvc_name(job.name, VOLUME)}
         pod_spec.setdefault("volumes", []).append({"name": VOLUME, "persistentVolumeClaim": claim})
         mount["subPathExpr"] = "$(POD_NAME)"
     else:
