@@ -20,6 +20,7 @@ from monarch_k8s.torchrun import names
 
 TRAIN = """\
 import argparse
+import sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -42,7 +43,9 @@ for _ in range(steps):
     loss.backward()
     opt.step()
     losses.append(loss.item())
-print(f"{MARK} rank={rank} world={world} first={losses[0]:.4f} last={losses[-1]:.4f}", flush=True)
+line = f"{MARK} rank={rank} world={world} first={losses[0]:.4f} last={losses[-1]:.4f}\\n"
+sys.stdout.write(line)  # one write: the node's processes share the pod's output
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 
@@ -79,18 +82,34 @@ def queue(k8s_cluster: Any, monarch_operator: Any, k8s_namespace: str) -> str:
     return k8s_namespace
 
 
-def phase(api: Any, namespace: str, job: str) -> str | None:
+def status(api: Any, namespace: str, job: str) -> dict[str, Any]:
     obj: Any = k8s.CustomObjectsApi(api).get_namespaced_custom_object(
         names.GROUP, names.VERSION, namespace, names.JOB_PLURAL, job
     )
-    return (obj.get("status") or {}).get("phase")
+    return dict(obj.get("status") or {})
+
+
+def worker_logs(api: Any, namespace: str, job: str) -> str:
+    core = k8s.CoreV1Api(api)
+    out = []
+    for pod in core.list_namespaced_pod(namespace, label_selector=f"{names.JOB_LABEL}={job}").items:
+        for container in ("workspace-sync", "trainer"):
+            try:
+                log = core.read_namespaced_pod_log(
+                    pod.metadata.name, namespace, container=container
+                )
+            except k8s.ApiException as exc:
+                log = f"<{exc.reason}>"
+            out.append(f"--- {pod.metadata.name}/{container}\n{log[-3000:]}")
+    return "\n".join(out)
 
 
 def wait_phase(api: Any, namespace: str, job: str, want: str, timeout: float = 240) -> None:
     def reached() -> bool:
-        got = phase(api, namespace, job)
-        assert got != "Failed" or want == "Failed", f"job {job} Failed"
-        return got == want
+        got = status(api, namespace, job)
+        if got.get("phase") == "Failed" and want != "Failed":
+            raise AssertionError(f"job {job} Failed: {got}\n{worker_logs(api, namespace, job)}")
+        return got.get("phase") == want
 
     wait_for(reached, timeout=timeout, what=f"TorchrunJob {job} {want}", interval=0.5)
 
@@ -138,7 +157,10 @@ def test_submit_trains_to_succeeded_and_a_resubmit_sends_only_the_edit(
     second = ok(kubectl(k8s_cluster, *submit, cwd=ws))
     job2 = second.stdout.strip()
     assert job2 != job
-    assert sent(second.stderr) == (len(edited.encode()), "1 changed: train.py")
+    assert sent(second.stderr) == (
+        len(edited.encode()),
+        "1 changed since the last upload from here: train.py",
+    )
     wait_phase(k8s_api, ns, job2, "Succeeded")
     logs2 = ok(kubectl(k8s_cluster, "torchrun", "-n", ns, "logs", job2)).stdout
     assert logs2.count("edition-2") == 4 and "edition-1" not in logs2
@@ -173,7 +195,7 @@ def test_hot_reload_reaches_the_running_workers(
     )  # fmt: skip
     (ws / "msg.txt").write_text("v2\n")
     reload = ok(kubectl(k8s_cluster, "torchrun", "-n", ns, "sync", "reload", cwd=ws))
-    assert sent(reload.stderr) == (3, "1 changed: msg.txt")
+    assert sent(reload.stderr) == (3, "1 changed since the last upload from here: msg.txt")
     assert "2/2 running workers hold" in reload.stderr
     wait_phase(k8s_api, ns, "reload", "Succeeded")  # the same pods: nothing was recreated
     logs = ok(kubectl(k8s_cluster, "torchrun", "-n", ns, "logs", "reload")).stdout

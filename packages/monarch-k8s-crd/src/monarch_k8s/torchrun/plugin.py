@@ -209,7 +209,11 @@ def upload(cluster: Cluster, src: Path, version: str, changed: list[str] | None)
     if not report.ok or report.root_hash != version:
         detail = "; ".join(f"{n.error}" for n in report.failed) or "the tree changed meanwhile"
         raise PluginError(f"uploading the workspace failed: {detail}")
-    what = "first upload" if changed is None else f"{len(changed)} changed"
+    what = (
+        "first upload"
+        if changed is None
+        else f"{len(changed)} changed since the last upload from here"
+    )
     listed = f": {', '.join(changed[:10])}" if changed else ""
     _log(
         f"workspace {version[:12]}: {report.files} files, {report.tree_bytes} bytes; "
