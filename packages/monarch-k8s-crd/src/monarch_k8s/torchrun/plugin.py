@@ -174,7 +174,10 @@ def scan(src: Path) -> Any:
     from monarch_sync import StatCache, scan_tree
     from monarch_sync.client import default_cache_dir
 
-    return scan_tree(src, cache=StatCache(default_cache_dir(src) / "stat.json"))
+    cache = StatCache(default_cache_dir(src) / "stat.json")
+    manifest = scan_tree(src, cache=cache)
+    cache.save()  # the push scans again: from this cache, without re-reading a file
+    return manifest
 
 
 def changed_files(src: Path, manifest: Any) -> list[str] | None:
