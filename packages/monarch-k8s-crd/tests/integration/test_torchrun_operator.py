@@ -211,6 +211,20 @@ def test_bad_inputs_are_refused_or_fail_with_a_reason(
         warnings = [e for e in events(k8s_api, ns, name) if e.type == "Warning"]
         assert any(e.reason == reason and says in e.message for e in warnings), warnings
     assert not k8s.BatchV1Api(k8s_api).list_namespaced_job(ns).items  # nothing ran
+    # a queue whose quantity does not parse: not Valid, and a job on it fails saying why
+    create(k8s_api, ns, names.QUEUE_KIND, "typo",
+           {"image": "i", "nodeResources": {"gpus": 1, "memory": "lots"}})  # fmt: skip
+    create(k8s_api, ns, names.JOB_KIND, "ontypo",
+           {"jobQueue": "typo", "numGPUs": 1, "command": "python train.py"})  # fmt: skip
+    status = wait_phase(k8s_api, ns, "ontypo", "Failed", timeout=60)["status"]
+    assert status["reason"] == "QueueInvalid" and "nodeResources.memory" in status["message"]
+    valid = next(c for c in get(k8s_api, ns, names.QUEUE_PLURAL, "typo")["status"]["conditions"]
+                 if c["type"] == "Valid")  # fmt: skip
+    assert (valid["status"], valid["reason"]) == ("False", "InvalidQuantity")
+    # what the operator reads of a job cannot change under it
+    with pytest.raises(ApiException) as refused:
+        patch_job(k8s_api, ns, "toobig", {"numGPUs": 8})
+    assert "spec.numGPUs is immutable" in str(refused.value.body)
 
 
 def test_two_nodes_two_procs_train_to_succeeded_across_an_operator_restart(
@@ -227,7 +241,11 @@ def test_two_nodes_two_procs_train_to_succeeded_across_an_operator_restart(
     )
     running = wait_phase(k8s_api, ns, "tiny", "Running")["status"]
     assert running["workers"]["ready"] == 2 and running["startTime"]
-    # the operator dies mid-run; its replacement picks the job up where it is
+    # its queue is deleted and the operator dies mid-run: the replacement picks the job up
+    # where it is, with the queue as the job was created with it
+    custom(k8s_api).delete_namespaced_custom_object(
+        names.GROUP, names.VERSION, ns, names.QUEUE_PLURAL, "cpu"
+    )
     old = operator_pod(k8s_api, OPERATOR_NS)
     k8s.CoreV1Api(k8s_api).delete_namespaced_pod(
         old.metadata.name, OPERATOR_NS, grace_period_seconds=0
@@ -275,7 +293,7 @@ def test_suspend_mid_run_stops_the_workers_and_resume_continues_from_the_checkpo
     assert {"Suspend", "Suspended", "Resume"} <= set(reasons), reasons
 
 
-def test_failing_script_exhausts_its_backoff_and_ends_failed(
+def test_failing_script_exhausts_its_backoff_and_a_deadline_ends_a_long_run(
     operator: Any, k8s_api: Any, k8s_namespace: str
 ) -> None:
     ns = k8s_namespace
@@ -283,12 +301,17 @@ def test_failing_script_exhausts_its_backoff_and_ends_failed(
     spec = cpu_job(29513, command="python $TRAIN_PY --fail", numNodes=1, procsPerNode=1,
                    backoffLimit=1)  # fmt: skip
     create(k8s_api, ns, names.JOB_KIND, "broken", spec)
+    late = cpu_job(29517, command="python $TRAIN_PY --steps 1000 --step-seconds 1", numNodes=1,
+                   procsPerNode=1, activeDeadlineSeconds=5)  # fmt: skip
+    create(k8s_api, ns, names.JOB_KIND, "late", late)
     status = wait_phase(k8s_api, ns, "broken", "Failed")["status"]
     assert status["reason"] == "BackoffLimitExceeded", status
     assert "spec.backoffLimit=1" in status["message"]
     assert status["workers"]["failed"] == 2  # the first try and one retry
     assert any(e.type == "Warning" and e.reason == "BackoffLimitExceeded"
                for e in events(k8s_api, ns, "broken"))  # fmt: skip
+    late_status = wait_phase(k8s_api, ns, "late", "Failed")["status"]
+    assert late_status["reason"] == "DeadlineExceeded", late_status
 
 
 def test_ttl_removes_a_finished_job_for_good(
