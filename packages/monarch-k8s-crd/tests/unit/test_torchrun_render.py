@@ -181,3 +181,21 @@ def test_spec_error_is_failed_with_its_reason() -> None:
     assert (status["phase"], status["reason"]) == ("Failed", "QueueNotFound")
     assert {c["type"]: c["status"] for c in status["conditions"]} == {"Valid": "False",
                                                                       "Failed": "True"}  # fmt: skip
+
+
+def test_the_job_carries_its_queue_as_created() -> None:
+    import json
+
+    batch = render_job(make({"numGPUs": 8}), Options(), suspend=False)
+    snapshot = json.loads(batch["metadata"]["annotations"][names.QUEUE_SNAPSHOT_ANNOTATION])
+    assert snapshot == QUEUE
+
+
+def test_a_queue_quantity_that_does_not_parse_fails_the_job() -> None:
+    bad = {**QUEUE, "nodeResources": {"gpus": 8, "memory": "lots"}}
+    with pytest.raises(JobSpecError) as err:
+        make({"numGPUs": 8}, queue=bad)
+    assert err.value.reason == "QueueInvalid" and "nodeResources.memory" in str(err.value)
+    with pytest.raises(JobSpecError) as err:
+        make({"numGPUs": 8, "storage": {"workspace": {"sizePerGPU": "big"}}})
+    assert err.value.reason == "InvalidQuantity"

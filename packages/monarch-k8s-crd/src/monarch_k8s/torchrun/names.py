@@ -21,6 +21,10 @@ ROLE_LABEL = "torchrun.ai/role"  # worker, etcd
 #: on KAI Queues we create (cluster-scoped, so no owner reference): ``<namespace>.<queue>``
 KAI_OWNER_LABEL = "torchrun.ai/torchrunqueue"
 
+#: on the batch Job: the queue's spec when the job was created (JSON). Later passes use it, so
+#: a queue edited or deleted under a running job changes nothing for that job.
+QUEUE_SNAPSHOT_ANNOTATION = "torchrun.ai/queue-spec"
+
 KAI_GROUP, KAI_VERSION, KAI_PLURAL, KAI_KIND = "scheduling.run.ai", "v2", "queues", "Queue"
 KAI_QUEUE_LABEL = "kai.scheduler/queue"
 KAI_MIN_MEMBER = "kai.scheduler/batch-min-member"

@@ -11,6 +11,7 @@ Job's ``suspend`` follows the spec, at any time.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from datetime import UTC, datetime
@@ -18,7 +19,6 @@ from typing import Any
 
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
-from kubernetes.utils import parse_quantity
 
 from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.reconcile import api_message
@@ -31,7 +31,7 @@ from monarch_k8s.torchrun.spec import (
     Queue,
     parse_job,
     parse_queue,
-    parse_storage,
+    queue_problem,
 )
 from monarch_k8s.torchrun.status import (
     FINAL,
@@ -42,7 +42,7 @@ from monarch_k8s.torchrun.status import (
     ttl_expired,
 )
 
-__all__ = ["TorchrunReconciler", "queue_problem"]
+__all__ = ["TorchrunReconciler"]
 
 logger = logging.getLogger("monarch_k8s.operator.torchrun")
 Obj = dict[str, Any]
@@ -61,29 +61,6 @@ KINDS = {
     "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
 CREATE_ONCE = ("PersistentVolumeClaim", "Secret", "Job", "Pod")
-
-
-def queue_problem(queue: Queue) -> tuple[str, str] | None:
-    """What makes a queue unusable that its schema cannot say: quantities that do not parse."""
-    node = queue.spec.get("nodeResources") or {}
-    storage = queue.spec.get("storage") or {}
-    quantities = {
-        "nodeResources.cpus": node.get("cpus"),
-        "nodeResources.memory": node.get("memory"),
-    }
-    parsed = parse_storage(storage)
-    quantities["storage.shmSizePerGPU"] = parsed.shm_size_per_gpu
-    for volume in ("workspace", "datasets", "checkpoints"):
-        if (storage.get(volume) or {}).get("sizePerGPU") is not None:
-            quantities[f"storage.{volume}.sizePerGPU"] = storage[volume]["sizePerGPU"]
-    for field, value in quantities.items():
-        if value is None:
-            continue
-        try:
-            parse_quantity(value)
-        except ValueError:
-            return "InvalidQuantity", f"spec.{field}: {value!r} is not a quantity (e.g. 8Gi, 500m)"
-    return None
 
 
 class TorchrunReconciler:
@@ -180,10 +157,8 @@ class TorchrunReconciler:
                 return None
             if status.get("observedGeneration") == meta.get("generation"):
                 return status
-        queue_name = str((body.get("spec") or {}).get("jobQueue", ""))
-        queue_body = self.get_queue(meta["namespace"], queue_name) if queue_name else None
         try:
-            job = parse_job(body, parse_queue(queue_body) if queue_body else None)
+            job = parse_job(body, self.job_queue(body))
             if status.get("phase") in FINAL:  # a new generation of a finished job: report only
                 return self.write_job_status(body, {**status, "observedGeneration": job.generation})
             for child in render_children(job, self.options):
@@ -197,6 +172,25 @@ class TorchrunReconciler:
         except JobSpecError as exc:
             return self.write_job_status(body, spec_error_status(body, exc, now=now))
         return self.write_job_status(body, job_status(job, seen, now=now))
+
+    def job_queue(self, body: Obj) -> Queue | None:
+        """The job's queue as its Job was created with it (the snapshot on the Job), else as
+        it is now; None when there is neither."""
+        meta = body["metadata"]
+        name = str((body.get("spec") or {}).get("jobQueue", ""))
+        batch = self.read("Job", meta["namespace"], meta["name"])
+        owned = any(o.get("uid") == meta.get("uid")
+                    for o in ((batch or {}).get("metadata") or {}).get("ownerReferences") or [])  # fmt: skip
+        snapshot = (((batch or {}).get("metadata") or {}).get("annotations") or {}).get(
+            names.QUEUE_SNAPSHOT_ANNOTATION
+        )
+        if owned and snapshot:
+            return parse_queue(
+                {"metadata": {"name": name, "namespace": meta["namespace"]},
+                 "spec": json.loads(snapshot)}
+            )  # fmt: skip
+        found = self.get_queue(meta["namespace"], name) if name else None
+        return parse_queue(found) if found else None
 
     def suspend_at_create(self, job: Job) -> bool:
         # under Kueue the Job starts suspended and Kueue unsuspends it when admitted whole

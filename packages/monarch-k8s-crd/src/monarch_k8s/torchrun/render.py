@@ -10,6 +10,7 @@ deletes the TorchrunJob itself (:mod:`.status`), so nothing is left to be recrea
 
 from __future__ import annotations
 
+import json
 import shlex
 from decimal import Decimal
 from fractions import Fraction
@@ -166,7 +167,10 @@ def render_job(job: Job, opts: Options, *, suspend: bool) -> Obj:
         labels[names.KUEUE_QUEUE_LABEL] = job.kueue_queue
     meta = metadata(job, job.name, labels)
     # KAI: the pod-group needs this many pods at once (a batch Job is otherwise minMember 1)
-    meta["annotations"] = {names.KAI_MIN_MEMBER: str(shape.min_nodes)}
+    meta["annotations"] = {
+        names.KAI_MIN_MEMBER: str(shape.min_nodes),
+        names.QUEUE_SNAPSHOT_ANNOTATION: json.dumps(job.queue_spec, sort_keys=True),
+    }
     spec: Obj = {
         "completionMode": "Indexed",
         "completions": shape.nodes,

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
 from monarch_k8s.torchrun import names
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "merge",
     "parse_job",
     "parse_queue",
+    "queue_problem",
 ]
 
 Obj = dict[str, Any]
@@ -142,6 +145,7 @@ class Job:
     workspace: Obj  # spec.workspace, read by workspace.py only
     created: datetime | None = None
     status: Obj = field(default_factory=dict)
+    queue_spec: Obj = field(default_factory=dict)  # as the job was created with it
 
     @property
     def working_dir(self) -> str:
@@ -281,10 +285,16 @@ def parse_job(body: Obj, queue: Queue | None) -> Job:
     command = str(spec.get("command") or "")
     if not command.strip():
         raise JobSpecError("EmptyCommand", "spec.command is empty: give the command to run")
+    problem = queue_problem(queue)
+    if problem is not None:
+        raise JobSpecError("QueueInvalid", f"TorchrunQueue {queue.name}: {problem[1]}")
     effective = merge(
         {k: queue.spec[k] for k in OVERRIDABLE if k in queue.spec},
         {k: spec[k] for k in OVERRIDABLE if k in spec},
     )
+    problem = quantity_problem(effective)
+    if problem is not None:
+        raise JobSpecError(*problem)
     distributed = spec.get("distributed") or {}
     rdzv = str(distributed.get("rdzvBackend", "c10d"))
     if rdzv not in RDZV_BACKENDS:
@@ -330,7 +340,32 @@ def parse_job(body: Obj, queue: Queue | None) -> Job:
         workspace=dict(spec.get("workspace") or {}),
         created=parse_time(created) if isinstance(created, str) else created,
         status=dict(body.get("status") or {}),
+        queue_spec=queue.spec,
     )
+
+
+def quantity_problem(spec: Obj) -> tuple[str, str] | None:
+    """A quantity in a queue's (or job's) ``nodeResources``/``storage`` that does not parse:
+    (reason, message naming the field), or None."""
+    node = spec.get("nodeResources") or {}
+    storage = spec.get("storage") or {}
+    fields = {"nodeResources.cpus": node.get("cpus"), "nodeResources.memory": node.get("memory"),
+              "storage.shmSizePerGPU": storage.get("shmSizePerGPU")}  # fmt: skip
+    for volume in ("workspace", "datasets", "checkpoints"):
+        fields[f"storage.{volume}.sizePerGPU"] = (storage.get(volume) or {}).get("sizePerGPU")
+    for name, value in fields.items():
+        if value is None:
+            continue
+        try:
+            parse_quantity(value)
+        except ValueError:
+            return "InvalidQuantity", f"spec.{name}: {value!r} is not a quantity (e.g. 8Gi, 500m)"
+    return None
+
+
+def queue_problem(queue: Queue) -> tuple[str, str] | None:
+    """What makes a queue unusable that its schema cannot say."""
+    return quantity_problem(queue.spec)
 
 
 def parse_time(value: str) -> datetime:
