@@ -19,7 +19,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s.testing import install_with_kubectl, operator_pod, pod_ready, wait_for
-from monarch_k8s.torchrun import names, workspace
+from monarch_k8s.torchrun import names
 
 OPERATOR_NS = "monarch-system"
 EXAMPLES = Path(__file__).parents[4] / "examples"
@@ -349,35 +349,3 @@ def test_static_rendezvous_resolves_worker_zero_through_the_headless_service(
     assert len(re.findall(r"rank \d/2 starting at step 0", logs)) == 2, logs
     service = k8s.CoreV1Api(k8s_api).read_namespaced_service("fixed", ns)
     assert service.spec.cluster_ip == "None"
-
-
-def test_workers_wait_for_the_submitted_workspace_version(
-    operator: Any, k8s_api: Any, k8s_namespace: str
-) -> None:
-    """The default workspace mechanism (``torchrun/workspace.py``): the job is Syncing, with no
-    Job, until its workspace claim says it holds the submitted version."""
-    ns = k8s_namespace
-    cpu_queue(k8s_api, ns)
-    app = operator.workdir / f"app-{ns}"  # the working dir, where the workspace is mounted
-    spec = cpu_job(29516, command="python train.py --steps 2", numNodes=1, procsPerNode=1,
-                   storage={"workspace": {"enabled": True, "sizePerGPU": "8Mi"}},
-                   podDefaults={"workingDir": str(app)}, workspace={"version": "v1"})  # fmt: skip
-    create(k8s_api, ns, names.JOB_KIND, "synced", spec)
-    status = wait_phase(k8s_api, ns, "synced", "Syncing", timeout=60)["status"]
-    ready = next(c for c in status["conditions"] if c["type"] == "WorkspaceReady")
-    assert ready["status"] == "False" and "version v1" in ready["message"]
-    time.sleep(3)  # a resync or two: still no Job
-    assert not k8s.BatchV1Api(k8s_api).list_namespaced_job(ns).items
-    assert phase(k8s_api, ns, "synced") == "Syncing"
-    # "upload": the code into the claim (the provisioner keeps it in the cluster's pv/ folder),
-    # then the version it holds
-    core = k8s.CoreV1Api(k8s_api)
-    claim = core.read_namespaced_persistent_volume_claim("synced-workspace", ns)
-    volume = core.read_persistent_volume(claim.spec.volume_name)
-    folder = operator.workdir / "pv" / Path(volume.spec.host_path.path).name
-    (folder / "train.py").write_text(Path(TRAIN_PY).read_text())
-    patch = {"metadata": {"annotations": {workspace.VERSION_ANNOTATION: "v1"}}}
-    core.patch_namespaced_persistent_volume_claim("synced-workspace", ns, patch)
-    done = wait_phase(k8s_api, ns, "synced", "Succeeded")["status"]
-    assert done["workspaceVersion"] == "v1"
-    assert "step 2 loss" in worker_logs(k8s_api, ns, "synced")  # ran the workspace's train.py

@@ -16,6 +16,7 @@ from monarch_k8s import names
 from monarch_k8s.install import manifest_objects, manifests_dir
 from monarch_k8s.operator.reconcile import KINDS
 from monarch_k8s.operator.render import RenderOptions, parse_mesh, render_children
+from monarch_k8s.torchrun.cache import FEEDER_ROLE_RULES
 from monarch_k8s.torchrun.reconcile import KINDS as TORCHRUN_KINDS
 
 DOCKERFILE = Path(__file__).parent.parent.parent / "Dockerfile"
@@ -88,7 +89,9 @@ def test_the_operator_role_covers_what_it_writes_and_nothing_it_does_not() -> No
             assert (group, plural[kind], verb) in granted, (kind, verb)
     torchrun_plural = {"Service": "services", "PersistentVolumeClaim": "persistentvolumeclaims",
                        "Pod": "pods", "Secret": "secrets", "ConfigMap": "configmaps",
-                       "Deployment": "deployments", "Job": "jobs"}  # fmt: skip
+                       "Deployment": "deployments", "Job": "jobs",
+                       "ServiceAccount": "serviceaccounts", "Role": "roles",
+                       "RoleBinding": "rolebindings"}  # fmt: skip
     for kind, api_version in TORCHRUN_KINDS.items():  # what a TorchrunJob creates
         group = api_version.rpartition("/")[0]
         for verb in ("get", "create"):
@@ -96,6 +99,11 @@ def test_the_operator_role_covers_what_it_writes_and_nothing_it_does_not() -> No
     # it may grant the gateway only what it holds itself (RBAC escalation check)
     for verb in ("get", "list", "watch"):
         assert ("", "pods", verb) in granted
+    for rule in FEEDER_ROLE_RULES:  # and the workspace cache likewise
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert (group, resource, verb) in granted, (resource, verb)
     assert ("", "secrets", "list") not in granted  # reads its own Secrets by name only
 
 

@@ -287,10 +287,10 @@ def cmd_sync(cluster: Cluster, args: argparse.Namespace) -> int:
     version = manifest.root_hash
     cluster.patch_job(args.job, {"spec": {"workspace": {"version": version}}})
     deadline = time.monotonic() + args.timeout
-    while True:
-        pods = [p for p in cluster.pods(args.job) if p.status.phase == "Running"]
+    while True:  # workers still starting get it too (their own version first, then this one)
+        pods = [p for p in cluster.pods(args.job) if p.status.phase in ("Pending", "Running")]
         live = [p for p in pods if (p.metadata.annotations or {}).get(LIVE_ANNOTATION) == version]
-        if pods and len(live) == len(pods):
+        if len(live) == len(pods):
             _log(f"{len(pods)}/{len(pods)} running workers hold {version[:12]}")
             return 0
         if time.monotonic() > deadline:
