@@ -61,11 +61,12 @@ async def run_command(listen: str, root: str, command: list[str]) -> int:
     host, port = parse_peer(listen)
     agent = Agent(root, _token(), host=host, port=port)
     env = {k: v for k, v in os.environ.items() if k != "MONARCH_SYNC_TOKEN"}
+    serving = True
     try:
         await agent.start()
-    except OSError as exc:  # no hot reload, but the job runs
+    except OSError as exc:  # the job runs, without hot reload
         print(f"workspace agent not started ({exc}); hot reload is off", file=sys.stderr)
-        agent = None  # type: ignore[assignment]
+        serving = False
     proc = await asyncio.create_subprocess_exec(*command, env=env)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,7 +74,7 @@ async def run_command(listen: str, root: str, command: list[str]) -> int:
     try:
         return await proc.wait()
     finally:
-        if agent is not None:
+        if serving:
             await agent.close()
 
 

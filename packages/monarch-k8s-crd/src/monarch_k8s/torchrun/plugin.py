@@ -359,7 +359,7 @@ def cmd_logs(cluster: Cluster, args: argparse.Namespace) -> int:
                         pod.metadata.name, cluster.namespace, follow=True,
                         _preload_content=False, **kwargs,
                     )  # fmt: skip
-                    for line in resp.stream_lines() if hasattr(resp, "stream_lines") else resp:
+                    for line in resp:  # urllib3 yields the body line by line
                         with lock:
                             print(prefix + _text(line).rstrip("\n"), flush=True)
                     return
