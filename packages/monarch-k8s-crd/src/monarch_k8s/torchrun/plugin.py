@@ -323,12 +323,11 @@ def cmd_list(cluster: Cluster, args: argparse.Namespace) -> int:
     rows = [("NAME", "QUEUE", "PHASE", "WORKERS", "AGE")]
     for job in sorted(items, key=lambda j: j["metadata"]["name"]):
         status = job.get("status") or {}
-        workers = status.get("workers") or {}
         rows.append((
             job["metadata"]["name"],
             str((job.get("spec") or {}).get("jobQueue", "")),
             str(status.get("phase", "")),
-            f"{workers.get('running', 0)}/{status.get('numNodes', '?')}",
+            str(status.get("workersReady", "")),  # the CRD's Workers column
             age(job["metadata"].get("creationTimestamp", "").replace("Z", "+00:00") or None),
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
