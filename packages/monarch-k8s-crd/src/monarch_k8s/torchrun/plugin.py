@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import secrets
 import sys
@@ -32,6 +33,7 @@ from typing import Any, NoReturn
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from monarch_k8s.errors import INSTALL_COMMAND
 from monarch_k8s.torchrun import names
 from monarch_k8s.torchrun.cache import (
     LIVE_ANNOTATION,
@@ -40,12 +42,17 @@ from monarch_k8s.torchrun.cache import (
     TOKEN_SECRET,
     cache_labels,
 )
+from monarch_sync import SyncError
 
 __all__ = ["PluginError", "main"]
 
 PROG = "kubectl torchrun"
 RANK_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CACHE_WAIT_S = 300.0
+NOT_INSTALLED = (
+    f"the cluster has no TorchrunJob resource ({names.API_VERSION}): install the CRDs and the "
+    f"operator with `{INSTALL_COMMAND}`"
+)
 
 
 class PluginError(Exception):
@@ -70,6 +77,9 @@ class Cluster:
     def __init__(self, kubeconfig: str | None, context: str | None, namespace: str | None):
         from kubernetes import config
 
+        # read at call time (the client's default is fixed when it is imported); a list of
+        # files separated by ":" is merged, as kubectl does
+        kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
         try:
             _, active = config.list_kube_config_contexts(config_file=kubeconfig)
             if context:
@@ -271,6 +281,8 @@ def cmd_submit(cluster: Cluster, args: argparse.Namespace) -> int:
             names.GROUP, names.VERSION, cluster.namespace, names.JOB_PLURAL, body
         )
     except ApiException as exc:
+        if exc.status == 404:
+            raise PluginError(NOT_INSTALLED) from None
         raise PluginError(f"creating TorchrunJob {name}: {api_message(exc)}") from None
     _log(f"torchrunjob.{names.GROUP}/{name} created in namespace {cluster.namespace}")
     upload(cluster, src, manifest.root_hash, changed)
@@ -313,9 +325,14 @@ def age(stamp: Any) -> str:
 
 
 def cmd_list(cluster: Cluster, args: argparse.Namespace) -> int:
-    listed: Any = cluster.custom.list_namespaced_custom_object(
-        names.GROUP, names.VERSION, cluster.namespace, names.JOB_PLURAL
-    )
+    try:
+        listed: Any = cluster.custom.list_namespaced_custom_object(
+            names.GROUP, names.VERSION, cluster.namespace, names.JOB_PLURAL
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            raise PluginError(NOT_INSTALLED) from None
+        raise
     items = listed.get("items", [])
     if not items:
         _log(f"No resources found in {cluster.namespace} namespace.")
@@ -521,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except ApiException as exc:
         _log(f"error: {api_message(exc)} (HTTP {exc.status})")
+        return 1
+    except (SyncError, OSError) as exc:  # a tree the scanner refuses, an unreadable file
+        _log(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
