@@ -122,7 +122,9 @@ class Feeder:
             workers, desired, self._available(), self.delivered
         ).items():
             src = self.agent.store.version_dir(version)
-            cache = Path(self.agent.store.root).parent / "feeder" / version[:16]
+            # one stat cache for every version: unchanged files are hard links of the previous
+            # version's (same inode), so only what a push changed is hashed again
+            cache = Path(self.agent.store.root).parent / "feeder"
             peers = [p.address for p in pods if p.address]
             report = await push(src, peers, self.token, cache_dir=cache)
             ok = {n.peer for n in report.nodes if n.ok and n.root == version}
