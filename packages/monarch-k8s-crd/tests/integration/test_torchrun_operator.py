@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from monarch_k8s.testing import install_with_kubectl, operator_pod, pod_ready, wait_for
+from monarch_k8s.testing import operator_pod, pod_ready, wait_for
 from monarch_k8s.torchrun import names, workspace
 
 OPERATOR_NS = "monarch-system"
@@ -28,10 +27,10 @@ CPU = EXAMPLES / "torchrun_cpu"
 TRAIN_PY = str(CPU / "train.py")
 
 
-@pytest.fixture(scope="module")
-def operator(k8s_cluster: Any) -> Iterator[Any]:
-    install_with_kubectl(k8s_cluster, OPERATOR_NS)
-    yield k8s_cluster
+@pytest.fixture
+def operator(k8s_cluster: Any, monarch_operator: Any) -> Any:
+    """The cluster, with the operator installed once per session (``conftest.py``)."""
+    return k8s_cluster
 
 
 def custom(api: Any) -> k8s.CustomObjectsApi:
@@ -278,7 +277,8 @@ def test_suspend_mid_run_stops_the_workers_and_resume_continues_from_the_checkpo
     core = k8s.CoreV1Api(k8s_api)
     cpu_queue(k8s_api, ns)
     create(k8s_api, ns, names.JOB_KIND, "pausable",
-           cpu_job(29512, command="python $TRAIN_PY --steps 24 --step-seconds 0.4"))  # fmt: skip
+           cpu_job(29512, command="python $TRAIN_PY --steps 24 --step-seconds 0.4",
+                   procsPerNode=1))  # fmt: skip
     wait_phase(k8s_api, ns, "pausable", "Running")
     wait_for(lambda: last_step(k8s_api, ns, "pausable") >= 4, timeout=120, what="four steps")
     patch_job(k8s_api, ns, "pausable", {"suspend": True})
@@ -290,8 +290,8 @@ def test_suspend_mid_run_stops_the_workers_and_resume_continues_from_the_checkpo
     patch_job(k8s_api, ns, "pausable", {"suspend": False})
     wait_phase(k8s_api, ns, "pausable", "Succeeded", timeout=300)
     logs = worker_logs(k8s_api, ns, "pausable")  # the pods of the resumed run
-    resumed = [int(s) for s in re.findall(r"rank \d/4 starting at step (\d+)", logs)]
-    assert len(resumed) == 4 and min(resumed) >= 4, logs
+    resumed = [int(s) for s in re.findall(r"rank \d/2 starting at step (\d+)", logs)]
+    assert len(resumed) == 2 and min(resumed) >= 4, logs
     assert "step 24 loss" in logs
     reasons = [e.reason for e in events(k8s_api, ns, "pausable")]
     assert {"Suspend", "Suspended", "Resume"} <= set(reasons), reasons
@@ -302,7 +302,7 @@ def test_failing_script_exhausts_its_backoff_a_deadline_ends_a_long_run_and_ttl_
 ) -> None:
     ns = k8s_namespace
     cpu_queue(k8s_api, ns)
-    spec = cpu_job(29513, command="python $TRAIN_PY --fail", numNodes=1, procsPerNode=1,
+    spec = cpu_job(29513, command="python -c 'raise SystemExit(3)'", numNodes=1, procsPerNode=1,
                    backoffLimit=1)  # fmt: skip
     create(k8s_api, ns, names.JOB_KIND, "broken", spec)
     late = cpu_job(29517, command="python $TRAIN_PY --steps 1000 --step-seconds 1", numNodes=1,
@@ -336,30 +336,18 @@ def test_failing_script_exhausts_its_backoff_a_deadline_ends_a_long_run_and_ttl_
     assert get(k8s_api, ns, names.JOB_PLURAL, "broken")  # no TTL reached: kept
 
 
-def test_static_rendezvous_resolves_worker_zero_through_the_headless_service(
-    operator: Any, k8s_api: Any, k8s_namespace: str
-) -> None:
-    ns = k8s_namespace
-    cpu_queue(k8s_api, ns)
-    spec = cpu_job(29515, command="python $TRAIN_PY --steps 3", procsPerNode=1,
-                   distributed={"backend": "gloo", "rdzvBackend": "static", "port": 29515})  # fmt: skip
-    create(k8s_api, ns, names.JOB_KIND, "fixed", spec)
-    wait_phase(k8s_api, ns, "fixed", "Succeeded")
-    logs = worker_logs(k8s_api, ns, "fixed")
-    assert len(re.findall(r"rank \d/2 starting at step 0", logs)) == 2, logs
-    service = k8s.CoreV1Api(k8s_api).read_namespaced_service("fixed", ns)
-    assert service.spec.cluster_ip == "None"
-
-
-def test_workers_wait_for_the_submitted_workspace_version(
+def test_workers_wait_for_the_submitted_workspace_version_and_meet_by_static_rendezvous(
     operator: Any, k8s_api: Any, k8s_namespace: str
 ) -> None:
     """The default workspace mechanism (``torchrun/workspace.py``): the job is Syncing, with no
-    Job, until its workspace claim says it holds the submitted version."""
+    Job, until its workspace claim says it holds the submitted version; then two workers on
+    the shared claim meet through static rendezvous at worker 0's name in the headless
+    Service."""
     ns = k8s_namespace
     cpu_queue(k8s_api, ns)
     app = operator.workdir / f"app-{ns}"  # the working dir, where the workspace is mounted
-    spec = cpu_job(29516, command="python train.py --steps 2", numNodes=1, procsPerNode=1,
+    static = {"backend": "gloo", "rdzvBackend": "static", "port": 29516}
+    spec = cpu_job(29516, command="python train.py --steps 2", procsPerNode=1, distributed=static,
                    storage={"workspace": {"enabled": True, "sizePerGPU": "8Mi"}},
                    podDefaults={"workingDir": str(app)}, workspace={"version": "v1"})  # fmt: skip
     create(k8s_api, ns, names.JOB_KIND, "synced", spec)
@@ -380,4 +368,7 @@ def test_workers_wait_for_the_submitted_workspace_version(
     core.patch_namespaced_persistent_volume_claim("synced-workspace", ns, patch)
     done = wait_phase(k8s_api, ns, "synced", "Succeeded")["status"]
     assert done["workspaceVersion"] == "v1"
-    assert "step 2 loss" in worker_logs(k8s_api, ns, "synced")  # ran the workspace's train.py
+    logs = worker_logs(k8s_api, ns, "synced")
+    assert "step 2 loss" in logs  # ran the workspace's train.py
+    assert len(re.findall(r"rank \d/2 starting at step 0", logs)) == 2, logs
+    assert k8s.CoreV1Api(k8s_api).read_namespaced_service("synced", ns).spec.cluster_ip == "None"
