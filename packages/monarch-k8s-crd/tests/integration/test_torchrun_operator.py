@@ -162,6 +162,18 @@ def test_design_examples_apply_unchanged_and_queues_map_to_kai(
             names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL, "gpu-training"
         )
         assert made["spec"]["parentQueue"] == "default"
+        custom(k8s_api).patch_namespaced_custom_object(
+            names.GROUP, names.VERSION, ns, names.QUEUE_PLURAL, "gpu-training-queue",
+            {"spec": {"parentKaiQueue": "research"}},
+        )  # fmt: skip
+
+        def parent() -> str:
+            got = custom(k8s_api).get_cluster_custom_object(
+                names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL, "gpu-training"
+            )
+            return str(got["spec"].get("parentQueue"))
+
+        wait_for(lambda: parent() == "research", timeout=60, what="the KAI parent followed")
         status = get(k8s_api, ns, names.QUEUE_PLURAL, "gpu-training-queue")["status"]
         assert (status["jobs"], status["activeJobs"]) == (1, 1)
         # the TorchrunQueue goes: so does its (cluster-scoped) KAI Queue

@@ -265,20 +265,23 @@ class TorchrunReconciler(KubeObjects):
             },
             "spec": kai_spec,
         }
+        kai = (names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL)
         try:
-            self.custom.get_cluster_custom_object(
-                names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL, queue.kai_queue
-            )
+            live: Obj = self.custom.get_cluster_custom_object(*kai, queue.kai_queue)  # type: ignore[assignment]
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
-                self.custom.create_cluster_custom_object(
-                    names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL, body
-                )
+                self.custom.create_cluster_custom_object(*kai, body)
             except ApiException as err:
                 if err.status != 409:
                     raise
+            return True, "Ready", f"KAI queue {queue.kai_queue} created"
+        owner = ((live.get("metadata") or {}).get("labels") or {}).get(names.KAI_OWNER_LABEL)
+        if owner != names.kai_owner(queue.namespace, queue.name):
+            return True, "Ready", f"KAI queue {queue.kai_queue} exists (not ours: left as it is)"
+        if any((live.get("spec") or {}).get(k) != v for k, v in kai_spec.items()):
+            self.custom.patch_cluster_custom_object(*kai, queue.kai_queue, {"spec": kai_spec})
         return True, "Ready", f"KAI queue {queue.kai_queue} exists"
 
     def reconcile_queue(self, body: Obj, now: datetime | None = None) -> Obj:
