@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--step-seconds", type=float, default=0.0)
-    parser.add_argument("--fail", action="store_true", help="exit 3 at once (tests backoff)")
     args = parser.parse_args()
-    if args.fail:
-        print("failing on purpose", flush=True)
-        sys.exit(3)
     dist.init_process_group(os.environ.get("TORCHRUN_BACKEND", "gloo"))
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = Path(os.environ.get("CHECKPOINT_DIR", "."))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from kubernetes.utils import parse_quantity
@@ -49,9 +50,10 @@ def metadata(job: Job, name: str, labels: dict[str, str], *, owned: bool = True)
     return meta
 
 
-def scale_quantity(quantity: Any, factor: int, *, memory: bool) -> str:
-    """``quantity`` x ``factor`` as a Kubernetes quantity (bytes, or millicores)."""
-    value = Decimal(parse_quantity(quantity)) * factor
+def scale_quantity(quantity: Any, factor: int | Fraction, *, memory: bool) -> str:
+    """``quantity`` x ``factor`` as a Kubernetes quantity (bytes, or millicores), rounded down."""
+    factor = Fraction(factor)
+    value = Decimal(parse_quantity(quantity)) * factor.numerator / factor.denominator
     if memory:
         return str(int(value))
     return f"{int(value * 1000)}m"

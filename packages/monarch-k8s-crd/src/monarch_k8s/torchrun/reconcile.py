@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client, dynamic
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from monarch_k8s.operator.kube import KubeObjects
 from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.reconcile import api_message
 from monarch_k8s.torchrun import names, workspace
@@ -63,32 +63,14 @@ KINDS = {
 CREATE_ONCE = ("PersistentVolumeClaim", "Secret", "Job", "Pod")
 
 
-class TorchrunReconciler:
+class TorchrunReconciler(KubeObjects):
+    KINDS = KINDS
+    COMPONENT = "torchrun-operator"
+
     def __init__(self, api_client: client.ApiClient, options: Options | None = None):
-        self.api_client = api_client
+        super().__init__(api_client)
         self.options = options or Options()
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
         self.ext = client.ApiextensionsV1Api(api_client)
-        self.dynamic = dynamic.DynamicClient(api_client)
-        self._resources: dict[str, Any] = {}
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    # -- objects as plain dicts -----------------------------------------------------------
-    def _resource(self, kind: str) -> Any:
-        if kind not in self._resources:
-            self._resources[kind] = self.dynamic.resources.get(api_version=KINDS[kind], kind=kind)
-        return self._resources[kind]
-
-    def read(self, kind: str, namespace: str, name: str) -> Obj | None:
-        try:
-            found = self.dynamic.get(self._resource(kind), name=name, namespace=namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(found.to_dict())
 
     def apply(self, body: Obj, desired: Obj) -> None:
         """Create ``desired`` if missing; replace it when its hash changed, unless its kind is
@@ -116,15 +98,12 @@ class TorchrunReconciler:
             verb = action.value.capitalize()
             self.event(body, "Normal", verb, f"{action.value} {kind} {meta['name']}")
 
-    def _lock_for(self, key: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
-
     # -- TorchrunJob ----------------------------------------------------------------------
-    def get_job(self, namespace: str, name: str) -> Obj | None:
+    def get_ours(self, plural: str, namespace: str, name: str) -> Obj | None:
+        """A TorchrunJob or TorchrunQueue; None when there is none."""
         try:
             return self.custom.get_namespaced_custom_object(  # type: ignore[return-value]
-                names.GROUP, names.VERSION, namespace, names.JOB_PLURAL, name
+                names.GROUP, names.VERSION, namespace, plural, name
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -141,7 +120,7 @@ class TorchrunReconciler:
             lock.acquire()
         try:
             if waited or "spec" not in body:
-                fresh = self.get_job(meta["namespace"], meta["name"])
+                fresh = self.get_ours(names.JOB_PLURAL, meta["namespace"], meta["name"])
                 if fresh is None:
                     return None
                 body = fresh
@@ -255,14 +234,7 @@ class TorchrunReconciler:
 
     # -- TorchrunQueue --------------------------------------------------------------------
     def get_queue(self, namespace: str, name: str) -> Obj | None:
-        try:
-            return self.custom.get_namespaced_custom_object(  # type: ignore[return-value]
-                names.GROUP, names.VERSION, namespace, names.QUEUE_PLURAL, name
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self.get_ours(names.QUEUE_PLURAL, namespace, name)
 
     def kai_installed(self) -> bool:
         try:
@@ -297,20 +269,23 @@ class TorchrunReconciler:
             },
             "spec": kai_spec,
         }
+        kai = (names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL)
         try:
-            self.custom.get_cluster_custom_object(
-                names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL, queue.kai_queue
-            )
+            live: Obj = self.custom.get_cluster_custom_object(*kai, queue.kai_queue)  # type: ignore[assignment]
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
-                self.custom.create_cluster_custom_object(
-                    names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL, body
-                )
+                self.custom.create_cluster_custom_object(*kai, body)
             except ApiException as err:
                 if err.status != 409:
                     raise
+            return True, "Ready", f"KAI queue {queue.kai_queue} created"
+        owner = ((live.get("metadata") or {}).get("labels") or {}).get(names.KAI_OWNER_LABEL)
+        if owner != names.kai_owner(queue.namespace, queue.name):
+            return True, "Ready", f"KAI queue {queue.kai_queue} exists (not ours: left as it is)"
+        if any((live.get("spec") or {}).get(k) != v for k, v in kai_spec.items()):
+            self.custom.patch_cluster_custom_object(*kai, queue.kai_queue, {"spec": kai_spec})
         return True, "Ready", f"KAI queue {queue.kai_queue} exists"
 
     def reconcile_queue(self, body: Obj, now: datetime | None = None) -> Obj:
@@ -402,25 +377,11 @@ class TorchrunReconciler:
 
     def event(self, body: Obj, kind: str, reason: str, message: str) -> None:
         meta = body["metadata"]
-        now = datetime.now(UTC).isoformat()
-        event = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": names.API_VERSION,
-                "kind": body.get("kind") or names.JOB_KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid", ""),
-            },
-            "type": kind,
-            "reason": reason,
-            "message": message[:1000],
-            "source": {"component": "torchrun-operator"},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
+        involved = {
+            "apiVersion": names.API_VERSION,
+            "kind": body.get("kind") or names.JOB_KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
         }
-        try:
-            self.core.create_namespaced_event(meta["namespace"], event)  # type: ignore[arg-type]
-        except ApiException as exc:
-            logger.warning("could not post event %s: %s", reason, exc.reason)
+        self.post_event(involved, kind, reason, message)

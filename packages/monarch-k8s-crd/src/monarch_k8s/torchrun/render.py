@@ -5,18 +5,15 @@ Why a ``batch/v1`` Job: it gives ``backoffLimit``, ``activeDeadlineSeconds``, in
 stable hostnames (``<job>-<rank>``), and ``spec.suspend`` that may be flipped at any time (its
 controller deletes the pods, and recreates them on resume); Kueue admits it natively, and KAI's
 pod-grouper reads ``kai.scheduler/batch-min-member`` on it. TTL is not the Job's: the operator
-deletes the TorchrunJob itself (:mod:`.status`), so nothing is left to be recreated.
+deletes the TorchrunJob itself (:mod:`.reconcile`), so nothing is left to be recreated.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-from decimal import Decimal
 from fractions import Fraction
 from typing import Any
-
-from kubernetes.utils import parse_quantity
 
 from monarch_k8s.torchrun import names, workspace
 from monarch_k8s.torchrun.objects import Options, job_labels, metadata, pvc, scale_quantity
@@ -71,13 +68,9 @@ def resources(job: Job) -> Obj:
     share = Fraction(shape.gpus_per_node, node.gpus) if node.gpus else Fraction(1)
     requests: Obj = {}
     if node.cpus is not None:
-        requests["cpu"] = (
-            f"{int(Decimal(parse_quantity(node.cpus)) * 1000 * share.numerator / share.denominator)}m"
-        )
+        requests["cpu"] = scale_quantity(node.cpus, share, memory=False)
     if node.memory is not None:
-        requests["memory"] = str(
-            int(Decimal(parse_quantity(node.memory)) * share.numerator / share.denominator)
-        )
+        requests["memory"] = scale_quantity(node.memory, share, memory=True)
     limits: Obj = {}
     if shape.gpus_per_node:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(shape.gpus_per_node)
