@@ -384,3 +384,21 @@ def test_workers_wait_for_the_submitted_workspace_version_and_meet_by_static_ren
     assert "step 2 loss" in logs  # ran the workspace's train.py
     assert len(re.findall(r"rank \d/2 starting at step 0", logs)) == 2, logs
     assert k8s.CoreV1Api(k8s_api).read_namespaced_service("synced", ns).spec.cluster_ip == "None"
+
+
+def test_an_elastic_job_trains_on_the_nodes_it_gets(
+    operator: Any, k8s_api: Any, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    cpu_queue(k8s_api, ns)
+    spec = cpu_job(29518, command="python train.py --steps 3", procsPerNode=1, minNodes=1,
+                   maxNodes=2)  # fmt: skip
+    del spec["numNodes"]
+    create(k8s_api, ns, names.JOB_KIND, "stretchy", spec)
+    done = wait_phase(k8s_api, ns, "stretchy", "Succeeded")["status"]
+    assert (done["minNodes"], done["numNodes"]) == (1, 2)
+    batch = k8s.BatchV1Api(k8s_api).read_namespaced_job("stretchy", ns)
+    assert "--nnodes=1:2" in batch.spec.template.spec.containers[0].command[-1]
+    logs = worker_logs(k8s_api, ns, "stretchy")
+    assert re.search(r"rank 0/[12] starting at step 0", logs), logs
+    assert "step 3 loss" in logs
