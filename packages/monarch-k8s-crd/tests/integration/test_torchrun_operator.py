@@ -80,7 +80,7 @@ def events(api: Any, ns: str, name: str) -> list[Any]:
 
 def cpu_queue(api: Any, ns: str) -> None:
     spec = yaml.safe_load((CPU / "queue.yaml").read_text())["spec"]
-    spec["podDefaults"] = {"workingDir": str(CPU), "env": [{"name": "TRAIN_PY", "value": TRAIN_PY}]}
+    spec["podDefaults"] = {"workingDir": str(CPU)}  # train.py is there
     create(api, ns, names.QUEUE_KIND, "cpu", spec)
 
 
@@ -254,7 +254,7 @@ def test_two_nodes_two_procs_train_to_succeeded_across_an_operator_restart(
         ns,
         names.JOB_KIND,
         "tiny",
-        cpu_job(29511, command="python $TRAIN_PY --steps 40 --step-seconds 0.2"),
+        cpu_job(29511, command="python train.py --steps 40 --step-seconds 0.2"),
     )
     running = wait_phase(k8s_api, ns, "tiny", "Running")["status"]
     assert running["workers"]["ready"] == 2 and running["startTime"]
@@ -289,7 +289,7 @@ def test_suspend_mid_run_stops_the_workers_and_resume_continues_from_the_checkpo
     core = k8s.CoreV1Api(k8s_api)
     cpu_queue(k8s_api, ns)
     create(k8s_api, ns, names.JOB_KIND, "pausable",
-           cpu_job(29512, command="python $TRAIN_PY --steps 24 --step-seconds 0.4",
+           cpu_job(29512, command="python train.py --steps 24 --step-seconds 0.4",
                    procsPerNode=1))  # fmt: skip
     wait_phase(k8s_api, ns, "pausable", "Running")
     wait_for(lambda: last_step(k8s_api, ns, "pausable") >= 4, timeout=120, what="four steps")
@@ -317,7 +317,7 @@ def test_failing_script_exhausts_its_backoff_a_deadline_ends_a_long_run_and_ttl_
     spec = cpu_job(29513, command="python -c 'raise SystemExit(3)'", numNodes=1, procsPerNode=1,
                    backoffLimit=1)  # fmt: skip
     create(k8s_api, ns, names.JOB_KIND, "broken", spec)
-    late = cpu_job(29517, command="python $TRAIN_PY --steps 1000 --step-seconds 1", numNodes=1,
+    late = cpu_job(29517, command="python train.py --steps 1000 --step-seconds 1", numNodes=1,
                    procsPerNode=1, activeDeadlineSeconds=5, ttlSecondsAfterFinished=10)  # fmt: skip
     create(k8s_api, ns, names.JOB_KIND, "late", late)
     late_status = wait_phase(k8s_api, ns, "late", "Failed")["status"]  # first: its TTL runs
@@ -361,3 +361,21 @@ def test_static_rendezvous_resolves_worker_zero_through_the_headless_service(
     assert len(re.findall(r"rank \d/2 starting at step 0", logs)) == 2, logs
     service = k8s.CoreV1Api(k8s_api).read_namespaced_service("fixed", ns)
     assert service.spec.cluster_ip == "None"
+
+
+def test_an_elastic_job_trains_on_the_nodes_it_gets(
+    operator: Any, k8s_api: Any, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    cpu_queue(k8s_api, ns)
+    spec = cpu_job(29518, command="python train.py --steps 3", procsPerNode=1, minNodes=1,
+                   maxNodes=2)  # fmt: skip
+    del spec["numNodes"]
+    create(k8s_api, ns, names.JOB_KIND, "stretchy", spec)
+    done = wait_phase(k8s_api, ns, "stretchy", "Succeeded")["status"]
+    assert (done["minNodes"], done["numNodes"]) == (1, 2)
+    batch = k8s.BatchV1Api(k8s_api).read_namespaced_job("stretchy", ns)
+    assert "--nnodes=1:2" in batch.spec.template.spec.containers[0].command[-1]
+    logs = worker_logs(k8s_api, ns, "stretchy")
+    assert re.search(r"rank 0/[12] starting at step 0", logs), logs
+    assert "step 3 loss" in logs

@@ -152,18 +152,25 @@ class TorchrunReconciler(KubeObjects):
             return self.write_job_status(body, spec_error_status(body, exc, now=now))
         return self.write_job_status(body, job_status(job, seen, now=now))
 
+    def owned_batch_job(self, namespace: str, name: str, uid: str) -> Obj | None:
+        """The job's Job; None also for a Job of that name it does not own (one of a deleted
+        job of the same name, not yet collected: creating ours waits for it to go)."""
+        batch = self.read("Job", namespace, name)
+        owners = ((batch or {}).get("metadata") or {}).get("ownerReferences") or []
+        return batch if any(o.get("uid") == uid for o in owners) else None
+
     def job_queue(self, body: Obj) -> Queue | None:
         """The job's queue as its Job was created with it (the snapshot on the Job), else as
         it is now; None when there is neither."""
         meta = body["metadata"]
         name = str((body.get("spec") or {}).get("jobQueue", ""))
-        batch = self.read("Job", meta["namespace"], meta["name"])
-        owned = any(o.get("uid") == meta.get("uid")
-                    for o in ((batch or {}).get("metadata") or {}).get("ownerReferences") or [])  # fmt: skip
-        snapshot = (((batch or {}).get("metadata") or {}).get("annotations") or {}).get(
-            names.QUEUE_SNAPSHOT_ANNOTATION
+        batch = self.owned_batch_job(meta["namespace"], meta["name"], str(meta.get("uid", "")))
+        snapshot = (
+            ((batch or {}).get("metadata") or {})
+            .get("annotations", {})
+            .get(names.QUEUE_SNAPSHOT_ANNOTATION)
         )
-        if owned and snapshot:
+        if snapshot:
             return parse_queue(
                 {"metadata": {"name": name, "namespace": meta["namespace"]},
                  "spec": json.loads(snapshot)}
@@ -198,7 +205,7 @@ class TorchrunReconciler(KubeObjects):
     def observe_job(self, job: Job) -> JobObserved:
         state = workspace.observe_workspace(self.api_client, job)
         return JobObserved(
-            batch_job=self.read("Job", job.namespace, job.name),
+            batch_job=self.owned_batch_job(job.namespace, job.name, job.uid),
             workspace_ready=state.ready,
             workspace_version=state.version,
             workspace_message=state.message,
