@@ -24,7 +24,6 @@ OPERATOR_NS = "monarch-system"
 EXAMPLES = Path(__file__).parents[4] / "examples"
 DESIGN = EXAMPLES / "torchrun_design_examples.yaml"
 CPU = EXAMPLES / "torchrun_cpu"
-TRAIN_PY = str(CPU / "train.py")
 
 
 @pytest.fixture
@@ -353,7 +352,7 @@ def test_static_rendezvous_resolves_worker_zero_through_the_headless_service(
 ) -> None:
     ns = k8s_namespace
     cpu_queue(k8s_api, ns)
-    spec = cpu_job(29515, command="python $TRAIN_PY --steps 3", procsPerNode=1,
+    spec = cpu_job(29515, command="python train.py --steps 3", procsPerNode=1,
                    distributed={"backend": "gloo", "rdzvBackend": "static", "port": 29515})  # fmt: skip
     create(k8s_api, ns, names.JOB_KIND, "fixed", spec)
     wait_phase(k8s_api, ns, "fixed", "Succeeded")
