@@ -375,3 +375,21 @@ def test_a_missing_config_map_keeps_the_pod_creating_with_a_failed_mount_event_u
     core.create_namespaced_config_map(ns, {"metadata": {"name": "later"}, "data": {"k": "arrived"}})
     assert wait_log(core, ns, "waiting", "arrived").strip() == "arrived"
     assert phase(core, ns, "waiting") == "Running"
+
+
+def test_working_dir_inside_a_volume_is_entered_after_the_mounts(
+    k8s_cluster: Cluster, k8s_api: client.ApiClient, k8s_namespace: str, mnt: str
+) -> None:
+    """As runc: the container starts in its workingDir as seen through its mounts, even a
+    folder that exists only inside a volume (an init container made it)."""
+    core, ns = client.CoreV1Api(k8s_api), k8s_namespace
+    spec = pod("workdir", "pwd && cat here", volumes=[{"name": "v", "emptyDir": {}}],
+               mounts=[{"name": "v", "mountPath": f"{mnt}/v"}], mnt=mnt)  # fmt: skip
+    init = {**spec["spec"]["containers"][0], "name": "init",
+            "command": sh("mkdir -p $M/v/inner && echo inside > $M/v/inner/here")}  # fmt: skip
+    spec["spec"]["initContainers"] = [init]
+    spec["spec"]["containers"][0]["workingDir"] = f"{mnt}/v/inner"
+    spec["spec"]["restartPolicy"] = "Never"
+    core.create_namespaced_pod(ns, spec)
+    assert wait_log(core, ns, "workdir", "inside").split("\n")[:2] == [f"{mnt}/v/inner", "inside"]
+    assert not (Path(mnt) / "v" / "inner").exists()  # the host's mount point stays empty

@@ -22,7 +22,7 @@ from monarch_k8s import names
 __all__ = ["apply_crds", "install_operator", "manifest_objects", "manifests_dir"]
 
 Obj = dict[str, Any]
-FILES = ("namespace.yaml", "crd.yaml", "rbac.yaml", "operator.yaml")
+FILES = ("namespace.yaml", "crd.yaml", "torchrun-crds.yaml", "rbac.yaml", "operator.yaml")
 CLUSTER_KINDS = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
 
 
@@ -69,7 +69,7 @@ def _apply(api_client: client.ApiClient, obj: Obj) -> None:
 
 
 def apply_crds(api_client: client.ApiClient, *, timeout_s: float = 60.0) -> None:
-    """Apply the MonarchMesh CRD and wait until the API server serves it."""
+    """Apply the CRDs (MonarchMesh, TorchrunQueue, TorchrunJob) and wait until the API server serves it."""
     crds = [o for o in manifest_objects() if o["kind"] == "CustomResourceDefinition"]
     for crd in crds:
         _apply(api_client, crd)

@@ -16,6 +16,8 @@ from monarch_k8s import names
 from monarch_k8s.install import manifest_objects, manifests_dir
 from monarch_k8s.operator.reconcile import KINDS
 from monarch_k8s.operator.render import RenderOptions, parse_mesh, render_children
+from monarch_k8s.torchrun.cache import FEEDER_ROLE_RULES
+from monarch_k8s.torchrun.reconcile import KINDS as TORCHRUN_KINDS
 
 DOCKERFILE = Path(__file__).parent.parent.parent / "Dockerfile"
 MODULE_OWNERS = {"monarch_k8s": "monarch-k8s-crd", "monarch_gateway": "monarch-gateway"}
@@ -74,9 +76,10 @@ def test_the_operator_role_covers_what_it_writes_and_nothing_it_does_not() -> No
     assert not any("*" in item for item in granted)
     assert not any(verb == "deletecollection" for _, _, verb in granted)
     deletable = {resource for _, resource, verb in granted if verb == "delete"}
-    # only kinds stale_children may name; never Secrets (a token) or anything else
+    # only kinds stale_children may name, a TorchrunJob past its TTL, and the KAI Queues of
+    # deleted TorchrunQueues; never Secrets (a token) or anything else
     assert deletable == {"statefulsets", "deployments", "services", "serviceaccounts", "roles",
-                         "rolebindings"}  # fmt: skip
+                         "rolebindings", "torchrunjobs", "queues"}  # fmt: skip
     plural = {"StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
               "Secret": "secrets", "ServiceAccount": "serviceaccounts", "Role": "roles",
               "RoleBinding": "rolebindings"}  # fmt: skip
@@ -84,9 +87,23 @@ def test_the_operator_role_covers_what_it_writes_and_nothing_it_does_not() -> No
         group = api_version.rpartition("/")[0]
         for verb in ("get", "create", "update", "patch"):
             assert (group, plural[kind], verb) in granted, (kind, verb)
+    torchrun_plural = {"Service": "services", "PersistentVolumeClaim": "persistentvolumeclaims",
+                       "Pod": "pods", "Secret": "secrets", "ConfigMap": "configmaps",
+                       "Deployment": "deployments", "Job": "jobs",
+                       "ServiceAccount": "serviceaccounts", "Role": "roles",
+                       "RoleBinding": "rolebindings"}  # fmt: skip
+    for kind, api_version in TORCHRUN_KINDS.items():  # what a TorchrunJob creates
+        group = api_version.rpartition("/")[0]
+        for verb in ("get", "create"):
+            assert (group, torchrun_plural[kind], verb) in granted, (kind, verb)
     # it may grant the gateway only what it holds itself (RBAC escalation check)
     for verb in ("get", "list", "watch"):
         assert ("", "pods", verb) in granted
+    for rule in FEEDER_ROLE_RULES:  # and the workspace cache likewise
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert (group, resource, verb) in granted, (resource, verb)
     assert ("", "secrets", "list") not in granted  # reads its own Secrets by name only
 
 

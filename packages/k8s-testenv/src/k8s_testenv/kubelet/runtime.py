@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -226,7 +227,12 @@ class PodWorker:
         workdir = container.get("workingDir") or str(self.root)
         self.envs[record.name] = env
         stdin = container_stdin(self.root, container)
-        prefix = sandbox_prefix(str(self.hosts_file), hostname, mount_script(mounts))
+        script = mount_script(mounts)
+        if script and container.get("workingDir"):
+            # as runc does: enter workingDir after the mounts (it may lie inside a volume)
+            script += f" && cd {shlex.quote(workdir)}"
+            workdir = str(self.root)
+        prefix = sandbox_prefix(str(self.hosts_file), hostname, script)
         self._sandbox[record.name] = prefix
         with self.log_path(record.name).open("ab") as log:
             try:

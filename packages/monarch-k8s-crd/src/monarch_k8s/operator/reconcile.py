@@ -12,15 +12,15 @@ import dataclasses
 import json
 import logging
 import secrets
-import threading
 import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client, dynamic
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
+from monarch_k8s.operator.kube import KubeObjects
 from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.render import (
     Mesh,
@@ -54,22 +54,15 @@ KINDS = {
 }
 
 
-class Reconciler:
+class Reconciler(KubeObjects):
+    KINDS = KINDS
+    COMPONENT = names.FIELD_MANAGER
+
     def __init__(self, api_client: client.ApiClient, options: RenderOptions | None = None):
-        self.api_client = api_client
+        super().__init__(api_client)
         self.options = options or RenderOptions()
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.dynamic = dynamic.DynamicClient(api_client)
-        self._resources: dict[str, Any] = {}
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}  # per mesh; a handful of bytes each
 
     # -- generic object access, as plain dicts -------------------------------------------
-    def _resource(self, kind: str) -> Any:
-        if kind not in self._resources:
-            self._resources[kind] = self.dynamic.resources.get(api_version=KINDS[kind], kind=kind)
-        return self._resources[kind]
 
     def _call(self, kind: str, verb: str, namespace: str, body: Obj, name: str = "") -> None:
         resource = self._resource(kind)
@@ -82,15 +75,6 @@ class Reconciler:
                 resource, body=body, name=name, namespace=namespace,
                 content_type="application/merge-patch+json",
             )  # fmt: skip
-
-    def read(self, kind: str, namespace: str, name: str) -> Obj | None:
-        try:
-            found = self.dynamic.get(self._resource(kind), name=name, namespace=namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(found.to_dict())
 
     def apply(self, mesh: Mesh, desired: Obj) -> Action:
         meta = desired["metadata"]
@@ -143,10 +127,6 @@ class Reconciler:
             return self._reconcile(body, now or datetime.now(UTC), prune=prune)
         finally:
             lock.release()
-
-    def _lock_for(self, key: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
 
     def _reconcile(self, body: Obj, now: datetime, *, prune: bool) -> Obj | None:
         try:
@@ -292,28 +272,14 @@ class Reconciler:
 
     def event_raw(self, body: Obj, kind: str, reason: str, message: str) -> None:
         meta = body["metadata"]
-        now = datetime.now(UTC)
-        event = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": f"{names.GROUP}/{names.VERSION}",
-                "kind": names.KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid", ""),
-            },
-            "type": kind,
-            "reason": reason,
-            "message": message[:1000],
-            "source": {"component": names.FIELD_MANAGER},
-            "firstTimestamp": now.isoformat(),
-            "lastTimestamp": now.isoformat(),
-            "count": 1,
+        involved = {
+            "apiVersion": f"{names.GROUP}/{names.VERSION}",
+            "kind": names.KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
         }
-        try:
-            self.core.create_namespaced_event(meta["namespace"], event)  # type: ignore[arg-type]
-        except ApiException as exc:  # an Event is a courtesy: never fail a reconcile on one
-            logger.warning("could not post event %s: %s", reason, exc.reason)
+        self.post_event(involved, kind, reason, message)
 
 
 def api_message(exc: ApiException) -> str:
