@@ -3,8 +3,11 @@
 It does not need torchmonarch: a laptop with only this package drives real meshes in a cluster.
 """
 
+from monarch_proxy import faults
+from monarch_proxy.codec import by_value
 from monarch_proxy.connection import GatewayConnection
 from monarch_proxy.errors import (
+    ActorError,
     ActorImportError,
     ArgumentEncodingError,
     AuthenticationError,
@@ -18,6 +21,7 @@ from monarch_proxy.errors import (
     RemoteTraceback,
     SessionLimitError,
     SessionSupersededError,
+    SupervisionError,
     TransportError,
     UnknownHandleError,
     WorkerLostError,
@@ -41,6 +45,7 @@ from monarch_proxy.values import Extent, Point, ValueMesh
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActorError",
     "ActorImportError",
     "ActorMeshProxy",
     "ArgumentEncodingError",
@@ -65,6 +70,7 @@ __all__ = [
     "SessionLimitError",
     "SessionSupersededError",
     "StreamProxy",
+    "SupervisionError",
     "SyncResult",
     "TransportError",
     "UnknownHandleError",
@@ -72,6 +78,8 @@ __all__ = [
     "WorkerLostError",
     "Workspace",
     "WorkspaceUnavailableError",
+    "by_value",
     "connect",
+    "faults",
     "keep_freed_memory",
 ]
