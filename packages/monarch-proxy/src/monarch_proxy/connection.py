@@ -440,10 +440,13 @@ class GatewayConnection:
                     self._outbox_scheduled = False
                     return
             # While disconnected, dropping requests is safe: they are pending, and the session
-            # replays them after it resumes. Releases are kept for the next connection.
-            if not await self._send(pack_for_sending(messages)) and handles:
+            # replays them after it resumes. Releases are kept for the next connection, whose
+            # handshake starts this writer again.
+            if not await self._send(pack_for_sending(messages)):
                 with self._lock:
                     self._releases[:0] = handles
+                    self._outbox_scheduled = False
+                return
 
     def _queue_big(self, pieces: list[bytes]) -> None:
         self._big.append(pieces)
