@@ -330,7 +330,7 @@ class MeshService:
             return {}, b""
         if method == "stream":
             # Each actor's failure fails only its own item, as in Monarch; the stream goes on.
-            save_ref = reference_saver(table, entry)
+            save_ref = functools.partial(reference_saver, table, entry)
             for future in endpoint.stream(*args, **kwargs):
                 try:
                     value = await future
@@ -396,7 +396,7 @@ def finish_call(table: HandleTable, entry: Entry, meta: dict[str, Any], value: A
         value = list(value.values())
     else:
         reply = {}
-    data, used = codec.encode_value(value, reference_saver(table, entry))
+    data, used = codec.encode_value(value, functools.partial(reference_saver, table, entry))
     if used:
         reply["refs"] = 1
     return reply, data

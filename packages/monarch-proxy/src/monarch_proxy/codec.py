@@ -197,13 +197,15 @@ def dumps_value(value: Any) -> bytes:
         return cloudpickle.dumps(value, protocol=PROTOCOL)
 
 
-def encode_value(value: Any, save_ref: SaveRef) -> tuple[bytes, bool]:
-    """Pickle a result, turning what ``save_ref`` recognises into persistent ids; True if any
-    was (send ``refs`` in the meta). Plain values skip the per-object hook."""
+def encode_value(value: Any, make_save_ref: Callable[[], SaveRef]) -> tuple[bytes, bool]:
+    """Pickle a result, turning what the hook ``make_save_ref()`` returns recognises into
+    persistent ids; True if any was (send ``refs`` in the meta). Plain values (the hot path)
+    skip the hook, and never make it."""
     if type(value) in PLAIN_TYPES or (
         type(value) is list and all(type(v) in PLAIN_TYPES for v in value)
     ):
         return dumps_value(value), False
+    save_ref = make_save_ref()
     with io.BytesIO() as file:
         pickler: _RefPickler | _RefCloudPickler = _RefPickler(file, save_ref)
         try:

@@ -205,7 +205,15 @@ class EndpointProxy:
             )
         self._mesh = mesh
         self._name = name
-        self._load_ref = functools.partial(load_reference, mesh._connection)
+
+    def _load_ref(self, pid: Any) -> Any:
+        return load_reference(self._mesh._connection, pid)
+
+    def _value(self, meta: dict[str, Any], payload: bytes | memoryview) -> Any:
+        return codec.value_from(meta, payload, self._load_ref)
+
+    def _value_mesh(self, meta: dict[str, Any], payload: bytes | memoryview) -> ValueMesh[Any]:
+        return codec.value_mesh_from(meta, payload, self._load_ref)
 
     def _submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], **options: Any
@@ -225,20 +233,21 @@ class EndpointProxy:
 
     def call(self, *args: Any, **kwargs: Any) -> FutureProxy[ValueMesh[Any]]:
         """Call every actor; the result has one value per point of the mesh."""
-        decode = functools.partial(codec.value_mesh_from, load_ref=self._load_ref)
-        return FutureProxy(self._submit("call", args, kwargs), decode, self._describe("call"))
+        return FutureProxy(
+            self._submit("call", args, kwargs), self._value_mesh, self._describe("call")
+        )
 
     def call_one(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
         """Call the single actor of a size-1 mesh (slice first)."""
-        decode = functools.partial(codec.value_from, load_ref=self._load_ref)
         return FutureProxy(
-            self._submit("call_one", args, kwargs), decode, self._describe("call_one")
+            self._submit("call_one", args, kwargs), self._value, self._describe("call_one")
         )
 
     def choose(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
         """Call one actor of the mesh, picked by Monarch."""
-        decode = functools.partial(codec.value_from, load_ref=self._load_ref)
-        return FutureProxy(self._submit("choose", args, kwargs), decode, self._describe("choose"))
+        return FutureProxy(
+            self._submit("choose", args, kwargs), self._value, self._describe("choose")
+        )
 
     def broadcast(self, *args: Any, **kwargs: Any) -> None:
         """Send to every actor without waiting for results. A failure to send (bad arguments,
