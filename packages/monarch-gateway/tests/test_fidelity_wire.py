@@ -75,9 +75,13 @@ def test_mesh_argument_arrives_as_the_monarch_mesh(session):
     assert nested == [["n", "n"], ["n"] * 4]
     mine = ValueMesh(workers.extent, [1, 2, 3, 4])  # a value mesh arrives as Monarch's
     assert relay.describe.call_one(mine).get(timeout=30) == "ValueMesh"
-    # Chained: the argument's proxy is garbage right after the call is submitted.
+    # Chained: the argument's proxy is garbage right after the call is submitted, and its
+    # release follows the request in the same message. A stream runs as a task that starts
+    # after the gateway has read that release: it still finds the mesh (resolved on arrival).
     temp = procs.spawn("temp", actors.Worker)
     assert relay.relay.call_one(temp.slice(gpus=0), 3).get(timeout=30) == [3, 3]
+    streamed = [f.get(timeout=30) for f in relay.relay.stream(temp.slice(gpus=1), 4)]
+    assert streamed == [[4, 4]]
 
 
 def test_meshes_returned_by_actors_become_session_proxies(cluster, session):
@@ -198,7 +202,8 @@ def test_session_end_stops_its_procs_unless_kept(cluster):
 
 
 def test_device_tensors_from_the_laptop_load_on_the_cpu(session, monkeypatch):
-    torch = pytest.importorskip("torch", reason="pip install torch (the gateway's tensors group)")
+    import torch  # the gateway's "tensors" dependency group (nox installs it)
+
     _, _, workers = session
     tensor = torch.arange(6, dtype=torch.float32)
     # As a laptop with a GPU pickles a CUDA tensor: its storage is saved as on "cuda:0".

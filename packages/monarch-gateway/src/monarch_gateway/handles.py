@@ -70,7 +70,7 @@ def select_hosts(
     hosts: tuple[Worker, ...], selection: int | list[int | None] | None
 ) -> tuple[Worker, ...]:
     """The hosts left after slicing the ``hosts`` dimension with an int or [start, stop, step]."""
-    if selection is None:
+    if selection is None or not hosts:  # not hosts: a mesh an actor made, workers unknown
         return hosts
     if isinstance(selection, int):
         return (hosts[selection],)

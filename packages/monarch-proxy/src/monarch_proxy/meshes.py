@@ -200,7 +200,8 @@ class EndpointProxy:
         endpoints = mesh.__dict__.get("_endpoints")  # from the gateway, when it spawned them
         if endpoints is not None and name not in endpoints:
             raise AttributeError(
-                f"actor mesh {mesh.__dict__.get('_name', '')!r} has no endpoint {name!r}; its "
+                f"actor mesh {mesh.__dict__.get('_name') or mesh.__dict__.get('name')!r} has no "
+                f"endpoint {name!r}; its "
                 f"endpoints are {sorted(endpoints)}"
             )
         self._mesh = mesh
