@@ -12,12 +12,15 @@ import urllib.request
 import actors
 import fidelity_actors
 import pytest
+from tcp_relay import TcpRelay
 
 import monarch_proxy
 from monarch_gateway.local import LocalCluster
 from monarch_proxy import (
     ActorError,
     ActorMeshProxy,
+    GatewayConnection,
+    JobState,
     ProcMeshProxy,
     SupervisionError,
     ValueMesh,
@@ -199,6 +202,19 @@ def test_session_end_stops_its_procs_unless_kept(cluster):
     kept.close()
     time.sleep(2)  # a stop would have begun at once
     assert all(pid_alive(p) for p in kept_pids)
+
+
+def test_session_not_resumed_within_the_grace_has_its_procs_stopped():
+    with LocalCluster(1, resume_grace_s=0.5).start() as c, TcpRelay(c.url) as relay:
+        job = JobState.fetch(GatewayConnection.open(relay.url, c.token, resume_grace_s=1))
+        moody = job.hosts.spawn_procs(per_host={"gpus": 2}).spawn("m", fidelity_actors.Moody)
+        pids = list(moody.pid.call().get(timeout=60).values())
+        relay.pause()  # the laptop goes away for longer than the gateway's grace
+        relay.drop_all()
+        wait_until(lambda: not any(pid_alive(p) for p in pids))
+        assert health(c)["processes"] == {}
+        relay.resume()
+        job.close()
 
 
 def test_device_tensors_from_the_laptop_load_on_the_cpu(session, monkeypatch):
