@@ -136,6 +136,8 @@ def test_bad_input_raises_monarch_types_and_session_keeps_serving(session):
         workers.no_such_endpoint.call()
     with pytest.raises(AttributeError, match="no_such_endpoint"):
         workers.no_such_endpoint.broadcast()  # not silent
+    with pytest.raises(AttributeError, match="no_such_endpoint"):
+        workers.slice(hosts=0).no_such_endpoint.broadcast()
     with pytest.raises(TypeError, match="nolabel"):
         workers.slice(nolabel=0)
     with pytest.raises(IndexError):

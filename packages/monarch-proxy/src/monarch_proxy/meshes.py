@@ -89,12 +89,15 @@ class MeshProxy:
         return FutureProxy(future, lambda _m, _p: None, f"{self.name}.stop()")
 
     def _derive(self, cls: type[M], meta: dict[str, Any]) -> M:
-        return cls(
+        derived = cls(
             self._connection,
             int(meta["handle"]),
             codec.extent_from_meta(meta["extent"]),
             str(meta.get("name", self.name)),
         )
+        if "endpoints" in meta:  # an actor mesh: other names fail at once (AttributeError)
+            derived.__dict__["_endpoints"] = frozenset(meta["endpoints"])
+        return derived
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.extent!r}>"
@@ -179,9 +182,7 @@ class ProcMeshProxy(MeshProxy):
         if refs is not None:
             request["refs"] = refs
         meta, _ = self._connection.request(Op.PROC_SPAWN, request, class_bytes + arguments)
-        mesh = self._derive(ActorMeshProxy, meta)
-        mesh.__dict__["_endpoints"] = meta.get("endpoints")
-        return mesh
+        return self._derive(ActorMeshProxy, meta)
 
 
 class ActorMeshProxy(MeshProxy):
@@ -274,7 +275,7 @@ def load_reference(connection: GatewayConnection, pid: Any) -> Any:
         cls = {"host": HostMeshProxy, "proc": ProcMeshProxy, "actor": ActorMeshProxy}[kind]
         mesh = cls(connection, int(handle), Extent(tuple(labels), tuple(sizes)), str(name))
         if endpoints is not None:
-            mesh.__dict__["_endpoints"] = list(endpoints)
+            mesh.__dict__["_endpoints"] = frozenset(endpoints)
         return mesh
     if tag == codec.VALUE_MESH_REF and len(pid) == 4:
         return ValueMesh(Extent(tuple(pid[1]), tuple(pid[2])), pid[3])
