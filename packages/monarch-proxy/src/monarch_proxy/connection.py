@@ -432,7 +432,12 @@ class GatewayConnection:
             with self._lock:
                 messages, self._outbox = self._outbox, []
                 handles: list[int] = []
-                if self._releases and not self._big_unsent and self._ws is not None:
+                if (
+                    self._releases
+                    and not self._big_unsent
+                    and self._ws is not None
+                    and self._session.failure is None  # a failed session sends nothing more
+                ):
                     # Everything submitted before these releases is in ``messages`` or gone.
                     handles, self._releases = self._releases, []
                     messages.append(self._session.release(handles))
