@@ -46,12 +46,10 @@ class FutureProxy(Generic[T]):
     def result(self, timeout: float | None = None) -> T:
         return self.get(timeout)
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The exception the call raised, or None if it succeeded (waits like :meth:`get`)."""
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        """The error the call raised, or ``None`` once it has succeeded (as Monarch's)."""
         try:
             self.get(timeout)
-        except CallTimeoutError:
-            raise
         except Exception as exc:
             return exc
         return None
