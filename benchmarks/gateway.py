@@ -7,7 +7,10 @@ Measures, for the direct path (this process attaches to the workers with attach_
 and the proxy path (monarch-proxy -> gateway process -> the same workers):
 - p50 and p99 latency of ``call_one`` on a small value;
 - calls per second with 64 calls in flight;
-- MB/s of a 64 MiB payload round trip (echoed back; MB = 10^6 bytes of payload / round trip).
+- MB/s of a 64 MiB payload round trip (echoed back; MB = 10^6 bytes of payload / round trip);
+- p50 of a chained one-liner, ``hosts.spawn_procs().spawn("c", Echo).echo.call(1).get()``
+  (its intermediate meshes are garbage at once: new processes, so milliseconds to seconds);
+- p50 of ``call_one`` on an actor that is passed an actor mesh and calls it.
 Each figure is the median of several runs; the table shows proxy/direct ratios.
 
 ``--compare-with REF`` measures the proxy path of another commit (checked out in a temporary
@@ -37,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_actors import Echo
+from bench_actors import Echo, Forward
 from results import save_json
 
 from monarch_gateway.local import LocalCluster
@@ -91,6 +94,8 @@ def measure(
     mesh_call_one: Callable[[Any], Any],
     wait: Callable[[Any], Any],
     args: argparse.Namespace,
+    hosts: Any = None,
+    procs: Any = None,
 ) -> dict[str, float]:
     def call() -> Any:
         return wait(mesh_call_one(1))
@@ -109,12 +114,34 @@ def measure(
         "calls_per_s": statistics.median(rates),
         "mb_s": mb_s,
     }
+    if hosts is not None and procs is not None:
+        try:  # a proxy from before issue 11 fails both (handle race; meshes not picklable)
+            result["chained_p50_ms"] = chained_p50_ms(hosts, args)
+            forward = procs.spawn("forward", Forward).slice(hosts=0, gpus=0)
+            lat = latencies(lambda: forward.forward.call_one(one, 1).get(), args.calls // 10)
+            result["mesh_arg_p50_ms"] = percentile(lat, 0.5) * 1e3
+        except Exception as exc:
+            print(f"  {name}: chained / mesh-argument lines failed: {exc!r}", flush=True)
     print(
         f"  {name:6s} p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
-        f"{result['calls_per_s']:.0f} calls/s  {mb_s:.0f} MB/s",
+        f"{result['calls_per_s']:.0f} calls/s  {mb_s:.0f} MB/s  "
+        f"chained {result.get('chained_p50_ms', 0):.0f} ms  "
+        f"mesh arg {result.get('mesh_arg_p50_ms', 0):.3f} ms",
         flush=True,
     )
     return result
+
+
+def chained_p50_ms(hosts: Any, args: argparse.Namespace) -> float:
+    """``hosts.spawn_procs().spawn().echo.call()``; its processes are stopped untimed."""
+    times = []
+    for _ in range(args.chains):
+        start = time.perf_counter()
+        procs = hosts.spawn_procs(per_host={"gpus": 1})
+        procs.spawn("c", Echo).echo.call(1).get()
+        times.append(time.perf_counter() - start)
+        procs.stop().get()
+    return percentile(times, 0.5) * 1e3
 
 
 def direct_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, float]:
@@ -125,9 +152,9 @@ def direct_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, fl
     configure_monarch(cluster.addresses, stream_output=False)
     hosts = attach_to_workers(workers=cluster.addresses, ca="trust_all_connections", name="direct")
     hosts.initialized.get()
-    mesh = hosts.spawn_procs(per_host={"gpus": 1}).spawn("echo", Echo)
-    one = mesh.slice(hosts=0, gpus=0)
-    return measure("direct", one, one.echo.call_one, lambda f: f.get(), args)
+    procs = hosts.spawn_procs(per_host={"gpus": 1})
+    one = procs.spawn("echo", Echo).slice(hosts=0, gpus=0)
+    return measure("direct", one, one.echo.call_one, lambda f: f.get(), args, hosts, procs)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -138,9 +165,9 @@ def process_cpu_s(pid: int) -> float:
 
 def proxy_path(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, float]:
     with cluster.connect() as job:
-        mesh = job.hosts.spawn_procs(per_host={"gpus": 1}).spawn("echo", Echo)
-        one = mesh.slice(hosts=0, gpus=0)
-        result = measure("proxy", one, one.echo.call_one, lambda f: f.get(), args)
+        procs = job.hosts.spawn_procs(per_host={"gpus": 1})
+        one = procs.spawn("echo", Echo).slice(hosts=0, gpus=0)
+        result = measure("proxy", one, one.echo.call_one, lambda f: f.get(), args, job.hosts, procs)
         # CPU per call of the gateway and of this client: steadier than calls/s on a busy
         # machine, since other processes' load does not count.
         assert cluster.gateway is not None
@@ -195,13 +222,18 @@ def compare(args: argparse.Namespace) -> None:
                     print(f"round {round_ + 1} {label}: {runs[label][-1]}", flush=True)
         finally:
             subprocess.run([*git, "worktree", "remove", "--force", str(before_tree)], check=False)
-    keys = (
+    keys: tuple[str, ...] = (
         "gateway_cpu_us_per_call",
         "client_cpu_us_per_call",
         "calls_per_s",
         "p50_ms",
         "p99_ms",
         "mb_s",
+    )
+    keys += tuple(
+        k
+        for k in ("chained_p50_ms", "mesh_arg_p50_ms")
+        if all(k in r for rs in runs.values() for r in rs)
     )
     medians = {
         label: {k: statistics.median(r[k] for r in results) for k in keys}
@@ -238,6 +270,7 @@ def main() -> None:
     args.calls = 300 if args.quick else 1000
     args.repeats = 3 if args.quick else 5
     args.bulk_runs = 3 if args.quick else 7
+    args.chains = 3 if args.quick else 7
     if args.compare_with:
         compare(args)
         return
@@ -263,6 +296,10 @@ def main() -> None:
         "direct_mb_s": direct["mb_s"],
         "proxy_mb_s": proxy["mb_s"],
         "mb_s_ratio": proxy["mb_s"] / direct["mb_s"],
+        "direct_chained_p50_ms": direct["chained_p50_ms"],
+        "proxy_chained_p50_ms": proxy["chained_p50_ms"],
+        "direct_mesh_arg_p50_ms": direct["mesh_arg_p50_ms"],
+        "proxy_mesh_arg_p50_ms": proxy["mesh_arg_p50_ms"],
         "config": {
             "quick": args.quick,
             "calls": args.calls,
@@ -279,6 +316,8 @@ def main() -> None:
         ("call_one p99 (ms)", direct["p99_ms"], proxy["p99_ms"], ""),
         (f"calls/s, {WINDOW} in flight", direct["calls_per_s"], proxy["calls_per_s"], ">= 3000"),
         ("64 MiB round trip (MB/s)", direct["mb_s"], proxy["mb_s"], ">= 0.5 x direct"),
+        ("chained one-liner p50 (ms)", direct["chained_p50_ms"], proxy["chained_p50_ms"], ""),
+        ("mesh as argument p50 (ms)", direct["mesh_arg_p50_ms"], proxy["mesh_arg_p50_ms"], ""),
     ]
     print(f"\n{'metric':30s} {'direct':>10s} {'proxy':>10s} {'ratio':>7s}  target")
     for label, d, p, target in rows:

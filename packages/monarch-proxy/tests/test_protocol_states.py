@@ -345,7 +345,17 @@ def test_fuzz_the_client_core():
 def test_state_table_covers_every_kind_each_side_receives():
     received = {
         Side.SERVER: {K.HELLO, K.REQUEST, K.RELEASE, K.ACK, K.BYE, K.CHUNK},
-        Side.CLIENT: {K.WELCOME, K.REPLY, K.FAILURE, K.ITEM, K.LOG, K.ERROR, K.MEMBERS, K.CHUNK},
+        Side.CLIENT: {
+            K.WELCOME,
+            K.REPLY,
+            K.FAILURE,
+            K.ITEM,
+            K.LOG,
+            K.ERROR,
+            K.MEMBERS,
+            K.FAULT,
+            K.CHUNK,
+        },
     }
     for side, kinds in received.items():
         assert set().union(*ACCEPTS[side].values()) == kinds

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import ssl as ssl_module
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +84,20 @@ def all_loopback(addresses: list[str]) -> bool:
     return True
 
 
+# The gateway that mesh failures are forwarded to (set once it exists).
+FAULT_LISTENERS: list[Callable[[str, str], None]] = []
+
+
 def log_mesh_failure(failure: object) -> None:
     """Monarch's default hook exits the process on an unhandled mesh failure: one client's
     broken actor would take the gateway down for everyone. The failing calls already get the
-    error; the gateway logs it and keeps serving."""
+    error; the gateway logs it, forwards it to the session that owns the mesh (whose client
+    runs its own fault hook) and keeps serving."""
     report = getattr(failure, "report", lambda: str(failure))()
-    logger.warning(
-        "mesh failure", extra={"mesh": getattr(failure, "mesh_name", "?"), "report": report}
-    )
+    mesh_name = str(getattr(failure, "mesh_name", "?"))
+    logger.warning("mesh failure", extra={"mesh": mesh_name, "report": report})
+    for listener in FAULT_LISTENERS:
+        listener(mesh_name, report)
 
 
 def configure_monarch(addresses: list[str], stream_output: bool) -> None:
@@ -199,6 +206,7 @@ async def run_gateway(options: GatewayOptions) -> None:
         poll_s=options.poll_s,
     )
     gateway.membership = membership
+    FAULT_LISTENERS.append(gateway.mesh_failed)
     await gateway.start()
     membership.start()
     if options.ready_file:

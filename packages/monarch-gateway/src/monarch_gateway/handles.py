@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ class HandleTable:
         self._next = 1
         # Every proc mesh spawned in the session, freed handle or not: a reload reaches them all.
         self.proc_meshes: list[Entry] = []
+        # Monarch's names of the actor meshes spawned in the session -> the client's names: a
+        # supervision event names the mesh this way (see Gateway.mesh_failed).
+        self.monarch_names: dict[str, str] = {}
 
     def add(self, entry: Entry) -> int:
         handle = self._next
@@ -52,16 +56,21 @@ class HandleTable:
     def clear(self) -> None:
         self._entries.clear()
         self.proc_meshes.clear()
+        self.monarch_names.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def processes(self) -> int:
+        """How many processes the session's live proc meshes hold on the workers."""
+        return sum(math.prod(e.obj.extent.sizes) for e in self.proc_meshes)
 
 
 def select_hosts(
     hosts: tuple[Worker, ...], selection: int | list[int | None] | None
 ) -> tuple[Worker, ...]:
     """The hosts left after slicing the ``hosts`` dimension with an int or [start, stop, step]."""
-    if selection is None:
+    if selection is None or not hosts:  # not hosts: a mesh an actor made, workers unknown
         return hosts
     if isinstance(selection, int):
         return (hosts[selection],)

@@ -24,6 +24,7 @@ import logging
 import secrets
 import ssl as ssl_module
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -43,16 +44,13 @@ from monarch_gateway.operations import (
     SINGLE_RESULT_METHODS,
     MeshService,
     begin_call,
+    describe_failure,
     finish_call,
-    unwrap_actor_error,
 )
 from monarch_gateway.relay import SYNC_PATH, relay_sync
-from monarch_proxy import codec
 from monarch_proxy.errors import (
-    FAILURE_CATEGORIES,
     GatewayError,
     ProtocolError,
-    ProxyError,
     SessionLimitError,
     UnknownHandleError,
     WorkerLostError,
@@ -69,7 +67,6 @@ from monarch_proxy.protocol.server import Limits, ServerHandshake, ServerSession
 
 logger = logging.getLogger("monarch_gateway")
 
-CATEGORY_OF = {error: name for name, error in FAILURE_CATEGORIES.items()}
 HELLO_TIMEOUT_S = 10.0
 CLOSE_SEND_TIMEOUT_S = 2.0
 REMEMBERED_FAILURES = 1024  # ids of sessions closed for a cap or an error, to tell on resume
@@ -90,19 +87,16 @@ def lost_error(worker: Worker) -> WorkerLostError:
     return WorkerLostError(f"{worker.describe()} died or stopped answering during this call")
 
 
-def failure_for(exc: BaseException) -> tuple[dict[str, Any], bytes]:
-    """FAILURE meta and payload for an exception raised while serving a request."""
-    if isinstance(exc, ProxyError):
-        category = next((CATEGORY_OF[t] for t in type(exc).__mro__ if t in CATEGORY_OF), "gateway")
-        return codec.encode_exception(exc, category=category)
-    original, remote_traceback = unwrap_actor_error(exc)
-    return codec.encode_exception(original, remote_traceback)
+failure_for = describe_failure
 
 
 @dataclass(eq=False)
 class Call:
     waiter: asyncio.Future[Any] | None = None  # the request's task, or Monarch's future
     entry: Entry | None = None
+    # Meshes its arguments reference, by handle: resolved on arrival like ``entry``, so a
+    # release that follows the request never frees what it still needs.
+    refs: dict[int, Entry] | None = None
     error: Exception | None = None  # the request was invalid when it arrived
     lost: Worker | None = None
 
@@ -127,6 +121,7 @@ class GatewaySession:
     flush_timer: asyncio.TimerHandle | None = None  # a coalescing writer start, pending
     # Names this session's proc meshes, so worker output is routed here (see output.py).
     output_tag: str = field(default_factory=new_tag)
+    keep_procs: bool = False  # the client asked that its proc meshes outlive the session
 
     @property
     def id(self) -> str:
@@ -138,6 +133,7 @@ class GatewaySession:
             self.expiry.cancel()
             self.expiry = None
         old = self.ws
+        self.keep_procs = hello.keep_procs
         attached = self.proto.attach(connection, hello)
         self.outbox.clear()  # queued for the old connection; attach() replays what matters
         self.outbox_bytes = self._queued_bytes = 0
@@ -170,6 +166,10 @@ class GatewaySession:
             if call.waiter is not None:
                 call.waiter.cancel()
         self.calls.clear()
+        if not self.keep_procs and self.table.proc_meshes:
+            # Ended for good (closed, or not resumed within the grace): the processes it
+            # spawned would otherwise run on the workers for as long as the gateway lives.
+            self.gateway.background(self.gateway.service.stop_procs(list(self.table.proc_meshes)))
         self.table.clear()
         self.gateway.sessions.pop(self.id, None)
         logger.info("session ended", extra={"session": self.number, "reason": reason})
@@ -193,11 +193,16 @@ class GatewaySession:
             call = Call()
             # Resolve the handle now, in frame order: a RELEASE that follows this request must
             # not free the mesh before the request's task gets to run.
-            if "handle" in event.meta:
-                try:
+            try:
+                if "handle" in event.meta:
                     call.entry = self.table.get(event.meta["handle"])
-                except UnknownHandleError as exc:
-                    call.error = exc
+                refs = event.meta.get("refs")
+                if refs is not None:
+                    if not isinstance(refs, list):
+                        raise ProtocolError("request field 'refs' must be a list of handles")
+                    call.refs = {h: self.table.get(h) for h in refs}
+            except (UnknownHandleError, ProtocolError) as exc:
+                call.error = exc
             self.calls[event.id] = call
             if self._single_result_call(event, call):
                 self._begin(event, call)
@@ -298,7 +303,7 @@ class GatewaySession:
     def _begin(self, request: Requested, call: Call) -> None:
         assert call.entry is not None
         try:
-            call.waiter = begin_call(call.entry, request.meta, request.payload)
+            call.waiter = begin_call(call.entry, request.meta, request.payload, call.refs)
         except Exception as exc:
             self.calls.pop(request.id, None)
             self.send(self.proto.failure_reply(request.id, *failure_for(exc)))
@@ -310,7 +315,9 @@ class GatewaySession:
         if self.ended:
             return
         try:
-            data = self.proto.reply(request.id, *finish_call(request.meta, waiter.result()))
+            assert call.entry is not None
+            result = finish_call(self.table, call.entry, request.meta, waiter.result())
+            data = self.proto.reply(request.id, *result)
         except asyncio.CancelledError:
             if call.lost is None:
                 return
@@ -360,16 +367,16 @@ class GatewaySession:
             raise WorkerLostError(f"{dead.describe()} is dead; this mesh cannot be used")
         if op == Op.ENDPOINT_CALL:
 
-            async def emit(payload: bytes) -> None:
-                await self.send_now(self.proto.item(request.id, {}, payload))
+            async def emit(item_meta: dict[str, Any], payload: bytes) -> None:
+                await self.send_now(self.proto.item(request.id, item_meta, payload))
 
-            return await service.call(entry, meta, request.payload, emit)
+            return await service.call(table, entry, meta, request.payload, emit, call.refs)
         if op == Op.HOST_SPAWN_PROCS:
-            return await service.spawn_procs(table, entry, meta, self.output_tag)
+            return await service.spawn_procs(table, entry, meta, self.output_tag, request.payload)
         if op == Op.PROC_SPAWN:
-            return await service.spawn(table, entry, meta, request.payload)
+            return await service.spawn(table, entry, meta, request.payload, call.refs)
         if op == Op.MESH_STOP:
-            return await service.stop(table, entry)
+            return await service.stop(table, entry, meta)
         raise GatewayError(f"unknown operation {op!r}; the client may be newer than the gateway")
 
 
@@ -411,6 +418,7 @@ class Gateway:
         self._rejections = RateLimit(burst=10, window_s=60.0)
         self._output = OutputRouter()
         self._closing: dict[ServerConnection, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._failures: collections.OrderedDict[str, ConnectionFailed] = collections.OrderedDict()
         self.monitor = WorkerMonitor(workers, self._worker_died)
         self._server: Server | None = None
@@ -474,6 +482,21 @@ class Gateway:
             if session.ws is not None:
                 session.send(data, unsequenced=True)
 
+    def mesh_failed(self, mesh_name: str, report: str) -> None:
+        """Monarch's unhandled fault hook, from any thread: tell the session whose mesh failed
+        (its actor meshes by Monarch's name, its proc meshes by their output tag)."""
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._mesh_failed, mesh_name, report)
+
+    def _mesh_failed(self, mesh_name: str, report: str) -> None:
+        for session in list(self.sessions.values()):
+            name = session.table.monarch_names.get(mesh_name)
+            if name is None and f"_{session.output_tag}" in mesh_name:
+                name = mesh_name.split(f"_{session.output_tag}")[0]
+            if name is not None and session.ws is not None:
+                session.send([ServerSession.fault(name, report)], unsequenced=True)
+
     def dead_worker_of(self, entry: Entry) -> Worker | None:
         if entry.whole:  # spawns go to the current workers
             entry = self.service.host_entry(entry.mesh)
@@ -512,6 +535,8 @@ class Gateway:
             body |= {
                 "sessions": len(self.sessions),
                 "handles": sum(len(s.table) for s in self.sessions.values()),
+                # processes each session's proc meshes hold on the workers, by session number
+                "processes": {str(s.number): s.table.processes() for s in self.sessions.values()},
                 "workers": len(self.monitor.workers),
                 "dead_workers": dead,
             }
@@ -593,6 +618,12 @@ class Gateway:
         self._failures[session_id] = failure
         while len(self._failures) > REMEMBERED_FAILURES:
             self._failures.popitem(last=False)
+
+    def background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` on the loop, holding a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def close_later(self, ws: ServerConnection, failure: ConnectionFailed) -> None:
         """Close ``ws`` for ``failure`` from a callback; its handler waits for this to finish."""

@@ -3,9 +3,12 @@
 It does not need torchmonarch: a laptop with only this package drives real meshes in a cluster.
 """
 
+from monarch_proxy import faults
 from monarch_proxy.accumulator import Accumulator
+from monarch_proxy.codec import by_value
 from monarch_proxy.connection import GatewayConnection
 from monarch_proxy.errors import (
+    ActorError,
     ActorImportError,
     ArgumentEncodingError,
     AuthenticationError,
@@ -19,6 +22,7 @@ from monarch_proxy.errors import (
     RemoteTraceback,
     SessionLimitError,
     SessionSupersededError,
+    SupervisionError,
     TransportError,
     UnknownHandleError,
     WorkerLostError,
@@ -44,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accumulator",
+    "ActorError",
     "ActorImportError",
     "ActorMeshProxy",
     "ArgumentEncodingError",
@@ -69,6 +74,7 @@ __all__ = [
     "SessionLimitError",
     "SessionSupersededError",
     "StreamProxy",
+    "SupervisionError",
     "SyncResult",
     "TransportError",
     "UnknownHandleError",
@@ -77,6 +83,8 @@ __all__ = [
     "WorkerLostError",
     "Workspace",
     "WorkspaceUnavailableError",
+    "by_value",
     "connect",
+    "faults",
     "keep_freed_memory",
 ]

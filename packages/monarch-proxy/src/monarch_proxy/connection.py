@@ -34,10 +34,12 @@ from monarch_proxy.errors import (
     TransportError,
     error_for_code,
 )
+from monarch_proxy.faults import MeshFailure, report_fault
 from monarch_proxy.protocol.client import ClientSession
 from monarch_proxy.protocol.events import (
     ConnectionFailed,
     Failed,
+    Faulted,
     Logged,
     MembershipChanged,
     Rejected,
@@ -102,22 +104,29 @@ class GatewayConnection:
         resume_grace_s: float = 30.0,
         connect_timeout_s: float = 30.0,
         on_log: LogCallback | None = print_log,
+        keep_procs: bool = False,
     ) -> None:
+        """``keep_procs``: the proc meshes this session spawns outlive it (by default the
+        gateway stops them when the session ends for good: closed, or not resumed in time)."""
         self.url = url
         self._token = token
         self._ssl = ssl
         self._resume_grace_s = resume_grace_s
         self._connect_timeout_s = connect_timeout_s
         self._on_log = on_log
-        self._session = ClientSession()
+        self._session = ClientSession(keep_procs=keep_procs)
         self._lock = threading.Lock()  # guards _session and the tables below
         self._futures: dict[int, concurrent.futures.Future[Reply]] = {}
         self._item_callbacks: dict[int, ItemCallback] = {}
+        # Handles to free. They leave through the outbox writer, after every request submitted
+        # before them (never on their own path), and only once no big frame submitted before
+        # them is still on its way: a release must never overtake a request that uses it.
         self._releases: list[int] = []
         self._outbox: list[bytes] = []  # small requests waiting for the writer task
         self._outbox_scheduled = False
         self._big: collections.deque[list[bytes]] = collections.deque()  # frames sent in pieces
         self._big_writing = False
+        self._big_unsent = 0  # big frames submitted and not yet fully written (or dropped)
         self._ack_scheduled = False
         self._closing = False
         self._closed_by: ProxyError | None = None  # why the connection was failed, if it was
@@ -182,6 +191,7 @@ class GatewayConnection:
                 # Its own writer, so small calls keep flowing beside it; big frames go one
                 # after another (the gateway caps frames left half sent per session).
                 big = pieces
+                self._big_unsent += 1
             else:
                 big = None
                 self._outbox.extend(pieces)
@@ -199,17 +209,28 @@ class GatewayConnection:
         return self.submit(op, meta, payload).result(timeout)
 
     def release(self, handle: int) -> None:
-        """Free a gateway handle. Safe to call from a garbage-collection finalizer."""
+        """Free a gateway handle. Safe to call from a garbage-collection finalizer.
+
+        The release leaves after every request submitted before this call (see ``_releases``).
+        """
         with self._lock:
             if self._closing:
                 return
             self._releases.append(handle)
-            first = len(self._releases) == 1
-        if first:
+            wake, self._outbox_scheduled = not self._outbox_scheduled, True
+        if wake:
             try:
-                self._loop.call_soon_threadsafe(self._flush_releases)
+                self._loop.call_soon_threadsafe(self._start_outbox_writer)
             except RuntimeError:
                 pass  # loop already closed during interpreter shutdown
+
+    def report_background(self, what: str, future: concurrent.futures.Future[Reply]) -> None:
+        """Done-callback of a request nobody waits for (``broadcast``): a failure goes to the
+        fault hook (see :mod:`monarch_proxy.faults`) instead of vanishing."""
+        if future.cancelled() or future.exception() is None:
+            return
+        error = future.exception()
+        report_fault(MeshFailure(what, f"{what} failed: {type(error).__name__}: {error}", error))
 
     def close(self) -> None:
         """End the session: the gateway frees every handle now instead of after the grace."""
@@ -318,7 +339,7 @@ class GatewayConnection:
             )
         for piece in event.replay:
             await ws.send(piece)
-        self._flush_releases()
+        self._wake_outbox_writer()  # releases held while disconnected, after the replay
         # Replies replayed in the same message as WELCOME (the gateway packs them together).
         for later in events[1:]:
             if isinstance(later, ConnectionFailed):
@@ -391,22 +412,46 @@ class GatewayConnection:
                     listener(event.state)
                 except Exception:  # a user callback must not break the connection
                     logger.exception("membership listener failed")
+        elif isinstance(event, Faulted):
+            report_fault(MeshFailure(event.mesh, event.report))
         elif isinstance(event, Rejected):
             raise error_for_code(event.code, event.message, event.meta)
 
     def _start_outbox_writer(self) -> None:
         self._loop.create_task(self._write_outbox())
 
+    def _wake_outbox_writer(self) -> None:
+        """On the loop: start the writer unless it is running or about to."""
+        with self._lock:
+            wake, self._outbox_scheduled = not self._outbox_scheduled, True
+        if wake:
+            self._start_outbox_writer()
+
     async def _write_outbox(self) -> None:
         while True:
             with self._lock:
                 messages, self._outbox = self._outbox, []
+                handles: list[int] = []
+                if (
+                    self._releases
+                    and not self._big_unsent
+                    and self._ws is not None
+                    and self._session.failure is None  # a failed session sends nothing more
+                ):
+                    # Everything submitted before these releases is in ``messages`` or gone.
+                    handles, self._releases = self._releases, []
+                    messages.append(self._session.release(handles))
                 if not messages:
                     self._outbox_scheduled = False
                     return
-            # While disconnected, dropping these is safe: they are pending requests, which the
-            # session replays after it resumes.
-            await self._send(pack_for_sending(messages))
+            # While disconnected, dropping requests is safe: they are pending, and the session
+            # replays them after it resumes. Releases are kept for the next connection, whose
+            # handshake starts this writer again.
+            if not await self._send(pack_for_sending(messages)):
+                with self._lock:
+                    self._releases[:0] = handles
+                    self._outbox_scheduled = False
+                return
 
     def _queue_big(self, pieces: list[bytes]) -> None:
         self._big.append(pieces)
@@ -418,6 +463,11 @@ class GatewayConnection:
         try:
             while self._big:
                 await self._send(self._big.popleft())
+                with self._lock:
+                    self._big_unsent -= 1
+                    held = bool(self._releases) and not self._big_unsent
+                if held:  # releases waited for this frame to be written
+                    self._wake_outbox_writer()
         finally:
             self._big_writing = False
 
@@ -426,15 +476,17 @@ class GatewayConnection:
         if self._ws is not None:
             self._loop.create_task(self._send(pieces))
 
-    async def _send(self, pieces: list[bytes]) -> None:
+    async def _send(self, pieces: list[bytes]) -> bool:
+        """Write ``pieces``; False if there was no connection to write them on."""
         ws = self._ws
         if ws is None:
-            return
+            return False
         try:
             for piece in pieces:
                 await ws.send(piece)
         except ConnectionClosed:
-            pass  # the reader notices and resumes; pending requests are replayed
+            return False  # the reader notices and resumes; pending requests are replayed
+        return True
 
     def _schedule_ack(self) -> None:
         if not self._ack_scheduled:
@@ -445,15 +497,6 @@ class GatewayConnection:
         self._ack_scheduled = False
         with self._lock:
             data = self._session.ack() if self._ws is not None else None
-        if data is not None:
-            self._send_nowait([data])
-
-    def _flush_releases(self) -> None:
-        if self._ws is None:
-            return
-        with self._lock:
-            handles, self._releases = self._releases, []
-            data = self._session.release(handles) if handles else None
         if data is not None:
             self._send_nowait([data])
 

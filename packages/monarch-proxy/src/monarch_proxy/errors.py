@@ -17,14 +17,32 @@
     │   ├── ArgumentEncodingError  arguments or results could not be pickled or unpickled
     │   ├── ActorImportError       the gateway could not import an actor class by reference
     │   └── WorkerLostError        a worker process died or became unreachable mid-call
+    ├── SupervisionError           an actor or process of the mesh failed (also a RuntimeError,
+    │                              like Monarch's, which is final and cannot be subclassed)
     └── RemoteError                an actor raised, and its exception type is not importable here
 
-Remote exceptions whose type *is* importable are re-raised as that type, with the remote
-traceback attached as ``__cause__`` (a :class:`RemoteTraceback`), so ``except ValueError`` works
-the same through the proxy as it does in-process.
+    ActorError                     an actor's endpoint raised (an Exception, as in Monarch)
+
+An exception an actor's endpoint raises reaches the caller as Monarch raises it, an
+``ActorError`` whose ``exception`` is the original, and *also* an instance of the original's type:
+the class raised is made once per original type with both as bases
+(``ActorError[ValueError]``), so ``except ActorError`` (Monarch code) and ``except ValueError``
+(code written against earlier proxies, or in-process) both catch it. Where torchmonarch is
+imported in this process, Monarch's own ``monarch.actor.ActorError`` is a base too. Its
+``message``, ``exception_formatted`` and ``str()`` read as Monarch's; the remote traceback is
+also ``__cause__`` (a :class:`RemoteTraceback`). A type that cannot be combined (a final
+extension type) is carried by a plain ``ActorError``. Exceptions raised by Monarch itself while
+serving a request (a bad slice label: ``TypeError``; a stopped mesh: ``RuntimeError``) are raised
+as their own type, as Monarch raises them to its caller; a type not importable here becomes a
+:class:`RemoteError`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from typing import Any
 
 from monarch_proxy.protocol.names import ErrorCode
 
@@ -162,6 +180,92 @@ class RemoteError(ProxyError):
         super().__init__(f"{type_name}: {message}")
 
 
+class SupervisionError(ProxyError, RuntimeError):
+    """An actor or process the call needed has failed (Monarch raises its own
+    ``SupervisionError``, a ``RuntimeError``). ``endpoint`` names the call, as in Monarch."""
+
+    endpoint: str | None = None
+
+
+class ActorError(Exception):
+    """An actor's endpoint raised ``exception`` (see the module docstring for the classes
+    actually raised, which are also instances of ``type(exception)``)."""
+
+    exception: BaseException
+    exception_formatted: str
+    message: str
+
+    def __init__(
+        self, exception: BaseException, message: str = "A remote actor call has failed."
+    ) -> None:
+        super().__init__(exception, message)
+        self.exception = exception
+        self.exception_formatted = str(exception)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message}\n {self.exception_formatted}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_actor_error, (self.exception, self.message, self.exception_formatted))
+
+
+def _rebuild_actor_error(exception: BaseException, message: str, formatted: str) -> ActorError:
+    return actor_error(exception, message, formatted)
+
+
+def _monarch_actor_error() -> type | None:
+    """Monarch's ActorError, only if torchmonarch is already imported (never import it here)."""
+    module = sys.modules.get("monarch._src.actor.actor_mesh")
+    found = getattr(module, "ActorError", None)
+    return found if isinstance(found, type) else None
+
+
+@functools.cache
+def _actor_error_class(original: type, monarch_error: type | None) -> type:
+    bases: tuple[type, ...] = (
+        (ActorError,) if monarch_error is None else (ActorError, monarch_error)
+    )
+    if issubclass(original, bases):
+        return original
+    try:
+        return type(
+            "ActorError",
+            (*bases, original),
+            {"__module__": __name__, "__qualname__": f"ActorError[{original.__qualname__}]"},
+        )
+    except TypeError:  # a final or layout-incompatible type: ActorError alone carries it
+        return type("ActorError", bases, {"__module__": __name__}) if monarch_error else ActorError
+
+
+def actor_error(
+    exception: BaseException,
+    message: str,
+    formatted: str,
+    cause: BaseException | None = None,
+) -> ActorError:
+    """The exception to raise for an actor's ``exception``: an ActorError that is also an
+    instance of ``type(exception)`` (see the module docstring)."""
+    cls: type[ActorError] = _actor_error_class(type(exception), _monarch_actor_error())  # type: ignore[arg-type]
+    error: ActorError
+    try:
+        error = cls.__new__(cls, *exception.args)
+        if cls is not ActorError:
+            with contextlib.suppress(Exception):  # e.g. OSError's errno, parsed in __init__
+                type(exception).__init__(error, *exception.args)
+        if hasattr(exception, "__dict__"):
+            error.__dict__.update(vars(exception))
+    except Exception:
+        error = ActorError.__new__(ActorError, exception, message)
+    error.exception = exception
+    error.exception_formatted = formatted
+    error.message = message
+    if cause is not None:
+        error.__cause__ = cause
+        exception.__cause__ = cause
+    return error
+
+
 class RemoteTraceback(Exception):
     """Carries a remote traceback's text; set as ``__cause__`` of re-raised remote errors."""
 
@@ -194,4 +298,5 @@ FAILURE_CATEGORIES: dict[str, type[ProxyError]] = {
     "actor_import": ActorImportError,
     "worker_lost": WorkerLostError,
     "gateway": GatewayError,
+    "supervision": SupervisionError,
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import queue
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
@@ -78,30 +79,35 @@ class StreamProxy(Generic[T]):
     ``for f in stream: f.get()`` works the same; ``async for value in stream`` yields values.
     """
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, load_ref: codec.LoadRef | None = None) -> None:
         self._description = description
         self._queue: queue.Queue[Any] = queue.Queue()
         self._done: concurrent.futures.Future[Reply] | None = None
+        self._decode = functools.partial(codec.value_from, load_ref=load_ref)
 
     def _attach(self, done: concurrent.futures.Future[Reply]) -> None:
         self._done = done
         done.add_done_callback(lambda _: self._queue.put(_END))
 
     def _on_item(self, meta: dict[str, Any], payload: bytes | memoryview) -> None:
-        self._queue.put(bytes(payload))
+        self._queue.put((meta, bytes(payload)))
 
     def __iter__(self) -> Iterator[FutureProxy[T]]:
+        """One completed future per actor; an actor that failed fails only its own future."""
         while True:
             item = self._queue.get()
             if item is _END:
                 assert self._done is not None
                 self._done.result()  # raise the stream's failure, if any
                 return
+            meta, payload = item
             resolved: concurrent.futures.Future[Reply] = concurrent.futures.Future()
-            resolved.set_result(({}, item))
-            yield FutureProxy(
-                resolved, lambda _m, p: codec.loads(p, "stream item"), self._description
-            )
+            failure = meta.get("failure")
+            if isinstance(failure, dict):
+                resolved.set_exception(codec.decode_failure(failure, payload))
+            else:
+                resolved.set_result((meta, payload))
+            yield FutureProxy(resolved, self._decode, self._description)
 
     async def __aiter__(self) -> AsyncIterator[T]:
         iterator = iter(self)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import importlib
 import threading
 import time
@@ -26,6 +27,7 @@ from monarch_proxy import codec
 from monarch_proxy.connection import GatewayConnection
 from monarch_proxy.errors import (
     ActorImportError,
+    ArgumentEncodingError,
     CallTimeoutError,
     ProxyError,
     WorkspaceUnavailableError,
@@ -88,19 +90,25 @@ class MeshProxy(ShapeOps):
         reply, _ = self._connection.request(Op.MESH_SLICE, meta)
         return self._derive(type(self), reply, shape)
 
-    def stop(self) -> FutureProxy[None]:
-        """Stop the mesh's actors or processes on the workers."""
-        future = self._connection.submit(Op.MESH_STOP, {"handle": self._handle})
+    def stop(self, reason: str | None = None) -> FutureProxy[None]:
+        """Stop the mesh's actors or processes on the workers (``reason`` as in Monarch)."""
+        meta: dict[str, Any] = {"handle": self._handle}
+        if reason is not None:
+            meta["reason"] = str(reason)
+        future = self._connection.submit(Op.MESH_STOP, meta)
         return FutureProxy(future, lambda _m, _p: None, f"{self._name}.stop()")
 
     def _derive(self, cls: type[N], meta: dict[str, Any], shape: Shape | None = None) -> N:
-        return cls(
+        derived = cls(
             self._connection,
             int(meta["handle"]),
             codec.extent_from_meta(meta["extent"]),
             str(meta.get("name", self._name)),
             shape,
         )
+        if "endpoints" in meta:  # an actor mesh: other names fail at once (AttributeError)
+            derived.__dict__["_endpoints"] = frozenset(meta["endpoints"])
+        return derived
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._name!r} {self.extent!r}>"
@@ -110,15 +118,24 @@ class HostMeshProxy(MeshProxy):
     _kind = "host"
 
     def spawn_procs(
-        self, per_host: dict[str, int] | None = None, name: str = "procs"
+        self,
+        per_host: dict[str, int] | None = None,
+        bootstrap: Callable[[], Any] | None = None,
+        name: str | None = None,
     ) -> ProcMeshProxy:
-        """Start processes on every host: ``per_host={"gpus": 8}`` gives 8 per host."""
+        """Start processes on every host: ``per_host={"gpus": 8}`` gives 8 per host;
+        ``bootstrap`` (a function, sync or async) runs in each process first, as in Monarch."""
         per_host = dict(per_host or {})
         for label, size in per_host.items():
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"per_host[{label!r}] must be a positive int, got {size!r}")
+        if bootstrap is not None and not callable(bootstrap):
+            raise TypeError(f"bootstrap must be callable, not {type(bootstrap).__name__}")
+        payload = codec.dumps_call((bootstrap,), {}) if bootstrap is not None else b""
         meta, _ = self._connection.request(
-            Op.HOST_SPAWN_PROCS, {"handle": self._handle, "per_host": per_host, "name": name}
+            Op.HOST_SPAWN_PROCS,
+            {"handle": self._handle, "per_host": per_host, "name": name or "anon"},
+            payload,
         )
         return self._derive(ProcMeshProxy, meta)
 
@@ -127,14 +144,19 @@ class ProcMeshProxy(MeshProxy):
     _kind = "proc"
 
     def spawn(
-        self, name: str, actor: type | str, *args: Any, by_value: bool | None = None, **kwargs: Any
+        self, name: str, actor: type | str | codec.ByValue, *args: Any, **kwargs: Any
     ) -> ActorMeshProxy:
-        """Spawn ``actor`` on every process. ``actor`` is a class or a ``"module:Class"`` name.
+        """Spawn ``actor`` on every process. ``actor`` is a class or a ``"module:Class"`` name;
+        every other argument, keywords included, goes to its constructor.
 
         Classes that workers can import travel by reference; classes from ``__main__``, a
         notebook or a function body travel by value (cloudpickle). If the gateway cannot import
-        a class by reference, it is sent again by value.
+        a class by reference, it is sent again by value; ``monarch_proxy.by_value(cls)`` sends
+        it by value at once.
         """
+        by_value: bool | None = None
+        if isinstance(actor, codec.ByValue):
+            actor, by_value = actor.cls, True
         if isinstance(actor, str):
             reference, cls = actor, None
             if ":" not in reference:
@@ -160,17 +182,17 @@ class ProcMeshProxy(MeshProxy):
         kwargs: dict[str, Any],
     ) -> ActorMeshProxy:
         class_bytes = codec.dumps_class(cls) if cls is not None else b""
-        meta, _ = self._connection.request(
-            Op.PROC_SPAWN,
-            {
-                "handle": self._handle,
-                "name": name,
-                "actor": reference,
-                "by_value": cls is not None,
-                "class_size": len(class_bytes),
-            },
-            class_bytes + codec.dumps_call(args, kwargs),
-        )
+        arguments, refs = codec.encode_call(args, kwargs)
+        request: dict[str, Any] = {
+            "handle": self._handle,
+            "name": name,
+            "actor": reference,
+            "by_value": cls is not None,
+            "class_size": len(class_bytes),
+        }
+        if refs is not None:
+            request["refs"] = refs
+        meta, _ = self._connection.request(Op.PROC_SPAWN, request, class_bytes + arguments)
         return self._derive(ActorMeshProxy, meta)
 
 
@@ -198,16 +220,37 @@ class EndpointProxy:
     """``actors.<endpoint>``: the ways to call one endpoint, as in Monarch."""
 
     def __init__(self, mesh: ActorMeshProxy, name: str) -> None:
+        endpoints = mesh.__dict__.get("_endpoints")  # from the gateway, when it spawned them
+        if endpoints is not None and name not in endpoints:
+            raise AttributeError(
+                f"actor mesh {mesh.__dict__.get('_name') or mesh.__dict__.get('name')!r} has no "
+                f"endpoint {name!r}; its "
+                f"endpoints are {sorted(endpoints)}"
+            )
         self._mesh = mesh
         self._name = name
+
+    def _load_ref(self, pid: Any) -> Any:
+        return load_reference(self._mesh._connection, pid)
+
+    def _value(self, meta: dict[str, Any], payload: bytes | memoryview) -> Any:
+        return codec.value_from(meta, payload, self._load_ref)
+
+    def _value_mesh(self, meta: dict[str, Any], payload: bytes | memoryview) -> ValueMesh[Any]:
+        return codec.value_mesh_from(meta, payload, self._load_ref)
 
     def _submit(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], **options: Any
     ) -> Any:
-        meta = {"handle": self._mesh._handle, "endpoint": self._name, "method": method}
-        return self._mesh._connection.submit(
-            Op.ENDPOINT_CALL, meta, codec.dumps_call(args, kwargs), **options
-        )
+        meta: dict[str, Any] = {
+            "handle": self._mesh._handle,
+            "endpoint": self._name,
+            "method": method,
+        }
+        payload, refs = codec.encode_call(args, kwargs)
+        if refs is not None:
+            meta["refs"] = refs
+        return self._mesh._connection.submit(Op.ENDPOINT_CALL, meta, payload, **options)
 
     def _describe(self, method: str) -> str:
         return f"{self._mesh._name}.{self._name}.{method}()"
@@ -215,34 +258,53 @@ class EndpointProxy:
     def call(self, *args: Any, **kwargs: Any) -> FutureProxy[ValueMesh[Any]]:
         """Call every actor; the result has one value per point of the mesh."""
         return FutureProxy(
-            self._submit("call", args, kwargs), codec.value_mesh_from, self._describe("call")
+            self._submit("call", args, kwargs), self._value_mesh, self._describe("call")
         )
 
     def call_one(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
         """Call the single actor of a size-1 mesh (slice first)."""
         return FutureProxy(
-            self._submit("call_one", args, kwargs), _decode_value, self._describe("call_one")
+            self._submit("call_one", args, kwargs), self._value, self._describe("call_one")
         )
 
     def choose(self, *args: Any, **kwargs: Any) -> FutureProxy[Any]:
         """Call one actor of the mesh, picked by Monarch."""
         return FutureProxy(
-            self._submit("choose", args, kwargs), _decode_value, self._describe("choose")
+            self._submit("choose", args, kwargs), self._value, self._describe("choose")
         )
 
     def broadcast(self, *args: Any, **kwargs: Any) -> None:
-        """Send to every actor without waiting for results."""
-        self._submit("broadcast", args, kwargs)
+        """Send to every actor without waiting for results. A failure to send (bad arguments,
+        a stopped mesh) is reported to the fault hook, as Monarch reports a failed broadcast."""
+        future = self._submit("broadcast", args, kwargs)
+        future.add_done_callback(
+            functools.partial(self._mesh._connection.report_background, self._describe("broadcast"))
+        )
 
     def stream(self, *args: Any, **kwargs: Any) -> StreamProxy[Any]:
         """Call every actor; iterate over the results as they arrive."""
-        stream: StreamProxy[Any] = StreamProxy(self._describe("stream"))
+        stream: StreamProxy[Any] = StreamProxy(self._describe("stream"), self._load_ref)
         stream._attach(self._submit("stream", args, kwargs, on_item=stream._on_item))
         return stream
 
 
-def _decode_value(meta: dict[str, Any], payload: bytes | memoryview) -> Any:
-    return codec.loads(payload, "result")
+def load_reference(connection: GatewayConnection, pid: Any) -> Any:
+    """What a persistent id in a result stands for (see codec): a mesh the gateway registered in
+    this session becomes its proxy, a value mesh a ValueMesh."""
+    tag = pid[0] if isinstance(pid, tuple) and pid else None
+    if tag == codec.MESH_REF and len(pid) == 7:
+        _, kind, handle, labels, sizes, name, endpoints = pid
+        cls = {"host": HostMeshProxy, "proc": ProcMeshProxy, "actor": ActorMeshProxy}[kind]
+        mesh = cls(connection, int(handle), Extent(tuple(labels), tuple(sizes)), str(name))
+        if endpoints is not None:
+            mesh.__dict__["_endpoints"] = frozenset(endpoints)
+        return mesh
+    if tag == codec.VALUE_MESH_REF and len(pid) == 4:
+        return ValueMesh(Extent(tuple(pid[1]), tuple(pid[2])), pid[3])
+    raise ArgumentEncodingError(f"the gateway sent a reference this client does not know: {pid!r}")
+
+
+codec.register_handle_type(MeshProxy)
 
 
 class Workspace(Protocol):

@@ -22,6 +22,7 @@ from monarch_proxy.errors import FrameTooLargeError, InvalidStateError, Protocol
 from monarch_proxy.protocol.events import (
     ConnectionFailed,
     Failed,
+    Faulted,
     Logged,
     MembershipChanged,
     Rejected,
@@ -50,6 +51,7 @@ ClientEvent = (
     | Streamed
     | Logged
     | MembershipChanged
+    | Faulted
     | Rejected
     | ConnectionFailed
 )
@@ -65,8 +67,10 @@ class ClientSession:
         *,
         versions: tuple[int, int] = (MIN_VERSION, MAX_VERSION),
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        keep_procs: bool = False,
     ) -> None:
         self.versions = versions
+        self.keep_procs = keep_procs
         self.session_id: str | None = None
         self.version: int | None = None
         # Until WELCOME says otherwise, assume the gateway takes what we take.
@@ -92,6 +96,8 @@ class ClientSession:
                 f"HELLO is sent only before WELCOME, not when {self.state.name}"
             )
         meta: dict[str, Any] = {"versions": list(self.versions), "client": "monarch-proxy"}
+        if self.keep_procs:
+            meta["keep_procs"] = True
         if self.session_id is not None:
             meta["session"] = self.session_id
             meta["last_seq"] = self._last_seq
@@ -190,6 +196,13 @@ class ClientSession:
             ]
         if kind is FrameKind.MEMBERS:
             return [MembershipChanged(dict(frame.meta))]
+        if kind is FrameKind.FAULT:
+            return [
+                Faulted(
+                    str(frame.meta.get("mesh", "")),
+                    bytes(frame.payload).decode("utf-8", "replace"),
+                )
+            ]
         if kind is FrameKind.ERROR:
             meta = dict(frame.meta)
             return [Rejected(str(meta.get("code", "error")), str(meta.get("message")), meta)]

@@ -86,6 +86,18 @@ class Hello:
     version: int
     session_id: str | None
     last_seq: int
+    # The client asked that its proc meshes outlive the session (else the gateway stops them
+    # when the session ends for good).
+    keep_procs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Faulted:
+    """A mesh of this session failed with nobody waiting on a call to hear it (``mesh``: the
+    name the client gave it; ``report``: Monarch's); the client runs its fault hook."""
+
+    mesh: str
+    report: str
 
 
 # Both sides.

@@ -71,6 +71,7 @@ class FrameKind(enum.IntEnum):
     LOG = 20
     ERROR = 21
     MEMBERS = 22  # the meshes' workers changed (one lost, one replaced): meta says how they stand
+    FAULT = 23  # an actor or process of one of the session's meshes failed (Monarch's supervision)
     # either direction
     CHUNK = 32
     BATCH = 33

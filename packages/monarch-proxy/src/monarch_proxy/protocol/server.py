@@ -159,6 +159,9 @@ class ServerHandshake:
                 raise ProtocolError("HELLO session must be a string")
             if type(last_seq) is not int or not 0 <= last_seq <= MAX_SEQ:
                 raise ProtocolError("HELLO last_seq must be a non-negative integer")
+            keep_procs = hello[0].meta.get("keep_procs", False)
+            if type(keep_procs) is not bool:
+                raise ProtocolError("HELLO keep_procs must be a boolean")
         except Exception as exc:
             error = _as_protocol_error(exc)
             if not isinstance(error, ProtocolVersionError):
@@ -166,7 +169,7 @@ class ServerHandshake:
             self.state, self.failure = State.CLOSED, error
             return [failed(error)]
         self.state = next_state(self.side, self.state, FrameKind.HELLO)
-        return [Hello(version, session, last_seq)]
+        return [Hello(version, session, last_seq, keep_procs)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +338,11 @@ class ServerSession:
     @staticmethod
     def members(state: dict[str, Any]) -> bytes:
         return Frame(FrameKind.MEMBERS, meta=state).encode()
+
+    @staticmethod
+    def fault(mesh: str, report: str) -> bytes:
+        """A FAULT frame (unsequenced, like LOG): a mesh of the session failed."""
+        return Frame(FrameKind.FAULT, meta={"mesh": mesh}, payload=report.encode()).encode()
 
     def _reliable(
         self, kind: FrameKind, request_id: int, meta: dict[str, Any], payload: bytes

@@ -47,7 +47,9 @@ ACCEPTS: dict[Side, dict[State, frozenset[FrameKind]]] = {
     },
     Side.CLIENT: {
         State.HANDSHAKE: frozenset({K.WELCOME, K.ERROR}),
-        State.OPEN: frozenset({K.REPLY, K.FAILURE, K.ITEM, K.LOG, K.MEMBERS, K.ERROR, K.CHUNK}),
+        State.OPEN: frozenset(
+            {K.REPLY, K.FAILURE, K.ITEM, K.LOG, K.MEMBERS, K.FAULT, K.ERROR, K.CHUNK}
+        ),
         State.CLOSED: frozenset(),
     },
 }
