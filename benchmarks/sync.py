@@ -726,13 +726,17 @@ def channel_push(code: Path, src: Path, base: Path, n: int) -> tuple[float, floa
             addrs.append(p.stdout.readline().split(" on ")[1].split(",")[0])
         before = sum(_proc_cpu(p.pid) for p in procs)
         t0 = time.perf_counter()
-        pusher = subprocess.Popen(
-            [sys.executable, "-m", "monarch_sync.cli", "push", str(src), "--to", ",".join(addrs),
-             "--quiet"], env=env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        _, status, usage = os.wait4(pusher.pid, 0)
+        log = base / "push.log"
+        with open(log, "w") as f:
+            pusher = subprocess.Popen(
+                [sys.executable, "-m", "monarch_sync.cli", "push", str(src), "--to",
+                 ",".join(addrs), "--quiet", "--stall-timeout", "30"],
+                env=env, stdout=f, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            _, status, usage = os.wait4(pusher.pid, 0)
         wall = time.perf_counter() - t0
-        assert os.waitstatus_to_exitcode(status) == 0, "push failed"
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"push with {code} to {n} agents failed:\n{log.read_text()}")
         # Agents finish housekeeping (the spare clone) after the push: count it, for both ways.
         agents_cpu = sum(_proc_cpu(p.pid) for p in procs)
         while True:

@@ -52,7 +52,8 @@ __all__ = [
 HEADER = struct.Struct("!BI")
 TAG_SIZE = 16  # bytes of MAC after every payload
 BATCH_COUNT = struct.Struct("!H")
-BATCH_ENTRY = struct.Struct(f"!II{TAG_SIZE}s")  # index, size, the blob's tag
+ENTRY_FORMAT = f"II{TAG_SIZE}s"  # index, size, the blob's tag
+BATCH_ENTRY = struct.Struct(f"!{ENTRY_FORMAT}")
 FRAME_LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # manifests of very large trees travel in one frame
 PREALLOC = 4 * 1024 * 1024  # split frames up to this size are buffered in one allocation
@@ -126,11 +127,7 @@ def blobs_table(items: list[BlobItem]) -> bytes:
     count = len(items)
     if not 1 <= count <= MAX_BATCH_BLOBS:
         raise ValueError(f"a BLOBS frame holds 1 to {MAX_BATCH_BLOBS} blobs, not {count}")
-    out = bytearray(BATCH_COUNT.size + count * BATCH_ENTRY.size)
-    BATCH_COUNT.pack_into(out, 0, count)
-    for k, item in enumerate(items):
-        BATCH_ENTRY.pack_into(out, BATCH_COUNT.size + k * BATCH_ENTRY.size, *item)
-    return bytes(out)
+    return struct.pack(f"!H{ENTRY_FORMAT * count}", count, *[v for item in items for v in item])
 
 
 def blobs_table_size(payload: Payload) -> int:
@@ -165,17 +162,16 @@ def decode_blobs(frame: Frame) -> list[tuple[int, Payload, bytes]]:
     pos = BATCH_COUNT.size + count * BATCH_ENTRY.size
     if n < pos:
         raise SyncProtocolError("BLOBS frame shorter than its table")
-    table = [BATCH_ENTRY.unpack_from(payload, BATCH_COUNT.size + k * BATCH_ENTRY.size)
-             for k in range(count)]  # fmt: skip
-    if sum(size for _, size, _ in table) != n - pos:
+    table = struct.unpack_from(f"!{ENTRY_FORMAT * count}", payload, BATCH_COUNT.size)
+    if sum(table[1::3]) != n - pos:
         raise SyncProtocolError("BLOBS frame sizes do not add up to its length")
     if count > 1 and n - pos > MAX_BATCH_BYTES:
         raise SyncProtocolError(f"BLOBS frame carries more than {MAX_BATCH_BYTES} bytes")
     out: list[tuple[int, Payload, bytes]] = []
     view = payload if isinstance(payload, memoryview) else memoryview(payload)
-    for index, size, tag in table:
-        end = pos + size
-        out.append((index, view[pos:end], tag))
+    for k in range(0, 3 * count, 3):
+        end = pos + table[k + 1]
+        out.append((table[k], view[pos:end], table[k + 2]))
         pos = end
     return out
 
