@@ -804,6 +804,89 @@ def channel_cost(refs: list[str], work: Path, out: dict, *, ns: list[int], repea
                   flush=True)  # fmt: skip
 
 
+def channel_ops(work: Path, out: dict, *, ns: list[int], repeats: int = 7) -> None:
+    """CPU seconds of the channel's own work in a full push to N agents, in this process.
+
+    The 40 MB workspace of --channel, batched into BLOBS frames as a sender does, then for each
+    scheme exactly the MAC work a push does on top of the unprotected channel (the XXH3 check
+    is common to all): blob tags (the client seals each blob; every node checks each blob's tag
+    and the table MAC of each frame it receives and sends) against the per-frame MAC over every
+    byte (every hop MACs each frame when sent, joined, and when received). Minimum of
+    ``repeats``: interference only adds CPU, so the minimum is the cost.
+    """
+    import hmac
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from monarch_sync.frames import FrameType, blobs_covered, blobs_table
+    from monarch_sync.manifest import chunk_digest
+    from monarch_sync.protocol import BlobTags, _tag
+
+    src = work / "ops-src"
+    make_workspace(src, files=1000, large=0)
+    datas = [p.read_bytes() for p in sorted(src.rglob("*.py"))]
+    blobs = [(chunk_digest(d), len(d)) for d in datas]
+    tags = BlobTags(TOKEN, "p", "root", blobs)
+    mac = AESGCM(bytes(32))
+    frames: list[list[int]] = [[]]
+    size = 0
+    for i, d in enumerate(datas):
+        if frames[-1] and (size + len(d) > 256 * 1024 or len(frames[-1]) == 64):
+            frames.append([])
+            size = 0
+        frames[-1].append(i)
+        size += len(d)
+
+    def cpu(fn) -> float:  # type: ignore[no-untyped-def]
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t0)
+        return best
+
+    sealed = [tags.seal(i, d) for i, d in enumerate(datas)]
+    tables = [blobs_table([(i, len(datas[i]), sealed[i]) for i in f]) for f in frames]
+    lengths = [len(t) + sum(len(datas[i]) for i in f) for t, f in zip(tables, frames, strict=True)]
+
+    def seal_all() -> None:  # the client, once per push
+        for i, d in enumerate(datas):
+            tags.seal(i, d)
+
+    def node_unprotected() -> None:  # one node's digest checks, common to every scheme
+        for f in frames:
+            for i in f:
+                chunk_digest(datas[i])
+
+    def node_blob_tags() -> None:  # receive (table MAC, digest then tag), send on (table MAC)
+        for f, table, n in zip(frames, tables, lengths, strict=True):
+            _tag(mac, 1, FrameType.BLOBS, blobs_covered(table, length=n))
+            for i in f:
+                chunk_digest(datas[i])
+                hmac.compare_digest(tags._tag(i, datas[i]), sealed[i])
+            _tag(mac, 1, FrameType.BLOBS, blobs_covered(table, length=n))
+
+    def node_per_frame() -> None:  # receive (MAC over the frame, digests), send on (join, MAC)
+        for f, table in zip(frames, tables, strict=True):
+            payload = b"".join([table, *[datas[i] for i in f]])
+            _tag(mac, 1, FrameType.BLOBS, payload)
+            for i in f:
+                chunk_digest(datas[i])
+            _tag(mac, 1, FrameType.BLOBS, b"".join([table, *[datas[i] for i in f]]))
+
+    client = cpu(seal_all)
+    base, tagged, framed = cpu(node_unprotected), cpu(node_blob_tags), cpu(node_per_frame)
+    for n in ns:
+        out[f"channel_ops_unprotected_cpu_s_{n}"] = n * base
+        out[f"channel_ops_blob_tags_extra_cpu_s_{n}"] = client + n * (tagged - base)
+        out[f"channel_ops_per_frame_extra_cpu_s_{n}"] = n * (framed - base)
+        print(f"N={n}: CPU per push on top of the digest checks ({n * base:.3f}s): blob tags "
+              f"+{out[f'channel_ops_blob_tags_extra_cpu_s_{n}']:.3f}s, per-frame MAC over "
+              f"every byte +{out[f'channel_ops_per_frame_extra_cpu_s_{n}']:.3f}s "
+              f"({sum(len(d) for d in datas) / 1e6:.0f} MB, {len(datas)} blobs, "
+              f"{len(frames)} frames)", flush=True)  # fmt: skip
+
+
 def make_workspace_undo_edit(src: Path) -> None:
     p = src / "pkg3" / "sub3" / "mod3.py"
     p.write_bytes(p.read_bytes().removesuffix(b"\n# edited\n"))
@@ -860,6 +943,7 @@ def main() -> int:
             gateway_vs_direct(work, out, quick=args.quick, ns=args.ns)
         elif args.channel:
             refs = args.channel.split(",")
+            channel_ops(work, out, ns=args.ns or [8, 32])
             channel_cost(refs, work, out, ns=args.ns or [8, 32], repeats=REPEATS or 3)
         else:
             ns = args.ns or ([8, 32] if args.quick else [8, 32, 64])
