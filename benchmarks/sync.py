@@ -5,13 +5,15 @@
     python benchmarks/sync.py --netns                    # only the bandwidth-limited run (root)
     python benchmarks/sync.py --simulate                 # only the 1,000 / 10,000 node model
     python benchmarks/sync.py --gateway --quick          # through the gateway against direct
-    python benchmarks/sync.py --channel main             # channel MAC cost: main vs this tree
+    python benchmarks/sync.py --channel 69b7b92          # channel MAC cost: unprotected vs this
 
-``--channel REF``: the cost of the authenticated channel. Full pushes (N = 8, 32) of a 40 MB,
-1,000-file tree with this tree's monarch-sync and with the one at git REF (extracted to a
-temporary folder), alternating, on fresh agents each time; pusher and agents are processes
-(``PYTHONPATH`` picks the code), and their CPU seconds (user + system, from ``/proc``) are
-summed next to the push's wall time. ``channel_cpu_ratio_N`` = after / before (median).
+``--channel REF[,REF...]``: the cost of the authenticated channel. Full pushes (N = 8, 32) of a
+40 MB, 1,000-file tree with this tree's monarch-sync and with the one at each git REF
+(extracted to a temporary folder), alternating, on fresh agents each time; pusher and agents
+are processes (``PYTHONPATH`` picks the code), and their CPU seconds (user + system, from
+``/proc``) are summed next to the push's wall time. ``channel_cpu_ratio_N`` = this tree over
+the first REF (medians), ``channel_cpu_ratio_N_<REF>`` a further REF over the first. 69b7b92
+is the last commit before the channel had a MAC.
 
 ``--gateway``: the same pushes through a real gateway's ``/sync`` relay to the agent beside it,
 which plans the tree over the workers' agents, against pushing to those same agents directly:
@@ -724,13 +726,17 @@ def channel_push(code: Path, src: Path, base: Path, n: int) -> tuple[float, floa
             addrs.append(p.stdout.readline().split(" on ")[1].split(",")[0])
         before = sum(_proc_cpu(p.pid) for p in procs)
         t0 = time.perf_counter()
-        pusher = subprocess.Popen(
-            [sys.executable, "-m", "monarch_sync.cli", "push", str(src), "--to", ",".join(addrs),
-             "--quiet"], env=env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        _, status, usage = os.wait4(pusher.pid, 0)
+        log = base / "push.log"
+        with open(log, "w") as f:
+            pusher = subprocess.Popen(
+                [sys.executable, "-m", "monarch_sync.cli", "push", str(src), "--to",
+                 ",".join(addrs), "--quiet", "--stall-timeout", "30"],
+                env=env, stdout=f, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            _, status, usage = os.wait4(pusher.pid, 0)
         wall = time.perf_counter() - t0
-        assert os.waitstatus_to_exitcode(status) == 0, "push failed"
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"push with {code} to {n} agents failed:\n{log.read_text()}")
         # Agents finish housekeeping (the spare clone) after the push: count it, for both ways.
         agents_cpu = sum(_proc_cpu(p.pid) for p in procs)
         while True:
@@ -749,22 +755,27 @@ def channel_push(code: Path, src: Path, base: Path, n: int) -> tuple[float, floa
         shutil.rmtree(base, ignore_errors=True)
 
 
-def channel_cost(ref: str, work: Path, out: dict, *, ns: list[int], repeats: int) -> None:
-    """Full pushes with the code at ``ref`` and with this tree's, alternating (see --channel)."""
+def channel_cost(refs: list[str], work: Path, out: dict, *, ns: list[int], repeats: int) -> None:
+    """Full pushes with the code at each ref and with this tree's, alternating (see --channel).
+
+    The first ref is the baseline ("before"); ``channel_cpu_ratio_N`` is this tree's CPU over
+    it, ``channel_cpu_ratio_N_<ref>`` each further ref's.
+    """
     repo = Path(__file__).resolve().parent.parent
-    old = work / "before"
-    old.mkdir(parents=True)
-    tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "packages/monarch-sync/src"],
-                         check=True, capture_output=True).stdout  # fmt: skip
-    subprocess.run(["tar", "-x", "-C", str(old)], input=tar, check=True)
-    codes = {
-        "before": old / "packages/monarch-sync/src",
-        "after": repo / "packages/monarch-sync/src",
-    }
+    codes: dict[str, Path] = {}
+    for k, ref in enumerate(refs):
+        way = "before" if k == 0 else f"ref_{ref}"
+        old = work / way
+        old.mkdir(parents=True)
+        tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "packages/monarch-sync/src"],
+                             check=True, capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(old)], input=tar, check=True)
+        codes[way] = old / "packages/monarch-sync/src"
+    codes["after"] = repo / "packages/monarch-sync/src"
     src = work / "src"
     make_workspace(src, files=1000, large=0)
     for n in ns:
-        runs: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        runs: dict[str, list[tuple[float, float]]] = {way: [] for way in codes}
         for r in range(repeats):
             for way, code in codes.items():
                 runs[way].append(channel_push(code, src, work / f"{way}-{n}-{r}", n))
@@ -772,17 +783,108 @@ def channel_cost(ref: str, work: Path, out: dict, *, ns: list[int], repeats: int
             walls, cpus = zip(*runs[way], strict=True)
             out[f"channel_{way}_wall_s_{n}"] = sorted(walls)[len(walls) // 2]
             out[f"channel_{way}_cpu_s_{n}"] = sorted(cpus)[len(cpus) // 2]
-        out[f"channel_cpu_ratio_{n}"] = (
-            out[f"channel_after_cpu_s_{n}"] / out[f"channel_before_cpu_s_{n}"]
-        )
-        out[f"channel_wall_ratio_{n}"] = (
-            out[f"channel_after_wall_s_{n}"] / out[f"channel_before_wall_s_{n}"]
-        )
-        print(f"N={n}: CPU after/before {out[f'channel_cpu_ratio_{n}']:.3f} "
-              f"({out[f'channel_after_cpu_s_{n}']:.2f}s / {out[f'channel_before_cpu_s_{n}']:.2f}s), "
-              f"wall {out[f'channel_wall_ratio_{n}']:.3f} "
-              f"({out[f'channel_after_wall_s_{n}']:.2f}s / {out[f'channel_before_wall_s_{n}']:.2f}s)",
-              flush=True)  # fmt: skip
+            out[f"channel_{way}_cpu_s_{n}_min"] = min(cpus)  # contention only adds CPU
+            out[f"channel_{way}_cpu_s_{n}_runs"] = [round(c, 3) for c in cpus]
+        base_cpu, base_wall = out[f"channel_before_cpu_s_{n}"], out[f"channel_before_wall_s_{n}"]
+        for way in codes:
+            if way == "before":
+                continue
+            suffix = "" if way == "after" else f"_{way[4:]}"
+            cpu = out[f"channel_cpu_ratio_{n}{suffix}"] = out[f"channel_{way}_cpu_s_{n}"] / base_cpu
+            out[f"channel_cpu_min_ratio_{n}{suffix}"] = (
+                out[f"channel_{way}_cpu_s_{n}_min"] / out[f"channel_before_cpu_s_{n}_min"]
+            )
+            wall = out[f"channel_wall_ratio_{n}{suffix}"] = (
+                out[f"channel_{way}_wall_s_{n}"] / base_wall
+            )
+            print(f"N={n} {way}: CPU {cpu:.3f}x ({out[f'channel_{way}_cpu_s_{n}']:.2f}s / "
+                  f"{base_cpu:.2f}s {refs[0]}; min "
+                  f"{out[f'channel_cpu_min_ratio_{n}{suffix}']:.3f}x), wall {wall:.3f}x "
+                  f"({out[f'channel_{way}_wall_s_{n}']:.2f}s / {base_wall:.2f}s)",
+                  flush=True)  # fmt: skip
+
+
+def channel_ops(work: Path, out: dict, *, ns: list[int], repeats: int = 7) -> None:
+    """CPU seconds of the channel's own work in a full push to N agents, in this process.
+
+    The 40 MB workspace of --channel, batched into BLOBS frames as a sender does, then for each
+    scheme exactly the MAC work a push does on top of the unprotected channel (the XXH3 check
+    is common to all): blob tags (the client seals each blob; every node checks each blob's tag
+    and the table MAC of each frame it receives and sends) against the per-frame MAC over every
+    byte (every hop MACs each frame when sent, joined, and when received). Minimum of
+    ``repeats``: interference only adds CPU, so the minimum is the cost.
+    """
+    import hmac
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from monarch_sync.frames import FrameType, blobs_covered, blobs_table
+    from monarch_sync.manifest import chunk_digest
+    from monarch_sync.protocol import BlobTags, _tag
+
+    src = work / "ops-src"
+    make_workspace(src, files=1000, large=0)
+    datas = [p.read_bytes() for p in sorted(src.rglob("*.py"))]
+    blobs = [(chunk_digest(d), len(d)) for d in datas]
+    tags = BlobTags(TOKEN, "p", "root", blobs)
+    mac = AESGCM(bytes(32))
+    frames: list[list[int]] = [[]]
+    size = 0
+    for i, d in enumerate(datas):
+        if frames[-1] and (size + len(d) > 256 * 1024 or len(frames[-1]) == 64):
+            frames.append([])
+            size = 0
+        frames[-1].append(i)
+        size += len(d)
+
+    def cpu(fn) -> float:  # type: ignore[no-untyped-def]
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t0)
+        return best
+
+    sealed = [tags.seal(i, d) for i, d in enumerate(datas)]
+    tables = [blobs_table([(i, len(datas[i]), sealed[i]) for i in f]) for f in frames]
+    lengths = [len(t) + sum(len(datas[i]) for i in f) for t, f in zip(tables, frames, strict=True)]
+
+    def seal_all() -> None:  # the client, once per push
+        for i, d in enumerate(datas):
+            tags.seal(i, d)
+
+    def node_unprotected() -> None:  # one node's digest checks, common to every scheme
+        for f in frames:
+            for i in f:
+                chunk_digest(datas[i])
+
+    def node_blob_tags() -> None:  # receive (table MAC, digest then tag), send on (table MAC)
+        for f, table, n in zip(frames, tables, lengths, strict=True):
+            _tag(mac, 1, FrameType.BLOBS, blobs_covered(table, length=n))
+            for i in f:
+                chunk_digest(datas[i])
+                hmac.compare_digest(tags._tag(i, datas[i]), sealed[i])
+            _tag(mac, 1, FrameType.BLOBS, blobs_covered(table, length=n))
+
+    def node_per_frame() -> None:  # receive (MAC over the frame, digests), send on (join, MAC)
+        for f, table in zip(frames, tables, strict=True):
+            payload = b"".join([table, *[datas[i] for i in f]])
+            _tag(mac, 1, FrameType.BLOBS, payload)
+            for i in f:
+                chunk_digest(datas[i])
+            _tag(mac, 1, FrameType.BLOBS, b"".join([table, *[datas[i] for i in f]]))
+
+    client = cpu(seal_all)
+    base, tagged, framed = cpu(node_unprotected), cpu(node_blob_tags), cpu(node_per_frame)
+    for n in ns:
+        out[f"channel_ops_unprotected_cpu_s_{n}"] = n * base
+        out[f"channel_ops_blob_tags_extra_cpu_s_{n}"] = client + n * (tagged - base)
+        out[f"channel_ops_per_frame_extra_cpu_s_{n}"] = n * (framed - base)
+        print(f"N={n}: CPU per push on top of the digest checks ({n * base:.3f}s): blob tags "
+              f"+{out[f'channel_ops_blob_tags_extra_cpu_s_{n}']:.3f}s, per-frame MAC over "
+              f"every byte +{out[f'channel_ops_per_frame_extra_cpu_s_{n}']:.3f}s "
+              f"({sum(len(d) for d in datas) / 1e6:.0f} MB, {len(datas)} blobs, "
+              f"{len(frames)} frames)", flush=True)  # fmt: skip
 
 
 def make_workspace_undo_edit(src: Path) -> None:
@@ -804,7 +906,8 @@ def main() -> int:
     p.add_argument("--no-rsync", action="store_true", help="skip the rsync baselines")
     p.add_argument("--repeats", type=int, help="full pushes per tool and N (median reported)")
     p.add_argument("--gateway", action="store_true", help="only: through the gateway vs direct")
-    p.add_argument("--channel", metavar="REF", help="only: channel cost, code at REF vs this tree")
+    p.add_argument("--channel", metavar="REF[,REF...]",
+                   help="only: channel cost, code at REF (and more refs) vs this tree")  # fmt: skip
     p.add_argument("--_netns-client", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--_gateway", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -839,7 +942,9 @@ def main() -> int:
         elif args.gateway:
             gateway_vs_direct(work, out, quick=args.quick, ns=args.ns)
         elif args.channel:
-            channel_cost(args.channel, work, out, ns=args.ns or [8, 32], repeats=REPEATS or 3)
+            refs = args.channel.split(",")
+            channel_ops(work, out, ns=args.ns or [8, 32])
+            channel_cost(refs, work, out, ns=args.ns or [8, 32], repeats=REPEATS or 3)
         else:
             ns = args.ns or ([8, 32] if args.quick else [8, 32, 64])
             loopback(ns, work, out, quick=args.quick)
@@ -852,6 +957,7 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     out["bench_wall_s"] = time.perf_counter() - t0
+    out = {k: out[k] for k in sorted(out, key=lambda k: "ratio" not in k)}  # ratios first
     save_json(args.json, out)
     print(f"benchmark took {out['bench_wall_s']:.0f}s")
     return 0

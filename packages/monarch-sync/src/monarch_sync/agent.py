@@ -7,8 +7,9 @@ Each push is a :class:`NodeSession`:
    the current version and preparing a staging clone (in a thread);
 2. answer upstream with NEED: its own missing blobs plus what the children lack that it does
    not hold (it serves what it holds from disk);
-3. receive blobs, verify each BLAKE3 digest (a corrupt one is asked again with REFETCH), write
-   it, and hand it to the children the moment it is verified (cut-through);
+3. receive blobs, verify each one's size, XXH3 digest and tag (:class:`~.protocol.BlobTags`; a
+   corrupt or forged one is asked again with REFETCH, a few times), write it, and hand it to
+   the children with its tag the moment it is verified (cut-through);
 4. once it holds everything, finish the tree, rename it into place and switch ``current``;
 5. gather the children's results and send RESULT upstream.
 
@@ -53,7 +54,7 @@ from .downstream import (
 )
 from .exceptions import BadToken, DigestMismatch, PeerLost, SyncError, SyncProtocolError
 from .frames import ErrorCode, FrameType, bitmap_from_indices, decode_blobs
-from .manifest import Manifest, chunk_digest
+from .manifest import Manifest
 from .recovery import Recovery
 from .staging import Staging, begin_staging
 from .store import Store, synced_path
@@ -450,7 +451,7 @@ class NodeSession:
                 head, body = parse_manifest_frame(frame)
         if manifest is None:
             manifest = await asyncio.to_thread(Manifest.decode, body)
-        if head.get("root") and manifest.root_hash != head["root"]:
+        if manifest.root_hash != head.get("root"):  # blob tags are keyed by the root hash
             raise SyncProtocolError("manifest does not hash to the announced root")
         if len(manifest.blobs) != self.head["blobs"]:
             raise SyncProtocolError("manifest blob count does not match the header")
@@ -472,6 +473,8 @@ class NodeSession:
     async def _receive(self, manifest: Manifest, staging: Staging, ds: Downstream) -> None:
         blobs = manifest.blobs
         need = staging.plan.need
+        tags = ds.tags
+        assert tags is not None, "set_source() first"
         while self.missing or ds.attaching:  # children may still add needs
             conn = await self._wait_upstream()
             try:
@@ -483,14 +486,16 @@ class NodeSession:
                 continue
             if frame.type is FrameType.BLOBS:
                 verified = []
-                for index, data in decode_blobs(frame):  # verified one by one, passed on as a run
+                for index, data, tag in decode_blobs(frame):  # checked one by one, passed on
                     if index in self.got or index >= len(blobs):
                         continue
-                    # The size too: offsets in the tree are computed from the table's sizes.
-                    if len(data) != blobs[index][1] or chunk_digest(data) != blobs[index][0]:
+                    # Size (offsets in the tree come from the table's sizes), digest, and the
+                    # tag made where the blob entered the push: a relay can forge none of them.
+                    if not tags.verify(index, data, tag):
                         self.refetches[index] += 1
                         if self.refetches[index] > MAX_REFETCH:
-                            raise DigestMismatch(f"blob {index}", blobs[index][0].hex(), "corrupt")
+                            what = f"blob {index} corrupt or forged {self.refetches[index]}x"
+                            raise DigestMismatch(what, blobs[index][0].hex(), "bad size/tag")
                         conn.send_frame(FrameType.REFETCH, struct.pack("!I", index))
                         continue
                     if index in need:
@@ -498,7 +503,7 @@ class NodeSession:
                     self.got.add(index)
                     self.missing.discard(index)
                     self.bytes_received += len(data)
-                    verified.append((index, data))
+                    verified.append((index, data, tag))
                 if verified:
                     ds.offer_many(verified)
             elif frame.type is FrameType.ERROR and self.upstream is conn:

@@ -1,7 +1,10 @@
 """Feeding children: connect, learn their NEED, forward blobs, adopt orphans (asyncio).
 
 Used by the client (whose blob source is the workspace) and by every agent (whose source is
-its staging tree). Per child there is a sender task and a reader task. Blobs arriving from
+its staging tree). Per child there is a sender task and a reader task. Every blob goes out with
+its tag (:class:`~monarch_sync.protocol.BlobTags`): the one it arrived with, kept here, or,
+for a blob that entered the push here (the client's, or one an agent held already), one made
+over bytes first checked against the blob's digest. Blobs arriving from
 upstream are queued for every child whose subtree wants them (see :class:`RelayState`), with
 the bytes held in memory only while the child's queue is under ``queue_limit``; past that the
 queue keeps indices and the sender reads the blob back from disk, so a slow child neither
@@ -33,6 +36,8 @@ from .exceptions import BadToken, PeerLost, SyncError, SyncProtocolError
 from .frames import (
     MAX_BATCH_BLOBS,
     MAX_BATCH_BYTES,
+    TAG_SIZE,
+    BlobItem,
     ErrorCode,
     Frame,
     FrameType,
@@ -41,6 +46,7 @@ from .frames import (
     decode_json,
     indices_from_bitmap,
 )
+from .protocol import BlobTags
 from .recovery import Loss, Recovery, SlowDetector
 from .relay import RelayState
 from .tree import TreeNode
@@ -55,8 +61,10 @@ log = logging.getLogger("monarch_sync.downstream")
 
 
 class BlobSource(Protocol):
-    """Where blobs are read back from. A source with a ``manifest`` attribute (the agent's
-    staging tree) also tells the blob sizes, used to measure how far behind a child is."""
+    """Where blobs are read back from; ``blobs`` is the push's blob table (digest, size)."""
+
+    @property
+    def blobs(self) -> list[tuple[bytes, int]]: ...
 
     def has(self, index: int) -> bool: ...
     def read_blob(self, index: int) -> bytes: ...
@@ -169,6 +177,8 @@ class Downstream:
         self.bytes_in = 0  # blob bytes offered here from upstream (the agents' ingress)
         self._source: BlobSource | None = None
         self._source_ready = asyncio.Event()
+        self.tags: BlobTags | None = None  # once set_source() gave the blob table
+        self._tagged = bytearray()  # the tag of every blob known here (zeros: none yet)
         self._attaching: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         self._detector = SlowDetector(self.recovery)
@@ -186,10 +196,21 @@ class Downstream:
 
     def set_source(self, source: BlobSource) -> None:
         self._source = source
-        manifest = getattr(source, "manifest", None)
-        if self.blob_sizes is None and manifest is not None:
-            self.blob_sizes = [n for _, n in manifest.blobs]
+        self.tags = BlobTags(self.token, self.push_id, self.root, source.blobs)
+        self._tagged = bytearray(TAG_SIZE * len(source.blobs))
+        if self.blob_sizes is None:
+            self.blob_sizes = [n for _, n in source.blobs]
         self._source_ready.set()
+
+    def _tag(self, index: int, data: Payload) -> bytes:
+        """The tag ``index`` arrived with, or one made here over ``data``, checked first."""
+        at = index * TAG_SIZE
+        tag = bytes(self._tagged[at : at + TAG_SIZE])
+        if not any(tag):
+            assert self.tags is not None
+            tag = self.tags.seal(index, data)  # raises DigestMismatch
+            self._tagged[at : at + TAG_SIZE] = tag
+        return tag
 
     def _size(self, index: int) -> int:
         return self.blob_sizes[index] if self.blob_sizes is not None else 0
@@ -376,26 +397,23 @@ class Downstream:
         self._adopt(node, "slow")
 
     # -- forwarding ---------------------------------------------------------------------
-    def offer(self, index: int, data: Payload) -> None:
-        """A verified blob is available here: queue it for every child that wants it."""
-        self.bytes_in += len(data)
-        for peer in self.relay.route(index):
-            child = self.children[peer]
-            held = child.queued_bytes < self.queue_limit
-            child.enqueue(index, data if held else None, len(data))
-
-    def offer_many(self, items: list[tuple[int, Payload]]) -> None:
-        """:meth:`offer` for a run of verified blobs (one BLOBS frame's worth)."""
+    def offer_many(self, items: list[tuple[int, Payload, bytes]]) -> None:
+        """A run of verified blobs (one BLOBS frame's worth) with the tags they came with:
+        queue each for every child that wants it; the tags are kept to send them with."""
+        tagged = self._tagged
+        assert len(tagged) == TAG_SIZE * len(self.blob_sizes or ()), "set_source() first"
+        for index, _, tag in items:
+            tagged[index * TAG_SIZE : (index + 1) * TAG_SIZE] = tag
         if not self.children:
             return
-        self.bytes_in += sum([len(data) for _, data in items])
-        routes = self.relay.route_many([index for index, _ in items])
+        self.bytes_in += sum([len(data) for _, data, _ in items])
+        routes = self.relay.route_many([index for index, _, _ in items])
         for peer, positions in routes.items():
             child = self.children[peer]
             queue = child.queue
             owed = 0
             for k in positions:
-                index, data = items[k]
+                index, data, _ = items[k]
                 n = len(data)
                 owed += n
                 if child.queued_bytes < self.queue_limit:
@@ -422,7 +440,7 @@ class Downstream:
                 # What is queued goes out as BLOBS frames of up to MAX_BATCH_BLOBS blobs and
                 # MAX_BATCH_BYTES each (a larger blob travels alone), about WRITE_BYTES per write.
                 # Nothing waits for a batch to fill: a frame holds whatever is queued now.
-                items: list[tuple[int, int]] = []
+                items: list[BlobItem] = []
                 datas: list[Payload] = []
                 batch = size = 0
                 queue = child.queue
@@ -436,13 +454,14 @@ class Downstream:
                     else:
                         child.queued_bytes -= len(data)
                         owed += len(data)
+                    tag = self._tag(index, data)
                     if self.fault is not None:
                         data = self.fault(peer, index, data)
                     n = len(data)
                     if items and (size + n > MAX_BATCH_BYTES or len(items) == MAX_BATCH_BLOBS):
                         conn.queue_frame(FrameType.BLOBS, blobs_table(items), *datas)
                         items, datas, size = [], [], 0
-                    items.append((index, n))
+                    items.append((index, n, tag))
                     datas.append(data)
                     size += n
                     batch += n

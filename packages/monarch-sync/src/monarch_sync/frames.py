@@ -3,15 +3,19 @@
 Every frame is ``type:u8 | length:u32 | payload | tag:16``: ``length`` counts the payload, and
 the tag is the frame's MAC (see :mod:`.protocol`; zeros on the one frame sent before keys
 exist, CHALLENGE). TCP has no message boundaries, so :class:`FrameDecoder` keeps its own buffer:
-feed it bytes with :meth:`receive_data` and take complete frames from :meth:`frames`. Control payloads are small JSON objects. Blob data travels
-in BLOBS frames that carry a run of up to :data:`MAX_BATCH_BLOBS` blobs (at most
-:data:`MAX_BATCH_BYTES` of data, or a single larger blob)::
+feed it bytes with :meth:`receive_data` and take complete frames from :meth:`frames`. Control
+payloads are small JSON objects. Blob data travels in BLOBS frames that carry a run of up to
+:data:`MAX_BATCH_BLOBS` blobs (at most :data:`MAX_BATCH_BYTES` of data, or a single larger
+blob)::
 
-    count:u16 | count x (index:u32 size:u32) | data of the first blob | data of the next | ...
+    count:u16 | count x (index:u32 size:u32 tag:16) | data of the first blob | data of the next
 
 so the per-frame work (header, MAC, decode, await) is paid once per run, not once per blob. Each
-index points into the manifest's blob table, so the digest never travels twice. Need-sets travel
-as bitmaps over that table. Frame types and error codes each live in one enum here.
+index points into the manifest's blob table, so the digest never travels twice; each ``tag`` is
+the blob's own MAC (:class:`~monarch_sync.protocol.BlobTags`), made once where the blob enters
+the push and forwarded unchanged. The frame's MAC covers the table (with the tags), not the data
+(:func:`blobs_covered`). Need-sets travel as bitmaps over that table. Frame types and error
+codes each live in one enum here.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ __all__ = [
     "FrameType",
     "Payload",
     "bitmap_from_indices",
+    "blobs_covered",
     "blobs_table",
+    "blobs_table_size",
     "decode_blobs",
     "decode_json",
     "encode_frame",
@@ -46,7 +52,9 @@ __all__ = [
 HEADER = struct.Struct("!BI")
 TAG_SIZE = 16  # bytes of MAC after every payload
 BATCH_COUNT = struct.Struct("!H")
-BATCH_ENTRY = struct.Struct("!II")
+ENTRY_FORMAT = f"II{TAG_SIZE}s"  # index, size, the blob's tag
+BATCH_ENTRY = struct.Struct(f"!{ENTRY_FORMAT}")
+FRAME_LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # manifests of very large trees travel in one frame
 PREALLOC = 4 * 1024 * 1024  # split frames up to this size are buffered in one allocation
 MAX_BATCH_BLOBS = 64  # blobs per BLOBS frame
@@ -60,7 +68,7 @@ class FrameType(enum.IntEnum):
     HELLO = 2  # connector -> agent: 16-byte nonce | json {"push_id", "sender"}
     MANIFEST = 3  # u32 json length | json {"tree", ...} | manifest bytes
     NEED = 4  # bitmap of blob indices still missing in the subtree
-    BLOBS = 5  # u16 count | count x (u32 index, u32 size) | data, data, ...
+    BLOBS = 5  # u16 count | count x (u32 index, u32 size, tag) | data, data, ...
     REFETCH = 6  # u32 index: that blob arrived corrupted, send it again
     NODE_DONE = 7  # one node's result, relayed upwards for progress
     RESULT = 8  # final list of node results for a subtree
@@ -108,19 +116,42 @@ def decode_json(frame: Frame) -> Any:
         raise SyncProtocolError(f"bad JSON in {frame.type.name} frame") from exc
 
 
-def blobs_table(items: list[tuple[int, int]]) -> bytes:
-    """The table that opens a BLOBS payload of ``(index, size)`` items, in order.
+BlobItem = tuple[int, int, bytes]  # index, size, the blob's tag
+
+
+def blobs_table(items: list[BlobItem]) -> bytes:
+    """The table that opens a BLOBS payload of ``(index, size, tag)`` items, in order.
 
     The caller sends each blob's data right after it, as further parts of the frame (no copy).
     """
     count = len(items)
     if not 1 <= count <= MAX_BATCH_BLOBS:
         raise ValueError(f"a BLOBS frame holds 1 to {MAX_BATCH_BLOBS} blobs, not {count}")
-    return struct.pack(f"!H{2 * count}I", count, *[v for item in items for v in item])
+    return struct.pack(f"!H{ENTRY_FORMAT * count}", count, *[v for item in items for v in item])
 
 
-def decode_blobs(frame: Frame) -> list[tuple[int, Payload]]:
-    """``(index, data)`` for every blob of a BLOBS frame; data are slices of the payload."""
+def blobs_table_size(payload: Payload) -> int:
+    """Bytes of the table that opens a BLOBS payload, as its count announces (at least 2)."""
+    if len(payload) < BATCH_COUNT.size:
+        return BATCH_COUNT.size
+    return BATCH_COUNT.size + BATCH_COUNT.unpack_from(payload)[0] * BATCH_ENTRY.size
+
+
+def blobs_covered(payload: Payload, *, length: int | None = None) -> bytes:
+    """What the frame MAC of a BLOBS frame covers: ``length:u32 | table`` (count and entries,
+    tags included), not the data: each blob's tag covers its own.
+
+    ``payload``: the payload, or its first bytes up to the table's end at least (a sender's
+    first part, the table) with ``length`` the whole payload's. A received table cut short or
+    announcing more than is there covers bytes the sender never tagged, so the MAC fails
+    before the parser sees the frame.
+    """
+    n = len(payload) if length is None else length
+    return FRAME_LEN.pack(n) + bytes(payload[: blobs_table_size(payload)])
+
+
+def decode_blobs(frame: Frame) -> list[tuple[int, Payload, bytes]]:
+    """``(index, data, tag)`` for every blob of a BLOBS frame; data are slices of the payload."""
     payload = frame.payload
     n = len(payload)
     if n < BATCH_COUNT.size:
@@ -131,16 +162,16 @@ def decode_blobs(frame: Frame) -> list[tuple[int, Payload]]:
     pos = BATCH_COUNT.size + count * BATCH_ENTRY.size
     if n < pos:
         raise SyncProtocolError("BLOBS frame shorter than its table")
-    table = struct.unpack_from(f"!{2 * count}I", payload, BATCH_COUNT.size)
-    if sum(table[1::2]) != n - pos:
+    table = struct.unpack_from(f"!{ENTRY_FORMAT * count}", payload, BATCH_COUNT.size)
+    if sum(table[1::3]) != n - pos:
         raise SyncProtocolError("BLOBS frame sizes do not add up to its length")
     if count > 1 and n - pos > MAX_BATCH_BYTES:
         raise SyncProtocolError(f"BLOBS frame carries more than {MAX_BATCH_BYTES} bytes")
-    out: list[tuple[int, Payload]] = []
+    out: list[tuple[int, Payload, bytes]] = []
     view = payload if isinstance(payload, memoryview) else memoryview(payload)
-    for k in range(0, 2 * count, 2):
+    for k in range(0, 3 * count, 3):
         end = pos + table[k + 1]
-        out.append((table[k], view[pos:end]))
+        out.append((table[k], view[pos:end], table[k + 2]))
         pos = end
     return out
 

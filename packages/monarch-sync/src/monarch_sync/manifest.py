@@ -10,8 +10,9 @@ Chunk digests are XXH3-128 (:func:`chunk_digest`), not BLAKE3: every agent hashe
 receives to verify it, and BLAKE3 cost 0.05 s of CPU per agent for a 200 MB tree, 11% of a full
 push to 8 agents on 2 cores, where XXH3-128 runs at 39-54 GB/s against BLAKE3's 3-6 GB/s (20 KB
 to 1 MiB inputs, measured here). The digest catches corruption and identifies content for reuse;
-it does not need to resist forgery: peers are authenticated with the token (keyed BLAKE3), and
-whoever can write the workspace already decides what runs. rsync verifies with XXH128 likewise.
+it does not need to resist forgery: every blob also carries a tag only token holders can make
+(:class:`~monarch_sync.protocol.BlobTags`), and whoever can write the workspace already decides
+what runs. rsync verifies with XXH128 likewise.
 
 Every decoded manifest is validated: paths are relative and normalised, every parent is a
 folder of the manifest (so nothing is written through a symlink) and symlinks resolve inside

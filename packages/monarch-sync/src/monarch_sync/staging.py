@@ -213,6 +213,10 @@ class Staging:
                 ) from None
             raise
 
+    @property
+    def blobs(self) -> list[tuple[bytes, int]]:
+        return self.manifest.blobs
+
     def has(self, index: int) -> bool:
         return index in self.received or self.manifest.blobs[index][0] in self.local
 

@@ -102,6 +102,70 @@ async def _finding_1_relay_cannot_hijack_after_handshake(tmp_path: Path) -> None
         assert agent.store.current_hash() is None
 
 
+class TamperingRelay:
+    """A TCP relay between a pusher and an agent that forwards every byte, except that it flips
+    the last data byte of every BLOBS frame going to the agent (a frame's data are not under
+    the frame's MAC: the blob's own tag, in the frame's table, covers them)."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+        self.tampered = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.agent.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        down = asyncio.create_task(self._pipe(up_reader, writer))
+        try:
+            while True:
+                head = await reader.readexactly(5)
+                ftype, size = struct.unpack("!BI", head)
+                body = bytearray(await reader.readexactly(size + 16))
+                if ftype == FrameType.BLOBS:
+                    body[size - 1] ^= 1
+                    self.tampered += 1
+                up_writer.write(head + body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            up_writer.close()
+            down.cancel()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def _finding_1_relay_cannot_change_blob_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "run.py").write_text("print('pushed')\n")
+    async with running_agents(tmp_path / "r", 1) as (agent,):
+        relay = TamperingRelay(agent.address)
+        async with relay as through:
+            report = await push(src, [through], TOKEN, cache_dir=tmp_path / "c")
+        assert not report.ok
+        assert "corrupt or forged" in str(report.nodes[0].error)
+        assert relay.tampered == 4  # the first send and three REFETCHes, each one caught
+        assert agent.store.current_hash() is None  # nothing committed
+        assert not list((tmp_path / "r").rglob("run.py"))  # nor written anywhere
+
+
 async def _finding_2_symlink_chain_cannot_escape_on_disk(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
@@ -129,7 +193,7 @@ async def _finding_3_push_id_cannot_name_a_folder_outside(tmp_path: Path) -> Non
             core = peer.core
             a2c, c2a = protocol._keys(TOKEN, core._peer_nonce, core._nonce)
             body = core._nonce + encode_json_payload({"push_id": bad, "sender": "client"})
-            tag = protocol._tag(c2a, 0, FrameType.HELLO, (body,))
+            tag = protocol._tag(c2a, 0, FrameType.HELLO, body)
             peer.writer.write(encode_frame(FrameType.HELLO, body, tag))
             core._send_key, core._recv_key, core.state = c2a, a2c, protocol.State.AWAIT_NEED
             err = await peer.next_frame()
@@ -227,7 +291,9 @@ async def _finding_7_chunk_sizes_modes_and_token(tmp_path: Path) -> None:
         peer.flush()
         need = await peer.next_frame()
         assert need is not None and need.type is FrameType.NEED
-        peer.core.send(FrameType.BLOBS, blobs_table([(0, 5)]), b"hello")
+        # The pusher holds the token, so its tag verifies; the size does not.
+        tags = protocol.BlobTags(TOKEN, "p1", manifest.root_hash, manifest.blobs)
+        peer.core.send(FrameType.BLOBS, blobs_table([(0, 5, tags._tag(0, b"hello"))]), b"hello")
         peer.flush()
         answer = await peer.next_frame()
         assert answer is not None and answer.type is FrameType.REFETCH
@@ -251,6 +317,10 @@ async def _finding_7_chunk_sizes_modes_and_token(tmp_path: Path) -> None:
 
 def test_finding_1_relay_cannot_hijack_after_handshake(tmp_path: Path) -> None:
     asyncio.run(_finding_1_relay_cannot_hijack_after_handshake(tmp_path))
+
+
+def test_finding_1_relay_cannot_change_blob_bytes(tmp_path: Path) -> None:
+    asyncio.run(_finding_1_relay_cannot_change_blob_bytes(tmp_path))
 
 
 def test_finding_2_symlink_chain_cannot_escape_on_disk(tmp_path: Path) -> None:

@@ -120,6 +120,8 @@ def test_agent_refuses_a_manifest_that_escapes_its_root(tmp_path: Path) -> None:
     evil = Manifest([Entry("../escaped", Kind.FILE, 0o644, 4, ((b"\x00" * DIGEST_SIZE, 4),))])
 
     class Source:
+        blobs = [(b"\x00" * DIGEST_SIZE, 4)]
+
         def has(self, index: int) -> bool:
             return True
 

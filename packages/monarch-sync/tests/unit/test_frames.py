@@ -18,9 +18,11 @@ from monarch_sync.frames import (
     indices_from_bitmap,
 )
 
+TAG = bytes(range(16))
+
 
 def blobs_frame(items: list[tuple[int, bytes]]) -> bytes:
-    table = blobs_table([(i, len(d)) for i, d in items])
+    table = blobs_table([(i, len(d), TAG) for i, d in items])
     return encode_frame(FrameType.BLOBS, table + b"".join(d for _, d in items))
 
 
@@ -58,7 +60,7 @@ def test_decoder_yields_same_frames_for_any_chunking(mode: str) -> None:
         FrameType.NEED,
     ]
     assert decode_json(frames[0]) == {"push_id": "p", "sender": "ab"}
-    assert decode_blobs(frames[1]) == [(7, b"hello")]
+    assert decode_blobs(frames[1]) == [(7, b"hello", TAG)]
     assert indices_from_bitmap(frames[3].payload, 10) == {0, 9}
 
 
@@ -101,8 +103,8 @@ def test_blobs_frame_round_trips_for_any_chunking(step: int | None) -> None:
     chunks = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
     frames = feed(chunks)
     assert [f.type for f in frames] == [FrameType.BLOBS, FrameType.HEARTBEAT, FrameType.BLOBS]
-    assert [(i, bytes(d)) for i, d in decode_blobs(frames[0])] == BATCH
-    assert [(i, bytes(d)) for i, d in decode_blobs(frames[2])] == BATCH[:1]
+    assert [(i, bytes(d)) for i, d, _ in decode_blobs(frames[0])] == BATCH
+    assert [(i, bytes(d)) for i, d, _ in decode_blobs(frames[2])] == BATCH[:1]
 
 
 def test_split_frame_is_assembled_in_one_buffer() -> None:
@@ -114,7 +116,7 @@ def test_split_frame_is_assembled_in_one_buffer() -> None:
     assert dec.buffered == 2000
     dec.receive_data(data[2000:])
     (frame,) = dec.frames()
-    assert decode_blobs(frame) == [(1, b"x" * 5000)]
+    assert decode_blobs(frame) == [(1, b"x" * 5000, TAG)]
     assert dec.buffered == 0
 
 
@@ -129,13 +131,14 @@ def test_blobs_table_refuses_empty_and_oversized_batches() -> None:
     with pytest.raises(ValueError):
         blobs_table([])
     with pytest.raises(ValueError):
-        blobs_table([(i, 1) for i in range(MAX_BATCH_BLOBS + 1)])
+        blobs_table([(i, 1, TAG) for i in range(MAX_BATCH_BLOBS + 1)])
 
 
 def _blobs_payload(table: list[int], count: int | None = None, data: bytes = b"") -> Frame:
+    """A BLOBS payload whose table lists ``table`` as (index, size) pairs, each with TAG."""
     n = len(table) // 2 if count is None else count
-    raw = struct.pack(f"!H{len(table)}I", n, *table) + data
-    return Frame(FrameType.BLOBS, raw)
+    entries = b"".join(struct.pack("!II", *table[k : k + 2]) + TAG for k in range(0, len(table), 2))
+    return Frame(FrameType.BLOBS, struct.pack("!H", n) + entries + data)
 
 
 @pytest.mark.parametrize(
@@ -161,4 +164,4 @@ def test_malformed_blobs_frame_is_a_protocol_error(frame: Frame) -> None:
 def test_single_large_blob_may_exceed_the_batch_byte_cap() -> None:
     data = b"y" * (MAX_BATCH_BYTES + 10)
     (frame,) = feed([blobs_frame([(5, data)])])
-    assert decode_blobs(frame) == [(5, data)]
+    assert decode_blobs(frame) == [(5, data, TAG)]

@@ -9,11 +9,13 @@ import struct
 
 import pytest
 
-from monarch_sync.exceptions import InvalidState
-from monarch_sync.frames import ErrorCode, FrameType, encode_frame
+from monarch_sync.exceptions import DigestMismatch, InvalidState
+from monarch_sync.frames import ErrorCode, FrameType, blobs_table, decode_blobs, encode_frame
+from monarch_sync.manifest import chunk_digest
 from monarch_sync.protocol import (
     PREAUTH_MAX,
     RECEIVE,
+    BlobTags,
     Side,
     State,
     SyncConnection,
@@ -176,7 +178,7 @@ def test_bad_push_id_is_refused(push_id: str) -> None:
     from monarch_sync import protocol
 
     _, c2a = protocol._keys(TOKEN, A_NONCE, C_NONCE)
-    forged = encode_frame(F.HELLO, body, protocol._tag(c2a, 0, F.HELLO, (body,)))
+    forged = encode_frame(F.HELLO, body, protocol._tag(c2a, 0, F.HELLO, body))
     assert hello != forged
     a.receive_data(forged)
     assert_failing(a, ErrorCode.BAD_PUSH_ID)
@@ -203,15 +205,69 @@ def test_replayed_frame_fails_with_bad_mac() -> None:
     assert_failing(a, ErrorCode.BAD_MAC)
 
 
-@pytest.mark.parametrize("offset", [8, -17])  # an index in the table; the last data byte
-def test_blobs_tag_covers_table_and_data(offset: int) -> None:
-    a, c = at(Side.AGENT, S.RECEIVING)
+def blobs_frame(c: SyncConnection, tags: BlobTags, index: int = 0) -> bytearray:
+    """A BLOBS frame from ``c`` (made FEEDING) carrying blob ``index`` with its tag."""
+    data = BLOB_DATA[index]
     c.state = S.FEEDING  # skip the NEED round trip
-    c.send(F.BLOBS, struct.pack("!HII", 1, 0, 3), b"abc")
-    frame = bytearray(wire(c))
+    c.send(F.BLOBS, blobs_table([(index, len(data), tags.seal(index, data))]), data)
+    return bytearray(wire(c))
+
+
+BLOB_DATA = [b"abc", b"xyz"]
+BLOBS = [(chunk_digest(d), len(d)) for d in BLOB_DATA]
+TABLE = 5 + 2  # frame header, blob count: the table's entries start here
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [TABLE + 3, TABLE + 7, TABLE + 8, TABLE + 23],  # index, size, first and last tag byte
+)
+def test_blobs_frame_tag_covers_the_table_and_the_blob_tags(offset: int) -> None:
+    a, c = at(Side.AGENT, S.RECEIVING)
+    frame = blobs_frame(c, BlobTags(TOKEN, "p1", "root", BLOBS))
     frame[offset] ^= 1
     a.receive_data(bytes(frame))
     assert_failing(a, ErrorCode.BAD_MAC)
+
+
+def test_blobs_frame_length_is_covered() -> None:
+    a, c = at(Side.AGENT, S.RECEIVING)
+    frame = blobs_frame(c, BlobTags(TOKEN, "p1", "root", BLOBS))
+    longer = frame[:1] + struct.pack("!I", len(frame) - 5 - 16 + 1) + frame[5:-16] + b"!"
+    a.receive_data(bytes(longer + frame[-16:]))
+    assert_failing(a, ErrorCode.BAD_MAC)
+
+
+def test_blob_data_is_covered_by_its_own_tag_not_the_frame_tag() -> None:
+    a, c = at(Side.AGENT, S.RECEIVING)
+    tags = BlobTags(TOKEN, "p1", "root", BLOBS)
+    frame = blobs_frame(c, tags)
+    frame[-17] ^= 1  # the last data byte: the frame passes, the blob does not
+    a.receive_data(bytes(frame))
+    assert a.error is None
+    ((index, data, tag),) = decode_blobs(a.events_received()[-1])
+    assert bytes(data) == b"abb" and not tags.verify(index, data, tag)
+    assert tags.verify(0, b"abc", tag)
+
+
+def test_blob_tags_bind_token_push_root_index_and_bytes() -> None:
+    tags = BlobTags(TOKEN, "p1", "root", BLOBS)
+    tag = tags.seal(0, b"abc")
+    assert tags.verify(0, b"abc", tag)
+    assert not tags.verify(0, b"abd", tag)
+    assert not tags.verify(1, b"xyz", tag)  # another blob's slot
+    assert not tags.verify(7, b"abc", tag)  # past the table
+    for other in (
+        BlobTags("other", "p1", "root", BLOBS),
+        BlobTags(TOKEN, "p2", "root", BLOBS),
+        BlobTags(TOKEN, "p1", "other-root", BLOBS),
+    ):
+        assert not other.verify(0, b"abc", tag)
+    # Only bytes of the blob's digest and size are ever tagged (one message per GCM nonce).
+    with pytest.raises(DigestMismatch):
+        tags.seal(0, b"abd")
+    with pytest.raises(DigestMismatch):
+        tags.seal(0, b"abcd")
 
 
 def test_send_outside_the_table_raises_and_after_the_end_is_dropped() -> None:
