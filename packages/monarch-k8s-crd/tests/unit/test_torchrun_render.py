@@ -3,12 +3,14 @@ annotations, Kueue label, suspend, backoff, deadline), storage, and phases with 
 
 from __future__ import annotations
 
+import shlex
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from monarch_k8s.torchrun import names
+from monarch_k8s.torchrun.etcd import WAIT_FOR_ETCD
 from monarch_k8s.torchrun.objects import Options
 from monarch_k8s.torchrun.render import render_children, render_job, torchrun_argv
 from monarch_k8s.torchrun.spec import JobSpecError, parse_job, parse_queue
@@ -72,16 +74,18 @@ def test_etcd_v2_gets_an_etcd_unless_an_endpoint_is_given_or_one_node_needs_none
     assert etcd["readinessProbe"]["httpGet"]["path"] == "/health"
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two members
     assert "--rdzv-endpoint=etcd.j-etcd.ns.svc.cluster.local:2379" in torchrun_argv(job)
-    # workers wait for it: torch's etcd-v2 backend fails at its first refused connection
-    inits = render_job(job, Options(), suspend=False)["spec"]["template"]["spec"]["initContainers"]
-    assert inits[0]["name"] == "wait-for-etcd" and inits[0]["image"] == "img"
-    assert inits[0]["command"][-1] == "http://etcd.j-etcd.ns.svc.cluster.local:2379/health"
+    # workers wait for it (torch's etcd-v2 backend fails at its first refused connection), at
+    # every start, and reopen the job's rendezvous if an earlier attempt closed it
+    step = shlex.join(["python", "-c", WAIT_FOR_ETCD, "http://etcd.j-etcd.ns.svc.cluster.local:2379",
+                       "/torch/elastic/rendezvous/u1"])  # fmt: skip
+    trainer = render_job(job, Options(), suspend=False)["spec"]["template"]["spec"]["containers"][0]
+    assert trainer["command"][-1].startswith(f"{step} && exec torchrun ")
     for spec in ({"numGPUs": 16, "distributed": {"rdzvBackend": "etcd-v2", "rdzvEndpoint": "e:1"}},
                  {"numGPUs": 4, "distributed": {"rdzvBackend": "etcd-v2"}}):  # fmt: skip
         other = make(spec)
         assert not any(o["kind"] == "Deployment" for o in render_children(other, Options()))
-        template = render_job(other, Options(), suspend=False)["spec"]["template"]["spec"]
-        assert "initContainers" not in template
+        trainer = render_job(other, Options(), suspend=False)["spec"]["template"]["spec"]
+        assert trainer["containers"][0]["command"][-1].startswith("exec torchrun ")
 
 
 def test_job_gang_storage_and_lifecycle_fields() -> None:

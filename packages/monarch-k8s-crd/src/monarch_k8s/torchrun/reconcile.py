@@ -23,8 +23,9 @@ from monarch_k8s.operator.kube import KubeObjects
 from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.reconcile import api_message
 from monarch_k8s.torchrun import names, workspace
+from monarch_k8s.torchrun.etcd import render_etcd, runs_etcd
 from monarch_k8s.torchrun.objects import Options
-from monarch_k8s.torchrun.render import render_children, render_etcd, render_job, runs_etcd
+from monarch_k8s.torchrun.render import render_children, render_job
 from monarch_k8s.torchrun.spec import (
     Job,
     JobSpecError,

@@ -1,5 +1,6 @@
 """A parsed TorchrunJob in, the objects it needs out: headless Service, PVCs, the etcd for
-``etcd-v2`` rendezvous, and the indexed ``batch/v1`` Job whose pods run torchrun. Pure.
+``etcd-v2`` rendezvous (:mod:`.etcd`), and the indexed ``batch/v1`` Job whose pods run
+torchrun. Pure.
 
 Why a ``batch/v1`` Job: it gives ``backoffLimit``, ``activeDeadlineSeconds``, indexed pods with
 stable hostnames (``<job>-<rank>``), and ``spec.suspend`` that may be flipped at any time (its
@@ -16,39 +17,13 @@ from fractions import Fraction
 from typing import Any
 
 from monarch_k8s.torchrun import names, workspace
+from monarch_k8s.torchrun.etcd import render_etcd, runs_etcd, wait_for_etcd
 from monarch_k8s.torchrun.objects import Options, job_labels, metadata, pvc, scale_quantity
 from monarch_k8s.torchrun.spec import Job
 
-__all__ = ["render_children", "render_job", "rendezvous_endpoint", "runs_etcd", "torchrun_argv"]
+__all__ = ["render_children", "render_job", "rendezvous_endpoint", "torchrun_argv"]
 
 Obj = dict[str, Any]
-ETCD_DATA = "/var/lib/etcd"
-#: a worker's init container while the job's etcd starts: torch's etcd-v2 backend gives up at
-#: its first refused connection (``RendezvousConnectionError``), so torchrun waits for this
-WAIT_FOR_ETCD = """\
-import sys, time, urllib.request
-print("waiting for etcd at", sys.argv[1], flush=True)
-while True:
-    try:
-        with urllib.request.urlopen(sys.argv[1], timeout=2) as answer:
-            if b'"health":"true"' in answer.read():
-                break
-    except OSError:
-        pass
-    time.sleep(0.5)
-print("etcd is ready", flush=True)
-"""
-
-
-def standalone(job: Job) -> bool:
-    """One node, not elastic: ``torchrun --standalone``, no rendezvous server."""
-    return job.layout.nodes == 1 and not job.layout.elastic
-
-
-def runs_etcd(job: Job) -> bool:
-    """Whether the operator runs an etcd for the job: ``etcd-v2`` rendezvous across nodes,
-    without an ``rdzvEndpoint``."""
-    return job.rdzv_backend == "etcd-v2" and not job.rdzv_endpoint and not standalone(job)
 
 
 def rendezvous_endpoint(job: Job) -> str:
@@ -66,7 +41,7 @@ def torchrun_argv(job: Job) -> list[str]:
     (``--no-python``), so it may be any command line (``python train.py --epochs 3``)."""
     shape = job.layout
     argv = ["torchrun", f"--nproc-per-node={shape.procs_per_node}"]
-    if standalone(job):
+    if shape.standalone:
         argv += ["--standalone", "--nnodes=1"]
     else:
         nnodes = f"{shape.min_nodes}:{shape.nodes}" if shape.elastic else str(shape.nodes)
@@ -75,17 +50,18 @@ def torchrun_argv(job: Job) -> list[str]:
             f"--rdzv-backend={job.rdzv_backend}",
             f"--rdzv-endpoint={rendezvous_endpoint(job)}",
         ]
-        argv += [f"--rdzv-id={job.uid or job.name}"]
+        argv += [f"--rdzv-id={job.rdzv_id}"]
         if shape.elastic:
             argv += [f"--max-restarts={job.backoff_limit}"]
     return [*argv, "--no-python", "/bin/sh", "-c", job.command]
 
 
 def container_command(job: Job) -> list[str]:
-    run = shlex.join(torchrun_argv(job))
-    if job.setup_command:
-        return ["/bin/sh", "-c", f"{job.setup_command} && exec {run}"]
-    return ["/bin/sh", "-c", f"exec {run}"]
+    """torchrun, after the job's etcd answers (each start: an in-place restart too) and the
+    setup command."""
+    steps = [wait_for_etcd(job) if runs_etcd(job) else "", job.setup_command or ""]
+    run = f"exec {shlex.join(torchrun_argv(job))}"
+    return ["/bin/sh", "-c", " && ".join([*(s for s in steps if s), run])]
 
 
 def resources(job: Job) -> Obj:
@@ -164,8 +140,6 @@ def worker_pod_template(job: Job, opts: Options) -> Obj:
         size = scale_quantity(job.storage.shm_size_per_gpu, procs, memory=True)
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": size}})
         mounts.append({"name": "shm", "mountPath": names.SHM_MOUNT})
-    if runs_etcd(job):
-        spec["initContainers"] = [wait_for_etcd(job, container)]
     workspace.add_workspace(job, spec, container, opts)
     labels = {**(defaults.get("labels") or {}), **job.labels, **pod_labels(job)}
     annotations = {**(defaults.get("annotations") or {}), **job.annotations}
@@ -221,62 +195,6 @@ def render_service(job: Job) -> Obj:
             "ports": [{"name": "rdzv", "port": job.port}],
         },
     }
-
-
-def wait_for_etcd(job: Job, trainer: Obj) -> Obj:
-    """The init container that holds a worker until the job's etcd answers ``/health``: the
-    worker's image (it has Python, as torchrun does) and security context."""
-    url = f"http://{names.etcd_host(job.name, job.namespace)}:{names.ETCD_PORT}/health"
-    init: Obj = {"name": "wait-for-etcd", "image": trainer["image"],
-                 "command": ["python", "-c", WAIT_FOR_ETCD, url]}  # fmt: skip
-    for key in ("securityContext", "imagePullPolicy"):
-        if key in trainer:
-            init[key] = trainer[key]
-    return init
-
-
-def render_etcd(job: Job, opts: Options) -> list[Obj]:
-    """A single-member etcd with the v2 API for ``etcd-v2`` rendezvous, owned by the job (and
-    deleted once it finishes, :mod:`.reconcile`). Its pod is ``etcd`` under the headless Service
-    ``J-etcd``: workers reach it at :func:`names.etcd_host`, listed (as DNS lists pods) once
-    ``/health`` answers; the data is an ``emptyDir``, and ``Recreate`` never runs two."""
-    name, labels = names.etcd_name(job.name), job_labels(job, "etcd")
-    port = names.ETCD_PORT
-    host = "$(POD_IP)" if opts.listen_host == "podIP" else "0.0.0.0"
-    argv = [*opts.etcd_command, "--enable-v2", f"--data-dir={ETCD_DATA}", f"--name={name}"]
-    argv += [f"--listen-client-urls=http://{host}:{port}"]
-    argv += [f"--advertise-client-urls=http://{names.etcd_host(job.name, job.namespace)}:{port}"]
-    argv += [f"--listen-peer-urls=http://{host}:{port + 1}"]  # one member: no peer dials it
-    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
-    health = {"httpGet": {"path": "/health", "port": "client"}, "periodSeconds": 2}
-    container = {"name": "etcd", "image": opts.etcd_image, "command": argv, "env": [pod_ip],
-                 "ports": [{"name": "client", "containerPort": port}],
-                 "readinessProbe": health,
-                 "volumeMounts": [{"name": "data", "mountPath": ETCD_DATA}]}  # fmt: skip
-    pod = {"hostname": "etcd", "subdomain": name, "containers": [container],
-           "volumes": [{"name": "data", "emptyDir": {}}]}  # fmt: skip
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(job, name, labels),
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": pod},
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(job, name, labels),
-        "spec": {
-            "clusterIP": "None",
-            "selector": labels,
-            "ports": [{"name": "client", "port": port}],
-        },
-    }
-    return [deployment, service]
 
 
 def render_children(job: Job, opts: Options) -> list[Obj]:
