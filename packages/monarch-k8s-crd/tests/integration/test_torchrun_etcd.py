@@ -44,9 +44,10 @@ def gone(read: Any, *args: Any) -> bool:
     return False
 
 
-#: the first attempt fails (every process, in its first 5 s), the retry trains
+#: the first attempt fails (on each node the first process finds no mark of its node rank:
+#: its agent then stops the other), the retry trains
 COMMAND = (
-    'test -e "$CHECKPOINT_DIR/tried" || { sleep 5; touch "$CHECKPOINT_DIR/tried"; exit 3; }; '
+    'm="$CHECKPOINT_DIR/tried-$GROUP_RANK"; test -e "$m" || { touch "$m"; exit 3; }; '
     "python train.py --steps 40"
 )
 
