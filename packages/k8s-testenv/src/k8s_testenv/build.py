@@ -2,7 +2,9 @@
 
 The Go module in ``tools/k8s-testenv`` builds kube-apiserver, kube-controller-manager,
 kube-scheduler and kubectl from ``k8s.io/kubernetes`` and its staging modules, plus the kubelet's
-streaming helper (``kubelet-streaming``); its ``etcd/`` sub-module builds etcd. Binaries go to
+streaming helper (``kubelet-streaming``); its ``etcd/`` sub-module builds etcd, and ``etcd-v2/``
+builds ``etcd-v2`` (etcd 3.5, the last line with the v2 API, for pods that need one: torchrun's
+etcd-v2 rendezvous; the control plane does not use it). Binaries go to
 ``tools/k8s-testenv/bin`` (git-ignored) together with a fingerprint of the Go sources, so a
 later run reuses them without even invoking ``go`` unless go.mod, go.sum or a .go file changed.
 """
@@ -45,7 +47,7 @@ _GO_HINT = (
     "Install Go >= 1.26 (https://go.dev/dl/, or put it at /usr/local/go/bin/go) so the "
     "control plane can be built from the Go module proxy, or set K8S_TESTENV_BIN_DIR to a "
     "folder holding prebuilt kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, "
-    "kubelet-streaming and etcd."
+    "kubelet-streaming, etcd and etcd-v2."
 )
 
 
@@ -59,6 +61,8 @@ class Binaries:
     kube_scheduler: Path
     kubectl: Path
     kubelet_streaming: Path
+    #: etcd 3.5 with the v2 API (``--enable-v2``), for pods; not the control plane's etcd
+    etcd_v2: Path
 
 
 def tools_dir() -> Path:
@@ -103,7 +107,8 @@ def _version_ldflags() -> str:
 def _fingerprint(tools: Path) -> str:
     digest = hashlib.sha256(KUBE_VERSION.encode())
     sources = sorted(tools.glob("go.*")) + sorted(tools.glob("cmd/**/*.go"))
-    sources += sorted(tools.glob("etcd/go.*")) + sorted(tools.glob("etcd/*.go"))
+    for module in ("etcd", "etcd-v2"):
+        sources += sorted(tools.glob(f"{module}/go.*")) + sorted(tools.glob(f"{module}/*.go"))
     for path in sources:
         digest.update(str(path.relative_to(tools)).encode())
         digest.update(path.read_bytes())
@@ -118,6 +123,7 @@ def _binaries_in(folder: Path) -> Binaries:
         kube_scheduler=folder / "kube-scheduler",
         kubectl=folder / "kubectl",
         kubelet_streaming=folder / "kubelet-streaming",
+        etcd_v2=folder / "etcd-v2",
     )
 
 
@@ -126,7 +132,7 @@ def _all_exist(binaries: Binaries) -> bool:
 
 
 def build_binaries(*, force: bool = False, log: bool = True) -> Binaries:
-    """Run ``go build`` for the control plane and etcd into :func:`bin_dir`.
+    """Run ``go build`` for the control plane, etcd and etcd-v2 into :func:`bin_dir`.
 
     Go's own build cache makes a rebuild after a cold one take seconds. ``force`` rebuilds even
     when the fingerprint matches.
@@ -155,6 +161,7 @@ def build_binaries(*, force: bool = False, log: bool = True) -> Binaries:
             ["-ldflags", _version_ldflags(), "-o", f"{out}/", "./cmd/..."],
         ),
         ("etcd", tools / "etcd", ["-o", str(out / "etcd"), "."]),
+        ("etcd-v2", tools / "etcd-v2", ["-o", str(out / "etcd-v2"), "."]),
     ]
     for target, cwd, args in steps:
         started = time.monotonic()

@@ -63,6 +63,18 @@ def test_prebuilt_binary_folder_without_etcd_names_etcd(
     assert "needs `etcd`" in capsys.readouterr().err
 
 
+def test_prebuilt_binary_folder_without_etcd_v2_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in (*build.KUBE_COMPONENTS, "etcd"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("K8S_TESTENV_BIN_DIR", str(tmp_path))
+    monkeypatch.delenv("K8S_TESTENV_ETCD", raising=False)
+    assert cli.main(["up", "--dir", str(tmp_path / "cluster")]) == 2
+    assert "needs `etcd-v2`" in capsys.readouterr().err
+
+
 def test_down_without_a_cluster_is_a_no_op(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -74,4 +86,11 @@ def test_fingerprint_covers_every_go_file_under_cmd(no_go: Path) -> None:
     before = build._fingerprint(no_go)
     helper = no_go / "cmd" / "kubelet-streaming" / "runtime.go"
     helper.write_text(helper.read_text() + "\n// changed\n")
+    assert build._fingerprint(no_go) != before
+
+
+def test_fingerprint_covers_the_etcd_v2_module(no_go: Path) -> None:
+    before = build._fingerprint(no_go)
+    mod = no_go / "etcd-v2" / "go.mod"
+    mod.write_text(mod.read_text().replace("v3.5.21", "v3.5.22"))
     assert build._fingerprint(no_go) != before

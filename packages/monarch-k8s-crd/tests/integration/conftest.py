@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from k8s_testenv.build import ensure_binaries
 
 from monarch_k8s.testing import install_with_kubectl
 
@@ -46,5 +47,8 @@ def outside_cluster() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def monarch_operator(k8s_cluster: Any) -> Any:
-    """The operator running as a pod from the kustomize base, under its own ServiceAccount."""
-    return install_with_kubectl(k8s_cluster, OPERATOR_NS)
+    """The operator running as a pod from the kustomize base, under its own ServiceAccount.
+    A job's etcd (etcd-v2 rendezvous) is k8s-testenv's etcd-v2: the process kubelet ignores
+    images, and the control plane's etcd 3.7 has no v2 API."""
+    etcd = {"TORCHRUN_ETCD_COMMAND": str(ensure_binaries().etcd_v2)}
+    return install_with_kubectl(k8s_cluster, OPERATOR_NS, env=etcd)

@@ -3,12 +3,14 @@ annotations, Kueue label, suspend, backoff, deadline), storage, and phases with 
 
 from __future__ import annotations
 
+import shlex
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from monarch_k8s.torchrun import names
+from monarch_k8s.torchrun.etcd import WAIT_FOR_ETCD
 from monarch_k8s.torchrun.objects import Options
 from monarch_k8s.torchrun.render import render_children, render_job, torchrun_argv
 from monarch_k8s.torchrun.spec import JobSpecError, parse_job, parse_queue
@@ -59,15 +61,31 @@ def test_single_node_is_standalone_and_elastic_is_a_range() -> None:
     assert "--nnodes=1:3" in elastic and "--standalone" not in elastic
 
 
-def test_etcd_v2_gets_an_etcd_unless_an_endpoint_is_given() -> None:
+def test_etcd_v2_gets_an_etcd_unless_an_endpoint_is_given_or_one_node_needs_none() -> None:
     job = make({"numGPUs": 16, "distributed": {"rdzvBackend": "etcd-v2"}})
-    kinds = {(o["kind"], o["metadata"]["name"]) for o in render_children(job, Options())}
-    assert {("Deployment", "j-etcd"), ("Service", "j-etcd")} <= kinds
-    assert "--rdzv-endpoint=j-etcd.ns.svc.cluster.local:2379" in torchrun_argv(job)
-    given = make({"numGPUs": 16, "distributed": {"rdzvBackend": "etcd-v2", "rdzvEndpoint": "e:1"}})
-    assert ("Deployment", "j-etcd") not in {
-        (o["kind"], o["metadata"]["name"]) for o in render_children(given, Options())
-    }
+    children = {(o["kind"], o["metadata"]["name"]): o for o in render_children(job, Options())}
+    deployment, service = children["Deployment", "j-etcd"], children["Service", "j-etcd"]
+    # the etcd pod's own DNS name (hostname under the headless Service): no Service DNS needed
+    pod = deployment["spec"]["template"]["spec"]
+    assert (pod["hostname"], pod["subdomain"]) == ("etcd", "j-etcd")
+    assert service["spec"]["clusterIP"] == "None"
+    etcd = pod["containers"][0]
+    assert "--advertise-client-urls=http://etcd.j-etcd.ns.svc.cluster.local:2379" in etcd["command"]
+    assert etcd["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two members
+    assert "--rdzv-endpoint=etcd.j-etcd.ns.svc.cluster.local:2379" in torchrun_argv(job)
+    # workers wait for it (torch's etcd-v2 backend fails at its first refused connection), at
+    # every start, and reopen the job's rendezvous if an earlier attempt closed it
+    step = shlex.join(["python", "-c", WAIT_FOR_ETCD, "http://etcd.j-etcd.ns.svc.cluster.local:2379",
+                       "/torch/elastic/rendezvous/u1"])  # fmt: skip
+    trainer = render_job(job, Options(), suspend=False)["spec"]["template"]["spec"]["containers"][0]
+    assert trainer["command"][-1].startswith(f"{step} && exec torchrun ")
+    for spec in ({"numGPUs": 16, "distributed": {"rdzvBackend": "etcd-v2", "rdzvEndpoint": "e:1"}},
+                 {"numGPUs": 4, "distributed": {"rdzvBackend": "etcd-v2"}}):  # fmt: skip
+        other = make(spec)
+        assert not any(o["kind"] == "Deployment" for o in render_children(other, Options()))
+        trainer = render_job(other, Options(), suspend=False)["spec"]["template"]["spec"]
+        assert trainer["containers"][0]["command"][-1].startswith("exec torchrun ")
 
 
 def test_job_gang_storage_and_lifecycle_fields() -> None:

@@ -2,8 +2,9 @@
 
 A job ``J`` owns: the indexed ``batch/v1`` Job ``J`` (its pods are ``J-<rank>-<suffix>`` with
 hostname ``J-<rank>``), the headless Service ``J`` (so ``J-<rank>.J.<ns>.svc.cluster.local``
-resolves), the PVCs ``J-workspace``, ``J-datasets``, ``J-checkpoints``, and for ``etcd-v2``
-rendezvous without an endpoint the Deployment and Service ``J-etcd``.
+resolves), the PVCs ``J-workspace``, ``J-datasets``, ``J-checkpoints``, and for multi-node
+``etcd-v2`` rendezvous without an endpoint the Deployment and headless Service ``J-etcd`` (its
+pod's hostname is ``etcd``, so ``etcd.J-etcd.<ns>.svc.cluster.local`` resolves).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def pvc_name(job: str, volume: str) -> str:
 
 def etcd_name(job: str) -> str:
     return f"{job}-etcd"
+
+
+def etcd_host(job: str, namespace: str) -> str:
+    """The DNS name of the job's etcd: its pod (hostname ``etcd``) under the headless Service,
+    a name that needs no cluster DNS for Services (k8s-testenv resolves only pods' names)."""
+    return f"etcd.{etcd_name(job)}.{namespace}.svc.cluster.local"
 
 
 def worker_host(job: str, namespace: str, rank: int = 0) -> str:

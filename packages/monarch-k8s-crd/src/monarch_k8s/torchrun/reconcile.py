@@ -23,6 +23,7 @@ from monarch_k8s.operator.kube import KubeObjects
 from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.reconcile import api_message
 from monarch_k8s.torchrun import names, workspace
+from monarch_k8s.torchrun.etcd import render_etcd, runs_etcd
 from monarch_k8s.torchrun.objects import Options
 from monarch_k8s.torchrun.render import render_children, render_job
 from monarch_k8s.torchrun.spec import (
@@ -148,9 +149,12 @@ class TorchrunReconciler(KubeObjects):
                 seen = self.observe_job(job)
             elif seen.batch_job is not None:
                 self.follow_suspend(body, job, seen.batch_job)
+            status = job_status(job, seen, now=now)
+            if status["phase"] in FINAL and runs_etcd(job):  # before the status: a retry sees it
+                self.delete_etcd(body, job)
         except JobSpecError as exc:
             return self.write_job_status(body, spec_error_status(body, exc, now=now))
-        return self.write_job_status(body, job_status(job, seen, now=now))
+        return self.write_job_status(body, status)
 
     def owned_batch_job(self, namespace: str, name: str, uid: str) -> Obj | None:
         """The job's Job; None also for a Job of that name it does not own (one of a deleted
@@ -220,6 +224,20 @@ class TorchrunReconciler(KubeObjects):
                 self.event(body, kind, status.get("reason") or status["phase"],
                            f"{status['phase']}: {status.get('message', '')}")  # fmt: skip
         return status
+
+    def delete_etcd(self, body: Obj, job: Job) -> None:
+        """A finished job's etcd goes at once (no worker will rendezvous again), not with the
+        job: a job kept for its logs and status holds no running etcd."""
+        for obj in render_etcd(job, self.options):
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            if self.read(kind, job.namespace, name) is None:
+                continue
+            try:
+                self.dynamic.delete(self._resource(kind), name=name, namespace=job.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            self.event(body, "Normal", "Delete", f"the job finished: deleted {kind} {name}")
 
     def delete_job(self, body: Obj) -> None:
         """TTL: the TorchrunJob goes, and its children with it (owner references); nothing is

@@ -1,5 +1,6 @@
 """A parsed TorchrunJob in, the objects it needs out: headless Service, PVCs, the etcd for
-``etcd-v2`` rendezvous, and the indexed ``batch/v1`` Job whose pods run torchrun. Pure.
+``etcd-v2`` rendezvous (:mod:`.etcd`), and the indexed ``batch/v1`` Job whose pods run
+torchrun. Pure.
 
 Why a ``batch/v1`` Job: it gives ``backoffLimit``, ``activeDeadlineSeconds``, indexed pods with
 stable hostnames (``<job>-<rank>``), and ``spec.suspend`` that may be flipped at any time (its
@@ -16,6 +17,7 @@ from fractions import Fraction
 from typing import Any
 
 from monarch_k8s.torchrun import names, workspace
+from monarch_k8s.torchrun.etcd import render_etcd, runs_etcd, wait_for_etcd
 from monarch_k8s.torchrun.objects import Options, job_labels, metadata, pvc, scale_quantity
 from monarch_k8s.torchrun.spec import Job
 
@@ -30,7 +32,7 @@ def rendezvous_endpoint(job: Job) -> str:
     if job.rdzv_endpoint:
         return job.rdzv_endpoint
     if job.rdzv_backend == "etcd-v2":
-        return f"{names.etcd_name(job.name)}.{job.namespace}.svc.cluster.local:{names.ETCD_PORT}"
+        return f"{names.etcd_host(job.name, job.namespace)}:{names.ETCD_PORT}"
     return f"{names.worker_host(job.name, job.namespace)}:{job.port}"
 
 
@@ -39,7 +41,7 @@ def torchrun_argv(job: Job) -> list[str]:
     (``--no-python``), so it may be any command line (``python train.py --epochs 3``)."""
     shape = job.layout
     argv = ["torchrun", f"--nproc-per-node={shape.procs_per_node}"]
-    if shape.nodes == 1 and not shape.elastic:
+    if shape.standalone:
         argv += ["--standalone", "--nnodes=1"]
     else:
         nnodes = f"{shape.min_nodes}:{shape.nodes}" if shape.elastic else str(shape.nodes)
@@ -48,17 +50,18 @@ def torchrun_argv(job: Job) -> list[str]:
             f"--rdzv-backend={job.rdzv_backend}",
             f"--rdzv-endpoint={rendezvous_endpoint(job)}",
         ]
-        argv += [f"--rdzv-id={job.uid or job.name}"]
+        argv += [f"--rdzv-id={job.rdzv_id}"]
         if shape.elastic:
             argv += [f"--max-restarts={job.backoff_limit}"]
     return [*argv, "--no-python", "/bin/sh", "-c", job.command]
 
 
 def container_command(job: Job) -> list[str]:
-    run = shlex.join(torchrun_argv(job))
-    if job.setup_command:
-        return ["/bin/sh", "-c", f"{job.setup_command} && exec {run}"]
-    return ["/bin/sh", "-c", f"exec {run}"]
+    """torchrun, after the job's etcd answers (each start: an in-place restart too) and the
+    setup command."""
+    steps = [wait_for_etcd(job) if runs_etcd(job) else "", job.setup_command or ""]
+    run = f"exec {shlex.join(torchrun_argv(job))}"
+    return ["/bin/sh", "-c", " && ".join([*(s for s in steps if s), run])]
 
 
 def resources(job: Job) -> Obj:
@@ -194,37 +197,6 @@ def render_service(job: Job) -> Obj:
     }
 
 
-def render_etcd(job: Job, opts: Options) -> list[Obj]:
-    """A single-member etcd with the v2 API for ``etcd-v2`` rendezvous, owned by the job."""
-    name, labels = names.etcd_name(job.name), job_labels(job, "etcd")
-    port = names.ETCD_PORT
-    argv = [*opts.etcd_command, "--enable-v2", "--data-dir=/tmp/etcd-data", f"--name={name}"]
-    host = "$(POD_IP)" if opts.listen_host == "podIP" else "0.0.0.0"
-    argv += [f"--listen-client-urls=http://{host}:{port}"]
-    argv += [f"--advertise-client-urls=http://{name}.{job.namespace}.svc.cluster.local:{port}"]
-    argv += [f"--listen-peer-urls=http://{host}:{port + 1}"]
-    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
-    container = {"name": "etcd", "image": opts.etcd_image, "command": argv, "env": [pod_ip],
-                 "ports": [{"name": "client", "containerPort": port}]}  # fmt: skip
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(job, name, labels),
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(job, name, labels),
-        "spec": {"selector": labels, "ports": [{"name": "client", "port": port}]},
-    }
-    return [deployment, service]
-
-
 def render_children(job: Job, opts: Options) -> list[Obj]:
     """Every object the job needs before its Job, in creation order."""
     children: list[Obj] = [render_service(job)]
@@ -232,6 +204,6 @@ def render_children(job: Job, opts: Options) -> list[Obj]:
     for volume in ("datasets", "checkpoints"):
         if getattr(job.storage, volume).enabled:
             children.append(pvc(job, volume, getattr(job.storage, volume)))
-    if job.rdzv_backend == "etcd-v2" and not job.rdzv_endpoint:
+    if runs_etcd(job):
         children += render_etcd(job, opts)
     return children

@@ -112,6 +112,11 @@ class Layout:
     def total_procs(self) -> int:
         return self.nodes * self.procs_per_node
 
+    @property
+    def standalone(self) -> bool:
+        """One node, not elastic: ``torchrun --standalone``, no rendezvous server."""
+        return self.nodes == 1 and not self.elastic
+
 
 @dataclass(frozen=True)
 class Job:
@@ -150,6 +155,11 @@ class Job:
     @property
     def working_dir(self) -> str:
         return str(self.pod_defaults.get("workingDir") or names.DEFAULT_WORKING_DIR)
+
+    @property
+    def rdzv_id(self) -> str:
+        """torchrun's ``--rdzv-id``: every pod of the job, every attempt, meets under it."""
+        return self.uid or self.name
 
 
 def merge(base: Obj, over: Obj) -> Obj:
