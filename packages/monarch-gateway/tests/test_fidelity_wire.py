@@ -3,6 +3,7 @@ same way on torchmonarch directly, here through monarch-proxy and a real gateway
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -58,6 +59,26 @@ def test_chained_one_liners_survive_gc_of_their_intermediates(session):
         assert list(values.values()) == [1, 1]
         one = workers.slice(hosts=0).slice(gpus=1).whoami.call_one().get(timeout=30)
         assert one["label"] == "w"
+
+
+def test_a_release_from_a_finalizer_inside_the_connection_lock(session):
+    """Garbage collection may finalize a mesh proxy while this thread holds the connection's
+    lock (json.dumps inside submit allocated): the release must not wait for that lock
+    (it did, and the laptop hung for good)."""
+    _, _, workers = session
+    connection = workers._connection
+    held = [workers.slice(hosts=0)]
+
+    def collect_holding_the_lock() -> None:
+        with connection._lock:  # as if inside submit()
+            held.clear()
+            gc.collect()  # runs the finalizer here, on this thread
+
+    thread = threading.Thread(target=collect_holding_the_lock, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "release() waited for the lock its own thread holds"
+    assert workers.slice(hosts=1, gpus=0).echo.call_one("after").get(timeout=30) == "after"
 
 
 def test_release_after_a_big_frame_waits_for_it(session):

@@ -37,7 +37,7 @@ STOP_TIMEOUT_S = 30.0
 OUTPUT_SETTLE_S = 0.05
 FLUSH_TIMEOUT_S = 1.0
 CALL_METHODS = frozenset({"call", "call_one", "choose", "broadcast", "stream"})
-# Methods with exactly one result: the session starts them without a task (see begin_call).
+# Methods with exactly one result: the session waits for them without a task (see start_call).
 SINGLE_RESULT_METHODS = frozenset({"call", "call_one", "choose"})
 
 
@@ -294,6 +294,8 @@ class MeshService:
     async def stop(self, table: HandleTable, entry: Entry, meta: dict[str, Any]) -> Result:
         require(entry, "proc", "actor")
         reason = meta.get("reason")
+        if entry.kind == "proc":
+            await flush_before_stop(entry.obj)
         if reason is None:
             await entry.obj.stop()
         else:
@@ -303,6 +305,7 @@ class MeshService:
 
     async def stop_procs(self, entries: list[Entry]) -> None:
         """Stop proc meshes of a session that ended; one that fails (a dead worker) is logged."""
+        await asyncio.gather(*(flush_before_stop(e.obj) for e in entries))
         results = await asyncio.gather(
             *(
                 asyncio.wait_for(e.obj.stop("the client's session ended"), STOP_TIMEOUT_S)
@@ -317,41 +320,22 @@ class MeshService:
                     extra={"mesh": entry.name, "error": repr(result)},
                 )
 
-    async def call(
-        self,
-        table: HandleTable,
-        entry: Entry,
-        meta: dict[str, Any],
-        payload: bytes | memoryview,
-        emit_item: EmitItem,
-        refs: dict[int, Entry] | None = None,
+    async def stream(
+        self, table: HandleTable, entry: Entry, futures: Any, emit_item: EmitItem
     ) -> Result:
-        require(entry, "actor")
-        method = field(meta, "method", str)
-        if method not in CALL_METHODS:
-            raise ProtocolError(
-                f"unknown call method {method!r}; use one of {sorted(CALL_METHODS)}"
-            )
-        endpoint = endpoint_of(entry, field(meta, "endpoint", str))
-        load_ref = reference_loader(refs or {}) if "refs" in meta else None
-        args, kwargs = codec.loads(payload, "call arguments", load_ref)
-        if method == "broadcast":
-            endpoint.broadcast(*args, **kwargs)
-            return {}, b""
-        if method == "stream":
-            # Each actor's failure fails only its own item, as in Monarch; the stream goes on.
-            save_ref = functools.partial(reference_saver, table, entry)
-            for future in endpoint.stream(*args, **kwargs):
-                try:
-                    value = await future
-                except Exception as exc:
-                    failure, data = describe_failure(exc)
-                    await emit_item({"failure": failure}, data)
-                    continue
-                data, used = codec.encode_value(value, save_ref)
-                await emit_item({"refs": 1} if used else {}, data)
-            return {}, b""
-        return finish_call(table, entry, meta, await getattr(endpoint, method)(*args, **kwargs))
+        """Relay a stream started by :func:`start_call`, one ITEM per actor's result."""
+        # Each actor's failure fails only its own item, as in Monarch; the stream goes on.
+        save_ref = functools.partial(reference_saver, table, entry)
+        for future in futures:
+            try:
+                value = await future
+            except Exception as exc:
+                failure, data = describe_failure(exc)
+                await emit_item({"failure": failure}, data)
+                continue
+            data, used = codec.encode_value(value, save_ref)
+            await emit_item({"refs": 1} if used else {}, data)
+        return {}, b""
 
 
 @functools.cache
@@ -359,6 +343,19 @@ def _endpoint_names(cls: type) -> frozenset[str]:
     from monarch._src.actor.endpoint import EndpointProperty
 
     return frozenset(n for n in dir(cls) if isinstance(getattr(cls, n, None), EndpointProperty))
+
+
+async def flush_before_stop(procs: Any) -> None:
+    """Flush a proc mesh's streamed output with a bound, before Monarch's ``stop()`` does it
+    without one: a mesh with a crashed process never answers the flush, and its ``stop()``
+    would hang (Monarch's client, which streams no output here, stops it at once)."""
+    manager: Any = getattr(procs, "_logging_manager", None)
+    if getattr(manager, "_logging_mesh_client", None) is None:
+        return
+    try:
+        await asyncio.wait_for(manager.flush_async(), FLUSH_TIMEOUT_S)
+    except TimeoutError:
+        manager._logging_mesh_client = None  # so stop() does not wait for that flush again
 
 
 def endpoints_of(actor_mesh: Any) -> list[str]:
@@ -379,26 +376,37 @@ def endpoint_of(entry: Entry, name: str) -> Any:
     return getattr(entry.obj, name)
 
 
-def begin_call(
+def start_call(
     entry: Entry,
     meta: dict[str, Any],
     payload: bytes | memoryview,
     refs: dict[int, Entry] | None = None,
 ) -> Any:
-    """Start a single-result call; return Monarch's result as an asyncio future.
+    """Send a call to the actors now, when its request arrives: Monarch keeps the order of
+    messages from one sender to one actor, so a session's calls must reach Monarch in the
+    order the client sent them (a broadcast run later in a task was overtaken by the next
+    call). Returns Monarch's result as an asyncio future (call, call_one, choose), its
+    iterator of futures (stream), or None (broadcast: nothing to wait for).
 
     The hot path: no task and no coroutine per call, just a callback on the future.
     """
     require(entry, "actor")
     method = field(meta, "method", str)
+    if method not in CALL_METHODS:
+        raise ProtocolError(f"unknown call method {method!r}; use one of {sorted(CALL_METHODS)}")
     endpoint = endpoint_of(entry, field(meta, "endpoint", str))
     load_ref = reference_loader(refs or {}) if "refs" in meta else None
     args, kwargs = codec.loads(payload, "call arguments", load_ref)
+    if method == "broadcast":
+        endpoint.broadcast(*args, **kwargs)
+        return None
+    if method == "stream":
+        return endpoint.stream(*args, **kwargs)
     return getattr(endpoint, method)(*args, **kwargs).as_asyncio()
 
 
 def finish_call(table: HandleTable, entry: Entry, meta: dict[str, Any], value: Any) -> Result:
-    """The reply to a call started by :func:`begin_call`; Monarch meshes in ``value`` are
+    """The reply to a call started by :func:`start_call`; Monarch meshes in ``value`` are
     registered in the session (see :func:`reference_saver`)."""
     if meta["method"] == "call":
         extent = Extent(tuple(value.extent.labels), tuple(value.extent.sizes))

@@ -1,9 +1,10 @@
 """The gateway's WebSocket server: authentication, sessions that survive reconnects, dispatch.
 
 Protocol rules live in :mod:`monarch_proxy.protocol.server`; Monarch calls live in
-:mod:`monarch_gateway.operations`. This module connects the two: it runs each request as its
-own task (so one slow call never blocks another), sends replies on whichever connection the
-session has now, and keeps a dropped session alive for a grace period.
+:mod:`monarch_gateway.operations`. This module connects the two: it sends a session's calls
+to the actors in the order they arrive (Monarch keeps each sender's order to an actor), waits for
+each request on its own (so one slow call never blocks another), sends replies on whichever
+connection the session has now, and keeps a dropped session alive for a grace period.
 
 Each session is bounded (``Limits``): replies kept for a resume, messages queued for a client
 that does not read and frames left half sent each have a cap; passing one closes that session
@@ -43,9 +44,9 @@ if TYPE_CHECKING:
 from monarch_gateway.operations import (
     SINGLE_RESULT_METHODS,
     MeshService,
-    begin_call,
     describe_failure,
     finish_call,
+    start_call,
 )
 from monarch_gateway.relay import SYNC_PATH, relay_sync
 from monarch_proxy.errors import (
@@ -204,8 +205,8 @@ class GatewaySession:
             except (UnknownHandleError, ProtocolError) as exc:
                 call.error = exc
             self.calls[event.id] = call
-            if self._single_result_call(event, call):
-                self._begin(event, call)
+            if self._starts_now(event, call):
+                self._start(event, call)
             else:
                 call.waiter = asyncio.get_running_loop().create_task(self._serve(event))
         elif isinstance(event, Released):
@@ -291,24 +292,33 @@ class GatewaySession:
         while self.writing and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
 
-    def _single_result_call(self, request: Requested, call: Call) -> bool:
+    def _starts_now(self, request: Requested, call: Call) -> bool:
+        """Whether ``request`` is a call to send to the actors right now (see start_call)."""
         return (
             request.op == Op.ENDPOINT_CALL
-            and request.meta.get("method") in SINGLE_RESULT_METHODS
             and call.entry is not None
             and call.error is None
             and self.gateway.dead_worker_of(call.entry) is None
         )
 
-    def _begin(self, request: Requested, call: Call) -> None:
+    def _start(self, request: Requested, call: Call) -> None:
+        """Send a call in arrival order; wait for its result without a task if it has one."""
         assert call.entry is not None
         try:
-            call.waiter = begin_call(call.entry, request.meta, request.payload, call.refs)
+            started = start_call(call.entry, request.meta, request.payload, call.refs)
         except Exception as exc:
             self.calls.pop(request.id, None)
             self.send(self.proto.failure_reply(request.id, *failure_for(exc)))
             return
-        call.waiter.add_done_callback(functools.partial(self._finish, request, call))
+        method = request.meta["method"]
+        if method in SINGLE_RESULT_METHODS:
+            call.waiter = started
+            started.add_done_callback(functools.partial(self._finish, request, call))
+        elif method == "stream":
+            call.waiter = asyncio.get_running_loop().create_task(self._serve(request, started))
+        else:  # a broadcast: sent, nothing to wait for
+            self.calls.pop(request.id, None)
+            self.send(self.proto.reply(request.id, {}, b""))
 
     def _finish(self, request: Requested, call: Call, waiter: asyncio.Future[Any]) -> None:
         self.calls.pop(request.id, None)
@@ -326,10 +336,10 @@ class GatewaySession:
             data = self.proto.failure_reply(request.id, *failure_for(exc))
         self.send(data)
 
-    async def _serve(self, request: Requested) -> None:
+    async def _serve(self, request: Requested, stream: Any = None) -> None:
         call = self.calls[request.id]
         try:
-            meta, payload = await self._execute(request, call)
+            meta, payload = await self._execute(request, call, stream)
             data = self.proto.reply(request.id, meta, payload)
         except asyncio.CancelledError:
             if call.lost is None:
@@ -343,7 +353,9 @@ class GatewaySession:
         if not self.ended:
             await self.send_now(data)
 
-    async def _execute(self, request: Requested, call: Call) -> tuple[dict[str, Any], bytes]:
+    async def _execute(
+        self, request: Requested, call: Call, stream: Any = None
+    ) -> tuple[dict[str, Any], bytes]:
         service, table, meta, op = self.gateway.service, self.table, request.meta, request.op
         if call.error is not None:
             raise call.error
@@ -365,12 +377,12 @@ class GatewaySession:
         dead = self.gateway.dead_worker_of(entry)
         if dead is not None:
             raise WorkerLostError(f"{dead.describe()} is dead; this mesh cannot be used")
-        if op == Op.ENDPOINT_CALL:
+        if op == Op.ENDPOINT_CALL and stream is not None:  # started in arrival order
 
             async def emit(item_meta: dict[str, Any], payload: bytes) -> None:
                 await self.send_now(self.proto.item(request.id, item_meta, payload))
 
-            return await service.call(table, entry, meta, request.payload, emit, call.refs)
+            return await service.stream(table, entry, stream, emit)
         if op == Op.HOST_SPAWN_PROCS:
             return await service.spawn_procs(table, entry, meta, self.output_tag, request.payload)
         if op == Op.PROC_SPAWN:

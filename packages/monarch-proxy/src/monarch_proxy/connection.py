@@ -121,7 +121,9 @@ class GatewayConnection:
         # Handles to free. They leave through the outbox writer, after every request submitted
         # before them (never on their own path), and only once no big frame submitted before
         # them is still on its way: a release must never overtake a request that uses it.
-        self._releases: list[int] = []
+        # A deque, appended without the lock: release() runs in garbage-collection finalizers,
+        # which may fire inside any section holding the lock, on the same thread.
+        self._releases: collections.deque[int] = collections.deque()
         self._outbox: list[bytes] = []  # small requests waiting for the writer task
         self._outbox_scheduled = False
         self._big: collections.deque[list[bytes]] = collections.deque()  # frames sent in pieces
@@ -213,16 +215,13 @@ class GatewayConnection:
 
         The release leaves after every request submitted before this call (see ``_releases``).
         """
-        with self._lock:
-            if self._closing:
-                return
-            self._releases.append(handle)
-            wake, self._outbox_scheduled = not self._outbox_scheduled, True
-        if wake:
-            try:
-                self._loop.call_soon_threadsafe(self._start_outbox_writer)
-            except RuntimeError:
-                pass  # loop already closed during interpreter shutdown
+        if self._closing:
+            return
+        self._releases.append(handle)  # no lock: a finalizer may run while this thread holds it
+        try:
+            self._loop.call_soon_threadsafe(self._wake_outbox_writer)
+        except RuntimeError:
+            pass  # loop already closed during interpreter shutdown
 
     def report_background(self, what: str, future: concurrent.futures.Future[Reply]) -> None:
         """Done-callback of a request nobody waits for (``broadcast``): a failure goes to the
@@ -439,7 +438,7 @@ class GatewayConnection:
                     and self._session.failure is None  # a failed session sends nothing more
                 ):
                     # Everything submitted before these releases is in ``messages`` or gone.
-                    handles, self._releases = self._releases, []
+                    handles = [self._releases.popleft() for _ in range(len(self._releases))]
                     messages.append(self._session.release(handles))
                 if not messages:
                     self._outbox_scheduled = False
@@ -449,7 +448,7 @@ class GatewayConnection:
             # handshake starts this writer again.
             if not await self._send(pack_for_sending(messages)):
                 with self._lock:
-                    self._releases[:0] = handles
+                    self._releases.extendleft(reversed(handles))
                     self._outbox_scheduled = False
                 return
 
