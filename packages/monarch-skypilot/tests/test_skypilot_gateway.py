@@ -74,7 +74,7 @@ def test_gateway_mode_spawns_calls_syncs_reloads_and_recovers_a_preempted_node(
     job = make_job(cloud, ports, "sky-gw", idle_minutes_to_autostop=30)
     try:
         state = job.state(cached_path=cache)
-        assert state.names == ["trainers"] and state.trainers.size == 2
+        assert state.names == ["trainers"] and state.trainers.size() == 2
         assert cloud.calls == ["launch sky-gw"]
         assert cloud.launch_options == {"idle_minutes_to_autostop": 30, "down": True}
         job.set_autostop(-1)  # cancel, e.g. for a long interactive session
@@ -130,7 +130,7 @@ def test_a_lost_head_node_is_relaunched_and_the_gateway_re_attached_by_state(
         first = job.state(cached_path=None)
         old_head = cloud.preempt("sky-head", 0)  # the gateway goes with it
         state = job.state(cached_path=None)  # notices, relaunches, connects to the new head
-        assert state is not first and state.hosts.size == 2
+        assert state is not first and state.hosts.size() == 2
         assert old_head not in job.gateway_url()
         actors = state.hosts.spawn_procs().spawn("a", Echo)
         assert sorted(actors.echo.call(7).get(timeout=60).values()) == [7, 7]
