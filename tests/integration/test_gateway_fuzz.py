@@ -90,7 +90,13 @@ def test_fuzzed_frames_never_crash_the_gateway_and_a_good_client_is_served_throu
                 for rid in range(1, rng.randrange(5, 80)):
                     ws.send(frame(rng, rid))
                     sent += 1
+                # The gateway's verdict on these frames, not a race with our own close: read
+                # its replies until it closes, or until it has plainly found nothing to refuse.
+                while True:
+                    ws.recv(timeout=5)
+            except TimeoutError:
                 ws.close()
+                closes.append(None)
             except ConnectionClosed as exc:
                 closes.append(exc.rcvd.code if exc.rcvd is not None else None)
         stop.set()
@@ -98,6 +104,8 @@ def test_fuzzed_frames_never_crash_the_gateway_and_a_good_client_is_served_throu
         after = rss_mib(cluster.gateway.pid)
         log = (Path(cluster.log_dir) / "gateway.log").read_text()
     assert errors == [] and served[0] > 0
-    assert closes and set(closes) <= ALLOWED_CLOSES, set(closes)
+    refused = [code for code in closes if code is not None]
+    assert len(refused) > len(closes) // 2, closes  # most hostile sessions get refused ...
+    assert set(refused) <= ALLOWED_CLOSES, set(refused)  # ... with a protocol or policy code
     assert after - before < 150, (before, after)
     assert "Traceback" not in log and "1011" not in log
