@@ -17,7 +17,13 @@ import kubernetes.client as k8s
 
 from monarch_k8s.testing import wait_for
 from monarch_k8s.torchrun import names
-from monarch_k8s.torchrun.cache import CONTAINER_INIT, LIVE_ANNOTATION, TOKEN_KEY, TOKEN_SECRET
+from monarch_k8s.torchrun.cache import (
+    CACHE_NAME,
+    CONTAINER_INIT,
+    LIVE_ANNOTATION,
+    TOKEN_KEY,
+    TOKEN_SECRET,
+)
 from monarch_sync import scan_tree
 
 QUEUE = """\
@@ -83,6 +89,16 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
         and f"0/1 workers hold workspace {version[:12]}" in ready["message"]
     )
     assert waiting_in_init()  # the trainer has not started
+
+    # the cache scaled away by hand comes back: the operator scales it up again and the job
+    # keeps waiting (a pass once sent the scale as a whole-object replace: refused, job Failed)
+    apps = k8s.AppsV1Api(k8s_api)
+    apps.patch_namespaced_deployment_scale(CACHE_NAME, ns, {"spec": {"replicas": 0}})
+    wait_for(
+        lambda: apps.read_namespaced_deployment(CACHE_NAME, ns).spec.replicas == 1,
+        timeout=60, what="the operator scaling the cache back to 1",
+    )  # fmt: skip
+    assert job_status(k8s_api, ns)["phase"] == "Syncing"
 
     sync = subprocess.run(
         [str(k8s_cluster.kubectl_path), "torchrun", "-n", ns, "sync", "waits"], cwd=ws,
