@@ -42,8 +42,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import kubernetes.client as k8s  # noqa: E402
 from k8s_testenv import start_cluster  # noqa: E402
+from k8s_testenv.testing import wait_until  # noqa: E402
 
-from monarch_k8s.testing import install_with_kubectl, wait_for  # noqa: E402
+from monarch_k8s.testing import install_with_kubectl  # noqa: E402
 from monarch_k8s.torchrun.names import JOB_LABEL  # noqa: E402
 
 MARK = "SCRIPT-RUNNING"
@@ -178,13 +179,13 @@ def zip_flow(cluster: Any, api: Any, ns: str, src: Path, nodes: int) -> dict[str
                 sys.executable, "-c", SYNC_POD_SCRIPT],
                 "volumeMounts": [{"name": "ws", "mountPath": "/workspace"}]}]}}  # fmt: skip
         core.create_namespaced_pod(ns, sync_pod)
-        wait_for(
+        wait_until(
             lambda: core.read_namespaced_pod("zipflow-sync", ns).status.phase == "Running",
             timeout=300, what="the sync pod running", interval=0.1,
         )  # fmt: skip
         kubectl(cluster, "cp", "-n", ns, str(archive), "zipflow-sync:/workspace/workspace.zip")
         marks["copied"] = time.perf_counter() - t0
-    wait_for(
+    wait_until(
         lambda: core.read_namespaced_pod("zipflow-sync", ns).status.phase == "Succeeded",
         timeout=600, what="the sync pod to extract the zip", interval=0.1,
     )  # fmt: skip
@@ -201,7 +202,7 @@ def zip_flow(cluster: Any, api: Any, ns: str, src: Path, nodes: int) -> dict[str
                             "workingDir": "/app",
                             "volumeMounts": [{"name": "app", "mountPath": "/app"}]}]}}  # fmt: skip
         core.create_namespaced_pod(ns, worker)
-    wait_for(
+    wait_until(
         lambda: all_running(core, ns, "zipflow=w", nodes, "trainer"),
         timeout=900, what="the zip flow's workers running the script", interval=0.1,
     )  # fmt: skip

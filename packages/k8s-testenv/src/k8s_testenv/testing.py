@@ -13,8 +13,15 @@ __all__ = ["container_pid", "pid_alive", "wait_until"]
 T = TypeVar("T")
 
 
-def wait_until(check: Callable[[], T | None], *, timeout: float = 60, what: str = "condition") -> T:
-    """Poll ``check`` every 0.2 s until it returns something truthy, and return that."""
+def wait_until(
+    check: Callable[[], T | None],
+    *,
+    timeout: float = 60,
+    what: str = "condition",
+    interval: float = 0.2,
+) -> T:
+    """Poll ``check`` every ``interval`` s until it returns something truthy, and return that;
+    an AssertionError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -22,7 +29,7 @@ def wait_until(check: Callable[[], T | None], *, timeout: float = 60, what: str 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks on a k8s-testenv cluster (or any cluster).
+"""Helpers for tests and benchmarks on a k8s-testenv cluster (or any cluster); they need
+k8s-testenv installed (a dev dependency: nothing else in this package imports this module).
 
 - :func:`install_with_kubectl`: ``kubectl apply -k`` an overlay of the shipped base (the
   operator as a pod under its own ServiceAccount), tuned for the process kubelet, and wait
@@ -17,23 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from k8s_testenv.testing import wait_until
 from kubernetes import client
 
 from monarch_k8s import names
 from monarch_k8s.install import manifests_dir
 
-__all__ = ["install_with_kubectl", "kustomize_overlay", "reconcile_latency", "wait_for"]
-
-
-def wait_for(check: Any, *, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+__all__ = ["install_with_kubectl", "kustomize_overlay", "reconcile_latency"]
 
 
 def kustomize_overlay(
@@ -96,7 +87,7 @@ def install_with_kubectl(
     if result.returncode != 0:
         raise RuntimeError(f"kubectl apply -k failed: {result.stderr.decode()}")
     api = cluster.api_client()
-    return wait_for(
+    return wait_until(
         lambda: operator_pod(api, namespace), timeout=timeout, what="a Ready operator pod"
     )
 
@@ -129,20 +120,20 @@ def reconcile_latency(
         annotations = sts.metadata.annotations if sts.metadata is not None else None
         return (annotations or {}).get(names.TEMPLATE_HASH_ANNOTATION)
 
-    def changed_from(old: str) -> bool:
+    def changed_from(old: str | None) -> bool:
         new = sts_annotation()
         return new is not None and new != old
 
     times: list[float] = []
     try:
-        previous = wait_for(sts_annotation, timeout=60, what="the StatefulSet")
+        previous: str | None = wait_until(sts_annotation, timeout=60, what="the StatefulSet")
         for i in range(samples):
             patch = {"spec": {"podTemplate": {"containers": [{"name": "w", "image": f"x:{i}"}]}}}
             start = time.perf_counter()
             custom.patch_namespaced_custom_object(
                 names.GROUP, names.VERSION, namespace, names.PLURAL, name, patch
             )
-            wait_for(
+            wait_until(
                 functools.partial(changed_from, previous),
                 timeout=60,
                 what="the StatefulSet template to change",

@@ -14,8 +14,8 @@ from typing import Any
 
 import kubernetes.client as k8s
 import pytest
+from k8s_testenv.testing import wait_until
 
-from monarch_k8s.testing import wait_for
 from monarch_k8s.torchrun import names
 
 TRAIN = """\
@@ -111,7 +111,7 @@ def wait_phase(api: Any, namespace: str, job: str, want: str, timeout: float = 2
             raise AssertionError(f"job {job} Failed: {got}\n{worker_logs(api, namespace, job)}")
         return got.get("phase") == want
 
-    wait_for(reached, timeout=timeout, what=f"TorchrunJob {job} {want}", interval=0.5)
+    wait_until(reached, timeout=timeout, what=f"TorchrunJob {job} {want}", interval=0.5)
 
 
 def sent(stderr: str) -> tuple[int, str]:
@@ -186,7 +186,7 @@ def test_hot_reload_reaches_the_running_workers(
     submit = ["torchrun", "-n", ns, "submit", "--queue", "cpu", "--nodes", "2",
               "--procs-per-node", "1", "--name", "reload", "python reload.py"]  # fmt: skip
     ok(kubectl(k8s_cluster, *submit, cwd=ws))
-    wait_for(
+    wait_until(
         lambda: kubectl(k8s_cluster, "torchrun", "-n", ns, "logs", "reload").stdout.count(
             "started with v1"
         )
@@ -245,7 +245,7 @@ def test_plugin_help_exit_codes_and_job_management(
     wait_phase(k8s_api, ns, "sleepy", "Suspended")
     core = k8s.CoreV1Api(k8s_api)
     selector = f"{names.JOB_LABEL}=sleepy"
-    wait_for(lambda: not core.list_namespaced_pod(ns, label_selector=selector).items,
+    wait_until(lambda: not core.list_namespaced_pod(ns, label_selector=selector).items,
              timeout=60, what="the suspended job's pods gone")  # fmt: skip
     ok(kubectl(k8s_cluster, "torchrun", "-n", ns, "resume", "sleepy"))
     wait_phase(k8s_api, ns, "sleepy", "Running")  # new pods, fed again by the cache

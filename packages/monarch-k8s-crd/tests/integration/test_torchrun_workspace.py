@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes.client as k8s
+from k8s_testenv.testing import wait_until
 
-from monarch_k8s.testing import wait_for
 from monarch_k8s.torchrun import names
 from monarch_k8s.torchrun.cache import (
     CACHE_NAME,
@@ -79,7 +79,7 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
         statuses = [s for p in pods for s in p.status.init_container_statuses or []]
         return any(s.name == CONTAINER_INIT and s.state.running for s in statuses)
 
-    wait_for(waiting_in_init, timeout=120, what="the worker waiting in workspace-sync")
+    wait_until(waiting_in_init, timeout=120, what="the worker waiting in workspace-sync")
     time.sleep(2)  # a few feeder and operator passes: still nothing to feed
     status = job_status(k8s_api, ns)
     assert status["phase"] == "Syncing", status
@@ -94,7 +94,7 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
     # keeps waiting (a pass once sent the scale as a whole-object replace: refused, job Failed)
     apps = k8s.AppsV1Api(k8s_api)
     apps.patch_namespaced_deployment_scale(CACHE_NAME, ns, {"spec": {"replicas": 0}})
-    wait_for(
+    wait_until(
         lambda: apps.read_namespaced_deployment(CACHE_NAME, ns).spec.replicas == 1,
         timeout=60, what="the operator scaling the cache back to 1",
     )  # fmt: skip
@@ -105,7 +105,7 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
         env=k8s_cluster.kubectl_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert sync.returncode == 0, sync.stderr
-    wait_for(
+    wait_until(
         lambda: job_status(k8s_api, ns).get("phase") == "Succeeded",
         timeout=240, what="the job Succeeded", interval=0.5,
     )  # fmt: skip
