@@ -16,6 +16,7 @@ import kubernetes.client as k8s
 import pytest
 from k8s_testenv.testing import wait_until
 
+from monarch_k8s.testing import cpu_queue, kubectl, kubectl_apply, torchrun_status
 from monarch_k8s.torchrun import names
 
 TRAIN = """\
@@ -49,26 +50,6 @@ sys.stdout.flush()
 dist.destroy_process_group()
 """
 
-QUEUE = """\
-apiVersion: torchrun.ai/v1alpha1
-kind: TorchrunQueue
-metadata:
-  name: cpu
-spec:
-  image: pytorch/pytorch:latest
-  nodeResources: {gpus: 0, cpus: 1, memory: 2Gi}
-  storage:
-    workspace: {enabled: true, sizePerGPU: 16Mi}
-"""
-
-
-def kubectl(cluster: Any, *args: str, cwd: Path | None = None, timeout: float = 300) -> Any:
-    """The built kubectl, whose plugin lookup finds ``kubectl-torchrun`` on PATH."""
-    return subprocess.run(
-        [str(cluster.kubectl_path), *args], cwd=cwd, env=cluster.kubectl_env(),
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
 
 def ok(result: Any) -> Any:
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout}\n{result.stderr}"
@@ -77,16 +58,8 @@ def ok(result: Any) -> Any:
 
 @pytest.fixture
 def queue(k8s_cluster: Any, monarch_operator: Any, k8s_namespace: str) -> str:
-    applied = k8s_cluster.kubectl("apply", "-n", k8s_namespace, "-f", "-", input=QUEUE.encode())
-    assert applied.returncode == 0, applied.stderr.decode()
+    kubectl_apply(k8s_cluster, k8s_namespace, cpu_queue())
     return k8s_namespace
-
-
-def status(api: Any, namespace: str, job: str) -> dict[str, Any]:
-    obj: Any = k8s.CustomObjectsApi(api).get_namespaced_custom_object(
-        names.GROUP, names.VERSION, namespace, names.JOB_PLURAL, job
-    )
-    return dict(obj.get("status") or {})
 
 
 def worker_logs(api: Any, namespace: str, job: str) -> str:
@@ -106,7 +79,7 @@ def worker_logs(api: Any, namespace: str, job: str) -> str:
 
 def wait_phase(api: Any, namespace: str, job: str, want: str, timeout: float = 240) -> None:
     def reached() -> bool:
-        got = status(api, namespace, job)
+        got = torchrun_status(api, namespace, job)
         if got.get("phase") == "Failed" and want != "Failed":
             raise AssertionError(f"job {job} Failed: {got}\n{worker_logs(api, namespace, job)}")
         return got.get("phase") == want

@@ -8,7 +8,6 @@ workspace's script. The token stays in its Secret.
 from __future__ import annotations
 
 import base64
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import kubernetes.client as k8s
 from k8s_testenv.testing import wait_until
 
+from monarch_k8s.testing import cpu_queue, kubectl, kubectl_apply, torchrun_status
 from monarch_k8s.torchrun import names
 from monarch_k8s.torchrun.cache import (
     CACHE_NAME,
@@ -26,16 +26,6 @@ from monarch_k8s.torchrun.cache import (
 )
 from monarch_sync import scan_tree
 
-QUEUE = """\
-apiVersion: torchrun.ai/v1alpha1
-kind: TorchrunQueue
-metadata: {name: cpu}
-spec:
-  image: pytorch/pytorch:latest
-  nodeResources: {gpus: 0, cpus: 1, memory: 2Gi}
-  storage:
-    workspace: {enabled: true, sizePerGPU: 16Mi}
-"""
 JOB = """\
 apiVersion: torchrun.ai/v1alpha1
 kind: TorchrunJob
@@ -49,18 +39,6 @@ spec:
 """
 
 
-def apply(cluster: Any, ns: str, text: str) -> None:
-    result = cluster.kubectl("apply", "-n", ns, "-f", "-", input=text.encode())
-    assert result.returncode == 0, result.stderr.decode()
-
-
-def job_status(api: Any, ns: str) -> dict[str, Any]:
-    obj: Any = k8s.CustomObjectsApi(api).get_namespaced_custom_object(
-        names.GROUP, names.VERSION, ns, names.JOB_PLURAL, "waits"
-    )
-    return dict(obj.get("status") or {})
-
-
 def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_version(
     k8s_cluster: Any, k8s_api: Any, monarch_operator: Any, k8s_namespace: str, tmp_path: Path
 ) -> None:
@@ -69,8 +47,8 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
     ws.mkdir()
     (ws / "hello.py").write_text("print('hello from the workspace', flush=True)\n")
     version = scan_tree(ws).root_hash
-    apply(k8s_cluster, ns, QUEUE)
-    apply(k8s_cluster, ns, JOB.format(version=version))  # as YAML, nothing uploaded yet
+    kubectl_apply(k8s_cluster, ns, cpu_queue())
+    kubectl_apply(k8s_cluster, ns, JOB.format(version=version))  # as YAML, nothing uploaded yet
 
     selector = f"{names.JOB_LABEL}=waits"
 
@@ -81,7 +59,7 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
 
     wait_until(waiting_in_init, timeout=120, what="the worker waiting in workspace-sync")
     time.sleep(2)  # a few feeder and operator passes: still nothing to feed
-    status = job_status(k8s_api, ns)
+    status = torchrun_status(k8s_api, ns, "waits")
     assert status["phase"] == "Syncing", status
     ready = next(c for c in status["conditions"] if c["type"] == "WorkspaceReady")
     assert (
@@ -98,18 +76,15 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
         lambda: apps.read_namespaced_deployment(CACHE_NAME, ns).spec.replicas == 1,
         timeout=60, what="the operator scaling the cache back to 1",
     )  # fmt: skip
-    assert job_status(k8s_api, ns)["phase"] == "Syncing"
+    assert torchrun_status(k8s_api, ns, "waits")["phase"] == "Syncing"
 
-    sync = subprocess.run(
-        [str(k8s_cluster.kubectl_path), "torchrun", "-n", ns, "sync", "waits"], cwd=ws,
-        env=k8s_cluster.kubectl_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    sync = kubectl(k8s_cluster, "torchrun", "-n", ns, "sync", "waits", cwd=ws, timeout=300)
     assert sync.returncode == 0, sync.stderr
     wait_until(
-        lambda: job_status(k8s_api, ns).get("phase") == "Succeeded",
+        lambda: torchrun_status(k8s_api, ns, "waits").get("phase") == "Succeeded",
         timeout=240, what="the job Succeeded", interval=0.5,
     )  # fmt: skip
-    assert job_status(k8s_api, ns)["workspaceVersion"] == version
+    assert torchrun_status(k8s_api, ns, "waits")["workspaceVersion"] == version
     (pod,) = core.list_namespaced_pod(ns, label_selector=selector).items
     assert pod.metadata.annotations[LIVE_ANNOTATION] == version
     log = core.read_namespaced_pod_log(pod.metadata.name, ns, container="trainer")
