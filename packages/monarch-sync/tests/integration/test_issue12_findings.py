@@ -70,6 +70,14 @@ class RawPeer:
         self.core.send_hello(push_id, "client")
         self.flush()
 
+    async def start_push(self, agent: Agent, manifest: Manifest) -> Frame | None:
+        """HELLO, then ``manifest``; the agent's answer (NEED when it wants the blob)."""
+        await self.hello()
+        payload = manifest_payload(push_head(manifest, agent.address), manifest.encode())
+        self.core.send(FrameType.MANIFEST, payload)
+        self.flush()
+        return await self.next_frame()
+
     async def closed(self, timeout: float = 10.0) -> bool:
         try:
             while await asyncio.wait_for(self.reader.read(65536), timeout):
@@ -272,11 +280,7 @@ async def test_finding_6_killed_pusher_releases_the_lock_quickly(tmp_path: Path)
     async with running_agents(tmp_path, 1, stall_timeout=10.0) as (agent,):
         manifest = one_file_manifest(b"never sent")
         peer = await RawPeer.open(agent)
-        await peer.hello()
-        peer.core.send(FrameType.MANIFEST, manifest_payload(push_head(manifest, agent.address),
-                                                             manifest.encode()))  # fmt: skip
-        peer.flush()
-        need = await peer.next_frame()
+        need = await peer.start_push(agent, manifest)
         assert need is not None and need.type is FrameType.NEED
         assert agent._lock.locked()
         peer.writer.transport.abort()  # the pusher is killed mid-push
@@ -293,11 +297,7 @@ async def test_finding_7_chunk_sizes_modes_and_token(tmp_path: Path) -> None:
         # A manifest whose chunk size does not match the data it hashes.
         manifest = one_file_manifest(b"hello", size=10)
         peer = await RawPeer.open(agent)
-        await peer.hello()
-        peer.core.send(FrameType.MANIFEST, manifest_payload(push_head(manifest, agent.address),
-                                                            manifest.encode()))  # fmt: skip
-        peer.flush()
-        need = await peer.next_frame()
+        need = await peer.start_push(agent, manifest)
         assert need is not None and need.type is FrameType.NEED
         # The pusher holds the token, so its tag verifies; the size does not.
         tags = protocol.BlobTags(TOKEN, "p1", manifest.root_hash, manifest.blobs)
