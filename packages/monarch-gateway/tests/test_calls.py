@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import threading
 import time
-import urllib.request
 
 import actors
 import pytest
@@ -24,13 +22,6 @@ from monarch_proxy import (
     UnknownHandleError,
     ValueMesh,
 )
-
-
-def health(cluster: LocalCluster, token: str | None = None) -> dict[str, object]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(cluster.health_url, headers=headers)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -197,18 +188,18 @@ def test_unknown_handle_gets_a_typed_error(job: JobState):
 def test_handles_are_freed_on_garbage_collection_and_at_session_end(cluster):
     job = cluster.connect()
     procs = job.hosts.spawn_procs(per_host={"gpus": 1})
-    base = health(cluster, cluster.token)["handles"]
+    base = cluster.health(cluster.token)["handles"]
     slices = [procs.slice(hosts=i % 2) for i in range(10)]
-    assert health(cluster, cluster.token)["handles"] == base + 10
+    assert cluster.health(cluster.token)["handles"] == base + 10
     del slices
     gc.collect()
     deadline = time.monotonic() + 10
-    while health(cluster, cluster.token)["handles"] != base and time.monotonic() < deadline:
+    while cluster.health(cluster.token)["handles"] != base and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert health(cluster, cluster.token)["handles"] == base
-    sessions = health(cluster, cluster.token)["sessions"]
+    assert cluster.health(cluster.token)["handles"] == base
+    sessions = cluster.health(cluster.token)["sessions"]
     job.close()
-    assert health(cluster, cluster.token)["sessions"] == sessions - 1
+    assert cluster.health(cluster.token)["sessions"] == sessions - 1
 
 
 def test_stop_stops_the_actors(job: JobState):
@@ -261,7 +252,7 @@ def test_many_clients_at_once(cluster):
 
 
 def test_health_endpoint_needs_no_token_and_gives_details_only_with_it(cluster):
-    assert health(cluster) == {"status": "ok"}
-    assert health(cluster, "wrong") == {"status": "ok"}
-    body = health(cluster, cluster.token)
+    assert cluster.health() == {"status": "ok"}
+    assert cluster.health("wrong") == {"status": "ok"}
+    body = cluster.health(cluster.token)
     assert body["status"] == "ok" and body["workers"] == 2 and body["dead_workers"] == []
