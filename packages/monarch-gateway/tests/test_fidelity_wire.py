@@ -27,14 +27,6 @@ from monarch_proxy import (
 )
 
 
-@pytest.fixture(scope="module")
-def session(cluster: LocalCluster):
-    job = cluster.connect()
-    procs = job.hosts.spawn_procs(per_host={"gpus": 2})
-    yield job, procs, procs.spawn("workers", actors.Worker, "w")
-    job.close()
-
-
 def test_chained_one_liners_survive_gc_of_their_intermediates(session):
     job, _, workers = session
     for _ in range(3):  # the released intermediate overtook the call: UnknownHandleError
