@@ -42,22 +42,18 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import kubernetes.client as k8s  # noqa: E402
 from k8s_testenv import start_cluster  # noqa: E402
+from k8s_testenv.testing import wait_until  # noqa: E402
 
-from monarch_k8s.testing import install_with_kubectl, wait_for  # noqa: E402
+from monarch_k8s.testing import (  # noqa: E402
+    cpu_queue,
+    install_with_kubectl,
+    kubectl,
+    kubectl_apply,
+)
 from monarch_k8s.torchrun.names import JOB_LABEL  # noqa: E402
 
 MARK = "SCRIPT-RUNNING"
 START = f"import os\nprint('{MARK}', os.environ.get('RANK'), flush=True)\n"
-QUEUE = """\
-apiVersion: torchrun.ai/v1alpha1
-kind: TorchrunQueue
-metadata: {name: cpu}
-spec:
-  image: pytorch/pytorch:latest
-  nodeResources: {gpus: 0, cpus: 1, memory: 2Gi}
-  storage:
-    workspace: {enabled: true, sizePerGPU: 1Gi}
-"""
 TORCHRUN = ["torchrun", "--standalone", "--nproc-per-node=1", "--no-python", "python", "start.py"]
 
 
@@ -75,16 +71,6 @@ def make_workspace(root: Path, size_mb: int, seed: int) -> None:
     for i in range(4):
         (root / "assets" / f"blob{i}.bin").write_bytes(rng.randbytes(rest // 4))
     (root / "start.py").write_text(START)
-
-
-def kubectl(cluster: Any, *args: str, cwd: Path | None = None, **kw: Any) -> Any:
-    result = subprocess.run(
-        [str(cluster.kubectl_path), *args], cwd=cwd, env=cluster.kubectl_env(),
-        capture_output=True, text=True, timeout=900, **kw,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr}")
-    return result
 
 
 def all_running(core: k8s.CoreV1Api, ns: str, selector: str, n: int, container: str) -> bool:
@@ -178,13 +164,14 @@ def zip_flow(cluster: Any, api: Any, ns: str, src: Path, nodes: int) -> dict[str
                 sys.executable, "-c", SYNC_POD_SCRIPT],
                 "volumeMounts": [{"name": "ws", "mountPath": "/workspace"}]}]}}  # fmt: skip
         core.create_namespaced_pod(ns, sync_pod)
-        wait_for(
+        wait_until(
             lambda: core.read_namespaced_pod("zipflow-sync", ns).status.phase == "Running",
             timeout=300, what="the sync pod running", interval=0.1,
         )  # fmt: skip
-        kubectl(cluster, "cp", "-n", ns, str(archive), "zipflow-sync:/workspace/workspace.zip")
+        kubectl(cluster, "cp", "-n", ns, str(archive), "zipflow-sync:/workspace/workspace.zip",
+                timeout=900, check=True)  # fmt: skip
         marks["copied"] = time.perf_counter() - t0
-    wait_for(
+    wait_until(
         lambda: core.read_namespaced_pod("zipflow-sync", ns).status.phase == "Succeeded",
         timeout=600, what="the sync pod to extract the zip", interval=0.1,
     )  # fmt: skip
@@ -201,7 +188,7 @@ def zip_flow(cluster: Any, api: Any, ns: str, src: Path, nodes: int) -> dict[str
                             "workingDir": "/app",
                             "volumeMounts": [{"name": "app", "mountPath": "/app"}]}]}}  # fmt: skip
         core.create_namespaced_pod(ns, worker)
-    wait_for(
+    wait_until(
         lambda: all_running(core, ns, "zipflow=w", nodes, "trainer"),
         timeout=900, what="the zip flow's workers running the script", interval=0.1,
     )  # fmt: skip
@@ -228,7 +215,7 @@ def main() -> int:
         api = cluster.api_client()
         ns = "bench"
         k8s.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
-        kubectl(cluster, "apply", "-n", ns, "-f", "-", input=QUEUE)
+        kubectl_apply(cluster, ns, cpu_queue(workspace_per_gpu="1Gi"))
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")  # a fresh laptop
             src, other = Path(tmp) / "project", Path(tmp) / "other"

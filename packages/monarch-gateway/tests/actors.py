@@ -1,4 +1,5 @@
-"""Actor classes importable by name on the workers (tests ship them by reference)."""
+"""Actor classes importable by name on the workers (tests ship them by reference); the
+conformance suite (``conformance/conformance_actors.py``) builds on them too."""
 
 from __future__ import annotations
 
@@ -13,13 +14,8 @@ class NotPicklable(Exception):
     """Carries a lock, so it cannot cross a process boundary as itself."""
 
 
-class Worker(Actor):
-    def __init__(self, label: str = "w") -> None:
-        self.label = label
-
-    @endpoint
-    def whoami(self) -> dict[str, object]:
-        return {"label": self.label, "rank": dict(current_rank()), "pid": os.getpid()}
+class Basics(Actor):
+    """Endpoints the gateway tests' Worker and the conformance suite's Probe share."""
 
     @endpoint
     def echo(self, value: object) -> object:
@@ -33,6 +29,15 @@ class Worker(Actor):
     @endpoint
     def fail(self, message: str) -> None:
         raise ValueError(message)
+
+
+class Worker(Basics):
+    def __init__(self, label: str = "w") -> None:
+        self.label = label
+
+    @endpoint
+    def whoami(self) -> dict[str, object]:
+        return {"label": self.label, "rank": dict(current_rank()), "pid": os.getpid()}
 
     @endpoint
     def speak(self, text: str) -> None:

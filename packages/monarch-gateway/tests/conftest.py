@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,17 @@ from monarch_proxy import JobState  # noqa: E402
 def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(2).start() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def session(cluster: LocalCluster) -> Iterator[tuple[JobState, Any, Any]]:
+    """One session for the module: its job, procs of 2 GPUs a host, and Workers labelled "w"."""
+    import actors  # monarch's, imported once the path above is set
+
+    job = cluster.connect()
+    procs = job.hosts.spawn_procs(per_host={"gpus": 2})
+    yield job, procs, procs.spawn("workers", actors.Worker, "w")
+    job.close()
 
 
 @pytest.fixture

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import threading
 import time
-import urllib.request
 
 import actors
 import pytest
 from monarch.actor import Actor, endpoint
 
-from monarch_gateway.local import LocalCluster
 from monarch_proxy import (
     ActorImportError,
     ArgumentEncodingError,
@@ -26,34 +23,19 @@ from monarch_proxy import (
 )
 
 
-def health(cluster: LocalCluster, token: str | None = None) -> dict[str, object]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(cluster.health_url, headers=headers)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def workers(cluster: LocalCluster):
-    job = cluster.connect()
-    procs = job.hosts.spawn_procs(per_host={"gpus": 2})
-    yield job, procs, procs.spawn("workers", actors.Worker, "ref")
-    job.close()
-
-
-def test_call_returns_a_value_mesh_with_coordinates(workers):
-    _, _procs, mesh = workers
+def test_call_returns_a_value_mesh_with_coordinates(session):
+    _, _procs, mesh = session
     result = mesh.whoami.call().get(timeout=60)
     assert isinstance(result, ValueMesh)
     assert result.extent.as_dict() == {"hosts": 2, "gpus": 2}
     for point, value in result.items():
         assert value["rank"] == point.coords
-        assert value["label"] == "ref"
+        assert value["label"] == "w"
     assert len({v["pid"] for v in result.values()}) == 4  # four real processes
 
 
-def test_slices_are_executed_on_the_gateway(workers):
-    _, _, mesh = workers
+def test_slices_are_executed_on_the_gateway(session):
+    _, _, mesh = session
     where = {v["pid"]: (p["hosts"], p["gpus"]) for p, v in mesh.whoami.call().get(timeout=30)}
     host1 = mesh.slice(hosts=1)
     assert host1.extent.as_dict() == {"gpus": 2}
@@ -65,8 +47,8 @@ def test_slices_are_executed_on_the_gateway(workers):
     assert column.extent.as_dict() == {"hosts": 2, "gpus": 1}
 
 
-def test_choose_broadcast_and_stream(workers):
-    _, _, mesh = workers
+def test_choose_broadcast_and_stream(session):
+    _, _, mesh = session
     assert mesh.echo.choose(5).get(timeout=30) == 5
     assert mesh.echo.broadcast("ignored") is None
     streamed = sorted(f.get()["pid"] for f in mesh.whoami.stream())
@@ -78,8 +60,8 @@ def test_choose_broadcast_and_stream(workers):
     assert asyncio.run(collect()) == ["x"] * 4
 
 
-def test_futures_can_be_awaited(workers):
-    _, _, mesh = workers
+def test_futures_can_be_awaited(session):
+    _, _, mesh = session
 
     async def main() -> list[object]:
         return await asyncio.gather(
@@ -89,8 +71,8 @@ def test_futures_can_be_awaited(workers):
     assert asyncio.run(main()) == list(range(10))
 
 
-def test_remote_exceptions_keep_their_type_and_traceback(workers):
-    _, _, mesh = workers
+def test_remote_exceptions_keep_their_type_and_traceback(session):
+    _, _, mesh = session
     with pytest.raises(ValueError, match="no such user") as info:
         mesh.slice(hosts=0, gpus=0).fail.call_one("no such user").get(timeout=30)
     cause = info.value.__cause__
@@ -108,8 +90,8 @@ def test_actor_constructor_failure_reaches_the_caller_and_the_gateway_survives(c
         assert mesh.echo.choose("alive").get(timeout=60) == "alive"
 
 
-def test_actor_classes_by_value_and_by_name(workers):
-    _, procs, _ = workers
+def test_actor_classes_by_value_and_by_name(session):
+    _, procs, _ = session
 
     class Adder(Actor):  # defined in a function: only travels by value
         def __init__(self, base: int) -> None:
@@ -127,8 +109,8 @@ def test_actor_classes_by_value_and_by_name(workers):
         procs.spawn("missing", "no_such_module:Thing")
 
 
-def test_class_the_gateway_cannot_import_is_resent_by_value(workers, tmp_path, monkeypatch):
-    _, procs, _ = workers
+def test_class_the_gateway_cannot_import_is_resent_by_value(session, tmp_path, monkeypatch):
+    _, procs, _ = session
     (tmp_path / "laptop_only.py").write_text(
         "from monarch.actor import Actor, endpoint\n"
         "class Local(Actor):\n"
@@ -143,8 +125,8 @@ def test_class_the_gateway_cannot_import_is_resent_by_value(workers, tmp_path, m
     assert mesh.hi.choose().get(timeout=30) == "from a laptop-only module"
 
 
-def test_a_blocking_get_does_not_stall_other_calls(workers):
-    _, _, mesh = workers
+def test_a_blocking_get_does_not_stall_other_calls(session):
+    _, _, mesh = session
     slow = mesh.slice(hosts=0, gpus=0).sleep.call_one(3.0)
     fast_results = []
 
@@ -161,8 +143,8 @@ def test_a_blocking_get_does_not_stall_other_calls(workers):
     assert slow.get(timeout=30) == 3.0
 
 
-def test_get_with_timeout_raises_a_typed_timeout_and_the_call_still_completes(workers):
-    _, _, mesh = workers
+def test_get_with_timeout_raises_a_typed_timeout_and_the_call_still_completes(session):
+    _, _, mesh = session
     future = mesh.slice(hosts=0, gpus=1).sleep.call_one(1.0)
     with pytest.raises(CallTimeoutError, match=r"sleep.call_one\(\) did not finish within 0.05s"):
         future.get(timeout=0.05)
@@ -170,14 +152,14 @@ def test_get_with_timeout_raises_a_typed_timeout_and_the_call_still_completes(wo
     assert future.get(timeout=30) == 1.0
 
 
-def test_large_payload_round_trip(workers):
-    _, _, mesh = workers
+def test_large_payload_round_trip(session):
+    _, _, mesh = session
     blob = bytes(range(256)) * (16 * 1024 * 4)  # 16 MiB
     assert mesh.slice(hosts=1, gpus=0).echo.call_one(blob).get(timeout=60) == blob
 
 
-def test_unpicklable_argument_fails_locally_and_names_it(workers):
-    _, _, mesh = workers
+def test_unpicklable_argument_fails_locally_and_names_it(session):
+    _, _, mesh = session
     with pytest.raises(ArgumentEncodingError, match="argument 0"):
         mesh.echo.call(threading.Lock())
     assert mesh.echo.choose("still fine").get(timeout=30) == "still fine"
@@ -197,18 +179,18 @@ def test_unknown_handle_gets_a_typed_error(job: JobState):
 def test_handles_are_freed_on_garbage_collection_and_at_session_end(cluster):
     job = cluster.connect()
     procs = job.hosts.spawn_procs(per_host={"gpus": 1})
-    base = health(cluster, cluster.token)["handles"]
+    base = cluster.health(cluster.token)["handles"]
     slices = [procs.slice(hosts=i % 2) for i in range(10)]
-    assert health(cluster, cluster.token)["handles"] == base + 10
+    assert cluster.health(cluster.token)["handles"] == base + 10
     del slices
     gc.collect()
     deadline = time.monotonic() + 10
-    while health(cluster, cluster.token)["handles"] != base and time.monotonic() < deadline:
+    while cluster.health(cluster.token)["handles"] != base and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert health(cluster, cluster.token)["handles"] == base
-    sessions = health(cluster, cluster.token)["sessions"]
+    assert cluster.health(cluster.token)["handles"] == base
+    sessions = cluster.health(cluster.token)["sessions"]
     job.close()
-    assert health(cluster, cluster.token)["sessions"] == sessions - 1
+    assert cluster.health(cluster.token)["sessions"] == sessions - 1
 
 
 def test_stop_stops_the_actors(job: JobState):
@@ -261,7 +243,7 @@ def test_many_clients_at_once(cluster):
 
 
 def test_health_endpoint_needs_no_token_and_gives_details_only_with_it(cluster):
-    assert health(cluster) == {"status": "ok"}
-    assert health(cluster, "wrong") == {"status": "ok"}
-    body = health(cluster, cluster.token)
+    assert cluster.health() == {"status": "ok"}
+    assert cluster.health("wrong") == {"status": "ok"}
+    body = cluster.health(cluster.token)
     assert body["status"] == "ok" and body["workers"] == 2 and body["dead_workers"] == []

@@ -4,15 +4,13 @@ same way on torchmonarch directly, here through monarch-proxy and a real gateway
 from __future__ import annotations
 
 import gc
-import json
-import os
 import threading
 import time
-import urllib.request
 
 import actors
 import fidelity_actors
 import pytest
+from k8s_testenv.testing import pid_alive, wait_until
 from tcp_relay import TcpRelay
 
 import monarch_proxy
@@ -27,29 +25,6 @@ from monarch_proxy import (
     ValueMesh,
     faults,
 )
-
-
-def health(cluster: LocalCluster) -> dict[str, object]:
-    request = urllib.request.Request(
-        cluster.health_url, headers={"Authorization": f"Bearer {cluster.token}"}
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def session(cluster: LocalCluster):
-    job = cluster.connect()
-    procs = job.hosts.spawn_procs(per_host={"gpus": 2})
-    yield job, procs, procs.spawn("workers", actors.Worker, "w")
-    job.close()
 
 
 def test_chained_one_liners_survive_gc_of_their_intermediates(session):
@@ -199,27 +174,19 @@ def test_spawn_procs_takes_monarchs_arguments(session):
     procs.stop("done with them").get(timeout=60)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_session_end_stops_its_procs_unless_kept(cluster):
     def spawn_in_new_session(**options: object) -> tuple[object, list[int], str]:
         job = cluster.connect(**options)
         moody = job.hosts.spawn_procs(per_host={"gpus": 2}).spawn("m", fidelity_actors.Moody)
         pids = list(moody.pid.call().get(timeout=60).values())
-        mine = {k: v for k, v in health(cluster)["processes"].items() if v == 4}
+        mine = {k: v for k, v in cluster.health(cluster.token)["processes"].items() if v == 4}
         assert mine, "health shows the session's 4 processes"
         return job, pids, next(iter(mine))
 
     job, pids, number = spawn_in_new_session()
     job.close()
     wait_until(lambda: not any(pid_alive(p) for p in pids))
-    assert number not in health(cluster)["processes"]
+    assert number not in cluster.health(cluster.token)["processes"]
 
     kept, kept_pids, _ = spawn_in_new_session(keep_procs=True)
     kept.close()
@@ -235,7 +202,7 @@ def test_session_not_resumed_within_the_grace_has_its_procs_stopped():
         relay.pause()  # the laptop goes away for longer than the gateway's grace
         relay.drop_all()
         wait_until(lambda: not any(pid_alive(p) for p in pids))
-        assert health(c)["processes"] == {}
+        assert c.health(c.token)["processes"] == {}
         relay.resume()
         job.close()
 

@@ -1,13 +1,16 @@
-"""Shared test helpers: tree snapshots independent of the code under test, local apply."""
+"""Shared test helpers: tree snapshots independent of the code under test, local apply,
+coroutine tests."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from monarch_sync import Agent, Manifest, Store
 from monarch_sync.client import _SourceBlobs
@@ -15,6 +18,16 @@ from monarch_sync.diff import Plan
 from monarch_sync.staging import begin_staging
 
 TOKEN = "s3cret"
+
+
+def runs_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """A coroutine test function run by ``asyncio.run`` (pytest sees its fixtures)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
 
 
 def snapshot(root: Path) -> dict[str, tuple[object, ...]]:

@@ -82,9 +82,14 @@ class Cluster:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": path}
 
     def kubectl(
-        self, *args: str, input: bytes | None = None, timeout: float = 120
+        self,
+        *args: str,
+        input: bytes | None = None,
+        timeout: float = 120,
+        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run the cluster's kubectl with ``args``; the result carries its exit code and output."""
+        """Run the cluster's kubectl with ``args`` (in ``cwd``); the result carries its exit
+        code and output."""
         env = self.kubectl_env()  # raises when there is no kubectl
         return subprocess.run(
             [str(self.kubectl_path), *args],
@@ -92,6 +97,7 @@ class Cluster:
             input=input,
             capture_output=True,
             timeout=timeout,
+            cwd=cwd,
         )
 
     def logs(self, component: str, lines: int = 50) -> str:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
+
+from k8s_testenv.procs import alive as pid_alive  # a process exists and is not a zombie
 
 __all__ = ["container_pid", "pid_alive", "wait_until"]
 
 T = TypeVar("T")
 
 
-def wait_until(check: Callable[[], T | None], *, timeout: float = 60, what: str = "condition") -> T:
-    """Poll ``check`` every 0.2 s until it returns something truthy, and return that."""
+def wait_until(
+    check: Callable[[], T | None],
+    *,
+    timeout: float = 60,
+    what: str = "condition",
+    interval: float = 0.2,
+) -> T:
+    """Poll ``check`` every ``interval`` s until it returns something truthy, and return that;
+    an AssertionError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -22,19 +29,7 @@ def wait_until(check: Callable[[], T | None], *, timeout: float = 60, what: str 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        time.sleep(interval)
 
 
 def container_pid(pod: Any, index: int = 0) -> int:

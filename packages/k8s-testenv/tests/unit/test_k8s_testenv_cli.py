@@ -51,28 +51,21 @@ def test_cli_exits_non_zero_naming_go_when_it_is_missing(
     assert "needs `go`, which was not found" in err
 
 
-def test_prebuilt_binary_folder_without_etcd_names_etcd(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("present", "missing"), [((), "etcd"), (("etcd",), "etcd-v2")])
+def test_prebuilt_binary_folder_without_an_etcd_names_it(
+    present: tuple[str, ...],
+    missing: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name in build.KUBE_COMPONENTS:
+    for name in (*build.KUBE_COMPONENTS, *present):
         (tmp_path / name).write_text("#!/bin/sh\n")
         (tmp_path / name).chmod(0o755)
     monkeypatch.setenv("K8S_TESTENV_BIN_DIR", str(tmp_path))
     monkeypatch.delenv("K8S_TESTENV_ETCD", raising=False)
     assert cli.main(["up", "--dir", str(tmp_path / "cluster")]) == 2
-    assert "needs `etcd`" in capsys.readouterr().err
-
-
-def test_prebuilt_binary_folder_without_etcd_v2_names_it(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for name in (*build.KUBE_COMPONENTS, "etcd"):
-        (tmp_path / name).write_text("#!/bin/sh\n")
-        (tmp_path / name).chmod(0o755)
-    monkeypatch.setenv("K8S_TESTENV_BIN_DIR", str(tmp_path))
-    monkeypatch.delenv("K8S_TESTENV_ETCD", raising=False)
-    assert cli.main(["up", "--dir", str(tmp_path / "cluster")]) == 2
-    assert "needs `etcd-v2`" in capsys.readouterr().err
+    assert f"needs `{missing}`" in capsys.readouterr().err
 
 
 def test_down_without_a_cluster_is_a_no_op(

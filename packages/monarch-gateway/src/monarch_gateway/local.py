@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -301,6 +302,13 @@ class LocalCluster:
     @property
     def health_url(self) -> str:
         return self.url.replace("ws", "http", 1) + "/healthz"
+
+    def health(self, token: str | None = None) -> dict[str, Any]:
+        """The gateway's ``/healthz``: liveness only, or its details with the right ``token``."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(self.health_url, headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return dict(json.loads(response.read()))
 
     def connect(self, **options: Any) -> JobState:
         state = connect(self.url, self.token, **options)

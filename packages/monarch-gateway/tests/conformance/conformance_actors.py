@@ -1,15 +1,16 @@
-"""Actor classes of the conformance suite, importable by name on the workers and the gateway."""
+"""Actor classes of the conformance suite, importable by name on the workers and the gateway
+(as the gateway tests' ``actors``, whose ``Basics`` and ``BrokenInit`` they share)."""
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
+from actors import Basics
 from monarch.actor import Actor, Port, current_rank, current_size, endpoint, this_proc
 
 
-class Probe(Actor):
+class Probe(Basics):
     def __init__(self, label: str = "probe") -> None:
         self.label = label
         self.count = 0
@@ -27,21 +28,8 @@ class Probe(Actor):
         return {"label": self.label, "rank": dict(current_rank())}
 
     @endpoint
-    def echo(self, value: Any) -> Any:
-        return value
-
-    @endpoint
     def pid(self) -> int:
         return os.getpid()
-
-    @endpoint
-    def sleep(self, seconds: float) -> float:
-        time.sleep(seconds)
-        return seconds
-
-    @endpoint
-    def fail(self, message: str) -> None:
-        raise ValueError(message)
 
     @endpoint
     def fail_at(self, rank: int, message: str) -> int:
@@ -107,15 +95,6 @@ class Collides(Actor):
     @endpoint
     def slice(self) -> str:  # type: ignore[override]
         return "slice"
-
-
-class BrokenInit(Actor):
-    def __init__(self) -> None:
-        raise RuntimeError("constructor failed on purpose")
-
-    @endpoint
-    def never(self) -> None:
-        pass
 
 
 class Kw(Actor):

@@ -152,7 +152,7 @@ def test_mesh_returned_as_a_result(conform):
 
 def test_constructor_failure_surfaces_at_the_first_call(conform):
     def body(api):
-        from conformance_actors import BrokenInit
+        from actors import BrokenInit
 
         procs = api.hosts.spawn_procs(name="broken_init")
         try:

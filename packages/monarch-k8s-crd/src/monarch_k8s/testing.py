@@ -1,9 +1,13 @@
-"""Helpers for tests and benchmarks on a k8s-testenv cluster (or any cluster).
+"""Helpers for tests and benchmarks on a k8s-testenv cluster (or any cluster); they need
+k8s-testenv installed (a dev dependency: nothing else in this package imports this module).
 
 - :func:`install_with_kubectl`: ``kubectl apply -k`` an overlay of the shipped base (the
   operator as a pod under its own ServiceAccount), tuned for the process kubelet, and wait
   until the operator runs.
 - :func:`reconcile_latency`: time from a MonarchMesh spec change to the child updated.
+- :func:`kubectl`, :func:`kubectl_apply`: the cluster's kubectl, which finds
+  ``kubectl-torchrun`` on PATH; :func:`cpu_queue`, :func:`torchrun_status`: a TorchrunQueue
+  for CPU workers and a TorchrunJob's status, for the torchrun tests and benchmark.
 """
 
 from __future__ import annotations
@@ -11,29 +15,29 @@ from __future__ import annotations
 import functools
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from k8s_testenv.testing import wait_until
 from kubernetes import client
 
 from monarch_k8s import names
 from monarch_k8s.install import manifests_dir
+from monarch_k8s.torchrun import names as torchrun_names
 
-__all__ = ["install_with_kubectl", "kustomize_overlay", "reconcile_latency", "wait_for"]
-
-
-def wait_for(check: Any, *, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+__all__ = [
+    "cpu_queue",
+    "install_with_kubectl",
+    "kubectl",
+    "kubectl_apply",
+    "kustomize_overlay",
+    "reconcile_latency",
+    "torchrun_status",
+]
 
 
 def kustomize_overlay(
@@ -96,7 +100,7 @@ def install_with_kubectl(
     if result.returncode != 0:
         raise RuntimeError(f"kubectl apply -k failed: {result.stderr.decode()}")
     api = cluster.api_client()
-    return wait_for(
+    return wait_until(
         lambda: operator_pod(api, namespace), timeout=timeout, what="a Ready operator pod"
     )
 
@@ -129,20 +133,20 @@ def reconcile_latency(
         annotations = sts.metadata.annotations if sts.metadata is not None else None
         return (annotations or {}).get(names.TEMPLATE_HASH_ANNOTATION)
 
-    def changed_from(old: str) -> bool:
+    def changed_from(old: str | None) -> bool:
         new = sts_annotation()
         return new is not None and new != old
 
     times: list[float] = []
     try:
-        previous = wait_for(sts_annotation, timeout=60, what="the StatefulSet")
+        previous: str | None = wait_until(sts_annotation, timeout=60, what="the StatefulSet")
         for i in range(samples):
             patch = {"spec": {"podTemplate": {"containers": [{"name": "w", "image": f"x:{i}"}]}}}
             start = time.perf_counter()
             custom.patch_namespaced_custom_object(
                 names.GROUP, names.VERSION, namespace, names.PLURAL, name, patch
             )
-            wait_for(
+            wait_until(
                 functools.partial(changed_from, previous),
                 timeout=60,
                 what="the StatefulSet template to change",
@@ -160,3 +164,54 @@ def reconcile_latency(
         "reconcile_p99_ms": times[min(len(times) - 1, round(0.99 * (len(times) - 1)))],
         "samples": float(len(times)),
     }
+
+
+# -- torchrun ---------------------------------------------------------------------------------
+
+
+def cpu_queue(workspace_per_gpu: str = "16Mi", name: str = "cpu") -> str:
+    """A TorchrunQueue (YAML) whose nodes are one CPU, with the workspace (monarch-sync)
+    enabled: what the torchrun tests and benchmark submit to."""
+    return f"""\
+apiVersion: torchrun.ai/v1alpha1
+kind: TorchrunQueue
+metadata: {{name: {name}}}
+spec:
+  image: pytorch/pytorch:latest
+  nodeResources: {{gpus: 0, cpus: 1, memory: 2Gi}}
+  storage:
+    workspace: {{enabled: true, sizePerGPU: {workspace_per_gpu}}}
+"""
+
+
+def kubectl(
+    cluster: Any,
+    *args: str,
+    cwd: Path | None = None,
+    input: str | None = None,
+    timeout: float = 300,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """The k8s-testenv ``cluster``'s kubectl (its plugin lookup finds ``kubectl-torchrun`` on
+    PATH), text in and out; ``check``: a RuntimeError with its stderr when it fails."""
+    sent = input.encode() if input is not None else None
+    done = cluster.kubectl(*args, input=sent, timeout=timeout, cwd=cwd)
+    result = subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def kubectl_apply(cluster: Any, namespace: str, text: str) -> None:
+    """``kubectl apply -f -`` of ``text`` (YAML) in ``namespace``."""
+    kubectl(cluster, "apply", "-n", namespace, "-f", "-", input=text, check=True)
+
+
+def torchrun_status(api_client: client.ApiClient, namespace: str, job: str) -> dict[str, Any]:
+    """A TorchrunJob's ``status`` (empty before the operator's first pass)."""
+    obj: Any = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        torchrun_names.GROUP, torchrun_names.VERSION, namespace, torchrun_names.JOB_PLURAL, job
+    )
+    return dict(obj.get("status") or {})

@@ -14,8 +14,9 @@ from typing import Any
 
 import kubernetes.client as k8s
 import pytest
+from k8s_testenv.testing import wait_until
 
-from monarch_k8s.testing import wait_for
+from monarch_k8s.testing import cpu_queue, kubectl, kubectl_apply, torchrun_status
 from monarch_k8s.torchrun import names
 
 TRAIN = """\
@@ -49,26 +50,6 @@ sys.stdout.flush()
 dist.destroy_process_group()
 """
 
-QUEUE = """\
-apiVersion: torchrun.ai/v1alpha1
-kind: TorchrunQueue
-metadata:
-  name: cpu
-spec:
-  image: pytorch/pytorch:latest
-  nodeResources: {gpus: 0, cpus: 1, memory: 2Gi}
-  storage:
-    workspace: {enabled: true, sizePerGPU: 16Mi}
-"""
-
-
-def kubectl(cluster: Any, *args: str, cwd: Path | None = None, timeout: float = 300) -> Any:
-    """The built kubectl, whose plugin lookup finds ``kubectl-torchrun`` on PATH."""
-    return subprocess.run(
-        [str(cluster.kubectl_path), *args], cwd=cwd, env=cluster.kubectl_env(),
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
 
 def ok(result: Any) -> Any:
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout}\n{result.stderr}"
@@ -77,16 +58,8 @@ def ok(result: Any) -> Any:
 
 @pytest.fixture
 def queue(k8s_cluster: Any, monarch_operator: Any, k8s_namespace: str) -> str:
-    applied = k8s_cluster.kubectl("apply", "-n", k8s_namespace, "-f", "-", input=QUEUE.encode())
-    assert applied.returncode == 0, applied.stderr.decode()
+    kubectl_apply(k8s_cluster, k8s_namespace, cpu_queue())
     return k8s_namespace
-
-
-def status(api: Any, namespace: str, job: str) -> dict[str, Any]:
-    obj: Any = k8s.CustomObjectsApi(api).get_namespaced_custom_object(
-        names.GROUP, names.VERSION, namespace, names.JOB_PLURAL, job
-    )
-    return dict(obj.get("status") or {})
 
 
 def worker_logs(api: Any, namespace: str, job: str) -> str:
@@ -106,12 +79,12 @@ def worker_logs(api: Any, namespace: str, job: str) -> str:
 
 def wait_phase(api: Any, namespace: str, job: str, want: str, timeout: float = 240) -> None:
     def reached() -> bool:
-        got = status(api, namespace, job)
+        got = torchrun_status(api, namespace, job)
         if got.get("phase") == "Failed" and want != "Failed":
             raise AssertionError(f"job {job} Failed: {got}\n{worker_logs(api, namespace, job)}")
         return got.get("phase") == want
 
-    wait_for(reached, timeout=timeout, what=f"TorchrunJob {job} {want}", interval=0.5)
+    wait_until(reached, timeout=timeout, what=f"TorchrunJob {job} {want}", interval=0.5)
 
 
 def sent(stderr: str) -> tuple[int, str]:
@@ -186,7 +159,7 @@ def test_hot_reload_reaches_the_running_workers(
     submit = ["torchrun", "-n", ns, "submit", "--queue", "cpu", "--nodes", "2",
               "--procs-per-node", "1", "--name", "reload", "python reload.py"]  # fmt: skip
     ok(kubectl(k8s_cluster, *submit, cwd=ws))
-    wait_for(
+    wait_until(
         lambda: kubectl(k8s_cluster, "torchrun", "-n", ns, "logs", "reload").stdout.count(
             "started with v1"
         )
@@ -245,7 +218,7 @@ def test_plugin_help_exit_codes_and_job_management(
     wait_phase(k8s_api, ns, "sleepy", "Suspended")
     core = k8s.CoreV1Api(k8s_api)
     selector = f"{names.JOB_LABEL}=sleepy"
-    wait_for(lambda: not core.list_namespaced_pod(ns, label_selector=selector).items,
+    wait_until(lambda: not core.list_namespaced_pod(ns, label_selector=selector).items,
              timeout=60, what="the suspended job's pods gone")  # fmt: skip
     ok(kubectl(k8s_cluster, "torchrun", "-n", ns, "resume", "sleepy"))
     wait_phase(k8s_api, ns, "sleepy", "Running")  # new pods, fed again by the cache

@@ -17,11 +17,12 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 import yaml
+from k8s_testenv.testing import wait_until
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
 from monarch_k8s.install import install_operator
-from monarch_k8s.testing import install_with_kubectl, operator_pod, pod_ready, wait_for
+from monarch_k8s.testing import install_with_kubectl, operator_pod, pod_ready
 from monarch_proxy import connect
 from monarch_proxy.errors import AuthenticationError
 
@@ -66,7 +67,7 @@ def ready_reason(api: Any, namespace: str, name: str) -> str | None:
 
 
 def wait_ready(api: Any, namespace: str, name: str, timeout: float = 180) -> dict[str, Any]:
-    wait_for(
+    wait_until(
         lambda: ready_reason(api, namespace, name) == "AllReady",
         timeout=timeout,
         what=f"MonarchMesh {name} Ready",
@@ -109,7 +110,7 @@ def test_upstream_ddp_manifest_applies_unchanged_and_a_gateway_added_later_serve
 ) -> None:
     namespace = "monarch-tests"
     k8s.CoreV1Api(k8s_api).create_namespace({"metadata": {"name": namespace}})
-    wait_for(
+    wait_until(
         lambda: k8s.CoreV1Api(k8s_api).list_namespaced_service_account(namespace).items,
         timeout=30,
         what="the default ServiceAccount",
@@ -131,7 +132,7 @@ def test_upstream_ddp_manifest_applies_unchanged_and_a_gateway_added_later_serve
             names.GROUP, names.VERSION, namespace, names.PLURAL, "ddpmesh",
             {"spec": {"gateway": {"enabled": True}}},
         )  # fmt: skip
-        wait_for(
+        wait_until(
             lambda: (get_mesh(k8s_api, namespace, "ddpmesh")["status"].get("gateway") or {}).get(
                 "ready"
             ),
@@ -151,7 +152,7 @@ def test_upstream_ddp_manifest_applies_unchanged_and_a_gateway_added_later_serve
             names.GROUP, names.VERSION, namespace, names.PLURAL, "ddpmesh",
             {"spec": {"gateway": {"enabled": False}}},
         )  # fmt: skip
-        wait_for(
+        wait_until(
             lambda: (
                 (found := objects(k8s_api, namespace))["deployments"] == []
                 and found["services"] == ["ddpmesh-svc"]
@@ -213,7 +214,7 @@ def test_mesh_with_gateway_and_sync_runs_synced_code_and_takes_back_a_deleted_po
         core = k8s.CoreV1Api(k8s_api)
         old_uid = core.read_namespaced_pod("trainers-0", k8s_namespace).metadata.uid
         core.delete_namespaced_pod("trainers-0", k8s_namespace, grace_period_seconds=0)
-        wait_for(
+        wait_until(
             lambda: any(
                 p.metadata.name == "trainers-0" and p.metadata.uid != old_uid and pod_ready(p)
                 for p in core.list_namespaced_pod(k8s_namespace).items
@@ -250,7 +251,7 @@ def test_invalid_meshes_are_rejected_by_the_api_server_with_the_schema_message(
     # valid for the schema, refused for the StatefulSet it makes: said in status and an Event
     create_mesh(k8s_api, k8s_namespace, "noimage", {"replicas": 1,
                 "podTemplate": {"containers": [{"name": "w", "command": ["true"]}]}})  # fmt: skip
-    wait_for(
+    wait_until(
         lambda: ready_reason(k8s_api, k8s_namespace, "noimage") == "InvalidSpec",
         timeout=60,
         what="status InvalidSpec",
@@ -304,7 +305,7 @@ def test_operator_killed_mid_reconcile_converges_with_nothing_duplicated(
     create_mesh(k8s_api, k8s_namespace, "sturdy", spec)
     killed = operator_pods(k8s_api)[0].metadata.name
     k8s.CoreV1Api(k8s_api).delete_namespaced_pod(killed, OPERATOR_NS, grace_period_seconds=0)
-    wait_for(
+    wait_until(
         lambda: any(p.metadata.name != killed and pod_ready(p) for p in operator_pods(k8s_api)),
         timeout=120,
         what="the operator's replacement pod",
@@ -319,7 +320,7 @@ def test_operator_killed_mid_reconcile_converges_with_nothing_duplicated(
     }
     # drift: a deleted child is put back by the next pass
     k8s.CoreV1Api(k8s_api).delete_namespaced_service("sturdy-svc", k8s_namespace)
-    wait_for(
+    wait_until(
         lambda: "sturdy-svc" in objects(k8s_api, k8s_namespace)["services"],
         timeout=60,
         what="the headless Service recreated",
@@ -333,7 +334,7 @@ def test_operator_killed_mid_reconcile_converges_with_nothing_duplicated(
         "sturdy",
         {"spec": {"suspend": True}},
     )
-    wait_for(
+    wait_until(
         lambda: (
             ready_reason(k8s_api, k8s_namespace, "sturdy") == "Suspended"
             and not objects(k8s_api, k8s_namespace)["pods"]
@@ -356,13 +357,13 @@ def test_deleting_a_mesh_while_the_operator_is_down_completes(
         "monarch-operator", OPERATOR_NS, {"spec": {"replicas": 0}}
     )
     try:
-        wait_for(lambda: not operator_pods(k8s_api), timeout=60, what="the operator gone")
+        wait_until(lambda: not operator_pods(k8s_api), timeout=60, what="the operator gone")
         result = operator.kubectl(
             "delete", "monarchmesh", "doomed", "-n", k8s_namespace, "--timeout=30s"
         )
         assert result.returncode == 0, result.stderr.decode()
         # the garbage collector removes the children through their owner references
-        wait_for(
+        wait_until(
             lambda: (
                 objects(k8s_api, k8s_namespace)
                 == {
@@ -380,7 +381,7 @@ def test_deleting_a_mesh_while_the_operator_is_down_completes(
         apps.patch_namespaced_deployment_scale(
             "monarch-operator", OPERATOR_NS, {"spec": {"replicas": 1}}
         )
-        wait_for(
+        wait_until(
             lambda: any(pod_ready(p) for p in operator_pods(k8s_api)),
             timeout=120,
             what="the operator back",
@@ -425,7 +426,7 @@ def test_an_idle_mesh_scales_to_zero_and_a_newer_activity_mark_brings_it_back(
 ) -> None:
     spec = {"replicas": 1, "idleTimeoutSeconds": 4, "podTemplate": sleeper_template()}
     create_mesh(k8s_api, k8s_namespace, "napper", spec)
-    wait_for(
+    wait_until(
         lambda: (
             ready_reason(k8s_api, k8s_namespace, "napper") == "Idle"
             and not objects(k8s_api, k8s_namespace)["pods"]
@@ -454,7 +455,7 @@ def test_install_operator_from_python_applies_the_same_base_and_can_run_again(
     try:
         for _ in range(2):  # server-side apply: the second run changes nothing
             install_operator(k8s_api, namespace, listen_host="podIP", image="reg/monarch:1")
-        pod = wait_for(lambda: operator_pod(k8s_api, namespace), timeout=120, what="operator")
+        pod = wait_until(lambda: operator_pod(k8s_api, namespace), timeout=120, what="operator")
         container = pod.spec.containers[0]
         assert container.image == "reg/monarch:1"
         assert container.command == ["python", "-m", "monarch_k8s.operator"]

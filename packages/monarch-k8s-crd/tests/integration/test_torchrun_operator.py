@@ -15,9 +15,10 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 import yaml
+from k8s_testenv.testing import wait_until
 from kubernetes.client.exceptions import ApiException
 
-from monarch_k8s.testing import operator_pod, pod_ready, wait_for
+from monarch_k8s.testing import operator_pod, pod_ready
 from monarch_k8s.torchrun import names
 
 OPERATOR_NS = "monarch-system"
@@ -66,7 +67,7 @@ def wait_phase(api: Any, ns: str, name: str, want: str, timeout: float = 240) ->
             raise AssertionError(f"{name} ended {now}, not {want}: {status}")
         return now == want
 
-    wait_for(reached, timeout=timeout, what=f"TorchrunJob {name} {want}", interval=0.5)
+    wait_until(reached, timeout=timeout, what=f"TorchrunJob {name} {want}", interval=0.5)
     return get(api, ns, names.JOB_PLURAL, name)
 
 
@@ -120,9 +121,9 @@ def test_design_examples_apply_unchanged_and_queues_map_to_kai(
         return (cond["status"], cond["reason"]) if cond else None
 
     # no KAI here: a clear condition, not a crash; queues without kaiQueue are Ready
-    wait_for(lambda: ready("gpu-training-queue") == ("False", "KaiSchedulerNotInstalled"),
+    wait_until(lambda: ready("gpu-training-queue") == ("False", "KaiSchedulerNotInstalled"),
              timeout=60, what="the KAI condition")  # fmt: skip
-    wait_for(lambda: ready("dev-queue") == ("True", "Ready"), timeout=60, what="dev-queue Ready")
+    wait_until(lambda: ready("dev-queue") == ("True", "Ready"), timeout=60, what="dev-queue Ready")
     # 16 GPUs on 8-GPU nodes: 2 pods of 8 processes, admitted whole; 96 CPUs a pod do not fit
     # k8s-testenv's 32-CPU nodes, so the job waits, Queued, with its objects made
     job = wait_phase(k8s_api, ns, "training-job", "Queued", timeout=90)
@@ -155,7 +156,7 @@ def test_design_examples_apply_unchanged_and_queues_map_to_kai(
     ext = k8s.ApiextensionsV1Api(k8s_api)
     ext.create_custom_resource_definition(kai)
     try:
-        wait_for(lambda: ready("gpu-training-queue") == ("True", "Ready"), timeout=60,
+        wait_until(lambda: ready("gpu-training-queue") == ("True", "Ready"), timeout=60,
                  what="gpu-training-queue Ready with KAI")  # fmt: skip
         made = custom(k8s_api).get_cluster_custom_object(
             names.KAI_GROUP, names.KAI_VERSION, names.KAI_PLURAL, "gpu-training"
@@ -172,7 +173,7 @@ def test_design_examples_apply_unchanged_and_queues_map_to_kai(
             )
             return str(got["spec"].get("parentQueue"))
 
-        wait_for(lambda: parent() == "research", timeout=60, what="the KAI parent followed")
+        wait_until(lambda: parent() == "research", timeout=60, what="the KAI parent followed")
         status = get(k8s_api, ns, names.QUEUE_PLURAL, "gpu-training-queue")["status"]
         assert (status["jobs"], status["activeJobs"]) == (1, 1)
         # the TorchrunQueue goes: so does its (cluster-scoped) KAI Queue
@@ -188,7 +189,7 @@ def test_design_examples_apply_unchanged_and_queues_map_to_kai(
                 return exc.status == 404
             return False
 
-        wait_for(kai_gone, timeout=60, what="the KAI Queue pruned")
+        wait_until(kai_gone, timeout=60, what="the KAI Queue pruned")
     finally:
         ext.delete_custom_resource_definition(kai_crd)
 
@@ -291,11 +292,11 @@ def test_suspend_mid_run_stops_the_workers_and_resume_continues_from_the_checkpo
            cpu_job(29512, command="python train.py --steps 24 --step-seconds 0.4",
                    procsPerNode=1))  # fmt: skip
     wait_phase(k8s_api, ns, "pausable", "Running")
-    wait_for(lambda: last_step(k8s_api, ns, "pausable") >= 4, timeout=120, what="four steps")
+    wait_until(lambda: last_step(k8s_api, ns, "pausable") >= 4, timeout=120, what="four steps")
     patch_job(k8s_api, ns, "pausable", {"suspend": True})
     wait_phase(k8s_api, ns, "pausable", "Suspended", timeout=60)
     selector = f"{names.JOB_LABEL}=pausable"
-    wait_for(lambda: not core.list_namespaced_pod(ns, label_selector=selector).items,
+    wait_until(lambda: not core.list_namespaced_pod(ns, label_selector=selector).items,
              timeout=60, what="the workers stopped")  # fmt: skip
     assert core.read_namespaced_persistent_volume_claim("pausable-checkpoints", ns)
     patch_job(k8s_api, ns, "pausable", {"suspend": False})
@@ -336,10 +337,10 @@ def test_failing_script_exhausts_its_backoff_a_deadline_ends_a_long_run_and_ttl_
             return exc.status == 404
         return False
 
-    wait_for(gone, timeout=60, what="the TorchrunJob deleted by its TTL")
+    wait_until(gone, timeout=60, what="the TorchrunJob deleted by its TTL")
     batch = k8s.BatchV1Api(k8s_api)
     names_left = lambda: {j.metadata.name for j in batch.list_namespaced_job(ns).items}  # noqa: E731
-    wait_for(lambda: names_left() == {"broken"}, timeout=60, what="its Job collected")
+    wait_until(lambda: names_left() == {"broken"}, timeout=60, what="its Job collected")
     time.sleep(6)  # three resync periods later nothing came back
     assert gone() and names_left() == {"broken"}
     selector = f"{names.JOB_LABEL}=late"

@@ -8,28 +8,24 @@ workspace's script. The token stays in its Secret.
 from __future__ import annotations
 
 import base64
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client as k8s
+from k8s_testenv.testing import wait_until
 
-from monarch_k8s.testing import wait_for
+from monarch_k8s.testing import cpu_queue, kubectl, kubectl_apply, torchrun_status
 from monarch_k8s.torchrun import names
-from monarch_k8s.torchrun.cache import CONTAINER_INIT, LIVE_ANNOTATION, TOKEN_KEY, TOKEN_SECRET
+from monarch_k8s.torchrun.cache import (
+    CACHE_NAME,
+    CONTAINER_INIT,
+    LIVE_ANNOTATION,
+    TOKEN_KEY,
+    TOKEN_SECRET,
+)
 from monarch_sync import scan_tree
 
-QUEUE = """\
-apiVersion: torchrun.ai/v1alpha1
-kind: TorchrunQueue
-metadata: {name: cpu}
-spec:
-  image: pytorch/pytorch:latest
-  nodeResources: {gpus: 0, cpus: 1, memory: 2Gi}
-  storage:
-    workspace: {enabled: true, sizePerGPU: 16Mi}
-"""
 JOB = """\
 apiVersion: torchrun.ai/v1alpha1
 kind: TorchrunJob
@@ -43,18 +39,6 @@ spec:
 """
 
 
-def apply(cluster: Any, ns: str, text: str) -> None:
-    result = cluster.kubectl("apply", "-n", ns, "-f", "-", input=text.encode())
-    assert result.returncode == 0, result.stderr.decode()
-
-
-def job_status(api: Any, ns: str) -> dict[str, Any]:
-    obj: Any = k8s.CustomObjectsApi(api).get_namespaced_custom_object(
-        names.GROUP, names.VERSION, ns, names.JOB_PLURAL, "waits"
-    )
-    return dict(obj.get("status") or {})
-
-
 def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_version(
     k8s_cluster: Any, k8s_api: Any, monarch_operator: Any, k8s_namespace: str, tmp_path: Path
 ) -> None:
@@ -63,8 +47,8 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
     ws.mkdir()
     (ws / "hello.py").write_text("print('hello from the workspace', flush=True)\n")
     version = scan_tree(ws).root_hash
-    apply(k8s_cluster, ns, QUEUE)
-    apply(k8s_cluster, ns, JOB.format(version=version))  # as YAML, nothing uploaded yet
+    kubectl_apply(k8s_cluster, ns, cpu_queue())
+    kubectl_apply(k8s_cluster, ns, JOB.format(version=version))  # as YAML, nothing uploaded yet
 
     selector = f"{names.JOB_LABEL}=waits"
 
@@ -73,9 +57,9 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
         statuses = [s for p in pods for s in p.status.init_container_statuses or []]
         return any(s.name == CONTAINER_INIT and s.state.running for s in statuses)
 
-    wait_for(waiting_in_init, timeout=120, what="the worker waiting in workspace-sync")
+    wait_until(waiting_in_init, timeout=120, what="the worker waiting in workspace-sync")
     time.sleep(2)  # a few feeder and operator passes: still nothing to feed
-    status = job_status(k8s_api, ns)
+    status = torchrun_status(k8s_api, ns, "waits")
     assert status["phase"] == "Syncing", status
     ready = next(c for c in status["conditions"] if c["type"] == "WorkspaceReady")
     assert (
@@ -84,16 +68,23 @@ def test_workers_wait_in_syncing_until_the_cache_feeds_them_the_submitted_versio
     )
     assert waiting_in_init()  # the trainer has not started
 
-    sync = subprocess.run(
-        [str(k8s_cluster.kubectl_path), "torchrun", "-n", ns, "sync", "waits"], cwd=ws,
-        env=k8s_cluster.kubectl_env(), capture_output=True, text=True, timeout=300,
+    # the cache scaled away by hand comes back: the operator scales it up again and the job
+    # keeps waiting (a pass once sent the scale as a whole-object replace: refused, job Failed)
+    apps = k8s.AppsV1Api(k8s_api)
+    apps.patch_namespaced_deployment_scale(CACHE_NAME, ns, {"spec": {"replicas": 0}})
+    wait_until(
+        lambda: apps.read_namespaced_deployment(CACHE_NAME, ns).spec.replicas == 1,
+        timeout=60, what="the operator scaling the cache back to 1",
     )  # fmt: skip
+    assert torchrun_status(k8s_api, ns, "waits")["phase"] == "Syncing"
+
+    sync = kubectl(k8s_cluster, "torchrun", "-n", ns, "sync", "waits", cwd=ws, timeout=300)
     assert sync.returncode == 0, sync.stderr
-    wait_for(
-        lambda: job_status(k8s_api, ns).get("phase") == "Succeeded",
+    wait_until(
+        lambda: torchrun_status(k8s_api, ns, "waits").get("phase") == "Succeeded",
         timeout=240, what="the job Succeeded", interval=0.5,
     )  # fmt: skip
-    assert job_status(k8s_api, ns)["workspaceVersion"] == version
+    assert torchrun_status(k8s_api, ns, "waits")["workspaceVersion"] == version
     (pod,) = core.list_namespaced_pod(ns, label_selector=selector).items
     assert pod.metadata.annotations[LIVE_ANNOTATION] == version
     log = core.read_namespaced_pod_log(pod.metadata.name, ns, container="trainer")

@@ -118,6 +118,8 @@ class _CallPickler(cloudpickle.Pickler):
 
 
 class _RefPickler(pickle.Pickler):
+    """Persistent ids from the hook ``save_ref``; ``used``: whether it made any."""
+
     def __init__(self, file: io.BytesIO, save_ref: SaveRef) -> None:
         super().__init__(file, protocol=PROTOCOL)
         self._save_ref = save_ref
@@ -130,17 +132,8 @@ class _RefPickler(pickle.Pickler):
         return pid
 
 
-class _RefCloudPickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO, save_ref: SaveRef) -> None:
-        super().__init__(file, protocol=PROTOCOL)
-        self._save_ref = save_ref
-        self.used = False
-
-    def persistent_id(self, obj: Any) -> Any:
-        pid = self._save_ref(obj)
-        if pid is not None:
-            self.used = True
-        return pid
+class _RefCloudPickler(_RefPickler, cloudpickle.Pickler):
+    """The same through cloudpickle (classes and functions by value)."""
 
 
 class _RefUnpickler(pickle.Unpickler):
@@ -207,7 +200,7 @@ def encode_value(value: Any, make_save_ref: Callable[[], SaveRef]) -> tuple[byte
         return dumps_value(value), False
     save_ref = make_save_ref()
     with io.BytesIO() as file:
-        pickler: _RefPickler | _RefCloudPickler = _RefPickler(file, save_ref)
+        pickler = _RefPickler(file, save_ref)
         try:
             pickler.dump(value)
         except Exception:

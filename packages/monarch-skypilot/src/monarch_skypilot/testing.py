@@ -60,6 +60,10 @@ class FakeCluster:
     launches: int = 0
     infra: str | None = None
 
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
 
 def _infra(resources: dict[str, Any]) -> str:
     return str(resources.get("infra") or resources.get("cloud") or "any")
@@ -109,8 +113,7 @@ class FakeCloud:
         cluster = self.clusters.pop(cluster_name, None)
         if cluster is None:
             return
-        for node in cluster.nodes:
-            node.kill()
+        cluster.kill()
 
     def autostop(self, cluster_name: str, idle_minutes: int, down: bool) -> None:
         self.calls.append(f"autostop {cluster_name} {idle_minutes} {down}")
@@ -148,15 +151,13 @@ class FakeCloud:
         code = head.poll()
         status = "RUNNING" if code is None else "SUCCEEDED" if code == 0 else "FAILED"
         if status != "RUNNING":
-            for node in cluster.nodes:
-                node.kill()
+            cluster.kill()
         return ManagedJob(job_id, status)
 
     def jobs_cancel(self, job_id: int) -> None:
         cluster = self.jobs.get(job_id)
         if cluster is not None:
-            for node in cluster.nodes:
-                node.kill()
+            cluster.kill()
 
     def jobs_logs(self, job_id: int, follow: bool) -> str:
         return self._log(self.jobs[job_id].nodes[0])
@@ -173,8 +174,7 @@ class FakeCloud:
         for name in list(self.clusters):
             self.down(name)
         for job in self.jobs.values():
-            for node in job.nodes:
-                node.kill()
+            job.kill()
 
     # -- internals -------------------------------------------------------------------------
 

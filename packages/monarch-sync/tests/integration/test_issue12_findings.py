@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from sync_helpers import TOKEN, running_agents
+from sync_helpers import TOKEN, running_agents, runs_async
 
 from monarch_sync import cli, protocol
 from monarch_sync.agent import Agent
@@ -70,6 +70,14 @@ class RawPeer:
         self.core.send_hello(push_id, "client")
         self.flush()
 
+    async def start_push(self, agent: Agent, manifest: Manifest) -> Frame | None:
+        """HELLO, then ``manifest``; the agent's answer (NEED when it wants the blob)."""
+        await self.hello()
+        payload = manifest_payload(push_head(manifest, agent.address), manifest.encode())
+        self.core.send(FrameType.MANIFEST, payload)
+        self.flush()
+        return await self.next_frame()
+
     async def closed(self, timeout: float = 10.0) -> bool:
         try:
             while await asyncio.wait_for(self.reader.read(65536), timeout):
@@ -90,7 +98,8 @@ def push_head(manifest: Manifest, peer: str, push_id: str = "p1") -> dict[str, o
             "root": manifest.root_hash}  # fmt: skip
 
 
-async def _finding_1_relay_cannot_hijack_after_handshake(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_1_relay_cannot_hijack_after_handshake(tmp_path: Path) -> None:
     async with running_agents(tmp_path, 1) as (agent,):
         relay = await RawPeer.open(agent)
         await relay.hello()  # the real pusher's answer, forwarded; the pusher is then dropped
@@ -151,7 +160,8 @@ class TamperingRelay:
             writer.close()
 
 
-async def _finding_1_relay_cannot_change_blob_bytes(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_1_relay_cannot_change_blob_bytes(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "run.py").write_text("print('pushed')\n")
@@ -166,7 +176,8 @@ async def _finding_1_relay_cannot_change_blob_bytes(tmp_path: Path) -> None:
         assert not list((tmp_path / "r").rglob("run.py"))  # nor written anywhere
 
 
-async def _finding_2_symlink_chain_cannot_escape_on_disk(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_2_symlink_chain_cannot_escape_on_disk(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "up").symlink_to("..")  # d/up -> the root: inside
@@ -185,7 +196,8 @@ async def _finding_2_symlink_chain_cannot_escape_on_disk(tmp_path: Path) -> None
         assert not (agent.synced_path / "final").exists()
 
 
-async def _finding_3_push_id_cannot_name_a_folder_outside(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_3_push_id_cannot_name_a_folder_outside(tmp_path: Path) -> None:
     async with running_agents(tmp_path / "r", 1) as (agent,):
         for bad in ["../../evil", "/abs", "a/b", ""]:
             peer = await RawPeer.open(agent)
@@ -203,7 +215,8 @@ async def _finding_3_push_id_cannot_name_a_folder_outside(tmp_path: Path) -> Non
     assert not list((tmp_path / "r").glob("**/*evil*"))
 
 
-async def _finding_4_opposite_orders_do_not_deadlock(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_4_opposite_orders_do_not_deadlock(tmp_path: Path) -> None:
     # Agents dial their children a little late, so each root holds its lock by then: the
     # two pushes cross (A holds push a1 and waits for B, B holds push b2 and waits for A).
     dial = Downstream._connect
@@ -235,7 +248,8 @@ async def _cross_pushes(tmp_path: Path) -> None:
         assert all(n.ok or "busy" in str(n.error) for n in second.nodes)
 
 
-async def _finding_5_unauthenticated_connections_are_bounded(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_5_unauthenticated_connections_are_bounded(tmp_path: Path) -> None:
     agent = Agent(tmp_path / "r", TOKEN, hello_timeout=1.0, max_unauthenticated=4)
     await agent.start()
     try:
@@ -261,15 +275,12 @@ async def _finding_5_unauthenticated_connections_are_bounded(tmp_path: Path) -> 
         await agent.close()
 
 
-async def _finding_6_killed_pusher_releases_the_lock_quickly(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_6_killed_pusher_releases_the_lock_quickly(tmp_path: Path) -> None:
     async with running_agents(tmp_path, 1, stall_timeout=10.0) as (agent,):
         manifest = one_file_manifest(b"never sent")
         peer = await RawPeer.open(agent)
-        await peer.hello()
-        peer.core.send(FrameType.MANIFEST, manifest_payload(push_head(manifest, agent.address),
-                                                             manifest.encode()))  # fmt: skip
-        peer.flush()
-        need = await peer.next_frame()
+        need = await peer.start_push(agent, manifest)
         assert need is not None and need.type is FrameType.NEED
         assert agent._lock.locked()
         peer.writer.transport.abort()  # the pusher is killed mid-push
@@ -280,16 +291,13 @@ async def _finding_6_killed_pusher_releases_the_lock_quickly(tmp_path: Path) -> 
         assert not agent._lock.locked()
 
 
-async def _finding_7_chunk_sizes_modes_and_token(tmp_path: Path) -> None:
+@runs_async
+async def test_finding_7_chunk_sizes_modes_and_token(tmp_path: Path) -> None:
     async with running_agents(tmp_path / "r", 1) as (agent,):
         # A manifest whose chunk size does not match the data it hashes.
         manifest = one_file_manifest(b"hello", size=10)
         peer = await RawPeer.open(agent)
-        await peer.hello()
-        peer.core.send(FrameType.MANIFEST, manifest_payload(push_head(manifest, agent.address),
-                                                            manifest.encode()))  # fmt: skip
-        peer.flush()
-        need = await peer.next_frame()
+        need = await peer.start_push(agent, manifest)
         assert need is not None and need.type is FrameType.NEED
         # The pusher holds the token, so its tag verifies; the size does not.
         tags = protocol.BlobTags(TOKEN, "p1", manifest.root_hash, manifest.blobs)
@@ -313,35 +321,3 @@ async def _finding_7_chunk_sizes_modes_and_token(tmp_path: Path) -> None:
     # The token never travels on a command line.
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["agent", "--root", str(tmp_path), "--token", "t"])
-
-
-def test_finding_1_relay_cannot_hijack_after_handshake(tmp_path: Path) -> None:
-    asyncio.run(_finding_1_relay_cannot_hijack_after_handshake(tmp_path))
-
-
-def test_finding_1_relay_cannot_change_blob_bytes(tmp_path: Path) -> None:
-    asyncio.run(_finding_1_relay_cannot_change_blob_bytes(tmp_path))
-
-
-def test_finding_2_symlink_chain_cannot_escape_on_disk(tmp_path: Path) -> None:
-    asyncio.run(_finding_2_symlink_chain_cannot_escape_on_disk(tmp_path))
-
-
-def test_finding_3_push_id_cannot_name_a_folder_outside(tmp_path: Path) -> None:
-    asyncio.run(_finding_3_push_id_cannot_name_a_folder_outside(tmp_path))
-
-
-def test_finding_4_opposite_orders_do_not_deadlock(tmp_path: Path) -> None:
-    asyncio.run(_finding_4_opposite_orders_do_not_deadlock(tmp_path))
-
-
-def test_finding_5_unauthenticated_connections_are_bounded(tmp_path: Path) -> None:
-    asyncio.run(_finding_5_unauthenticated_connections_are_bounded(tmp_path))
-
-
-def test_finding_6_killed_pusher_releases_the_lock_quickly(tmp_path: Path) -> None:
-    asyncio.run(_finding_6_killed_pusher_releases_the_lock_quickly(tmp_path))
-
-
-def test_finding_7_chunk_sizes_modes_and_token(tmp_path: Path) -> None:
-    asyncio.run(_finding_7_chunk_sizes_modes_and_token(tmp_path))

@@ -1,4 +1,4 @@
-"""The I/O around :mod:`render`: read a mesh's children, send what :func:`plan_update` says,
+"""The I/O around :mod:`render`: read a mesh's children, send what :func:`~.plan.plan_update` says,
 write ``status`` and Events. Level-triggered: :meth:`Reconciler.reconcile` looks only at the
 MonarchMesh and what the cluster holds now, so a missed event, a restart mid-way or a second
 caller converge on the same objects (creates that race answer 409 and are left to the next
@@ -17,11 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
 from monarch_k8s.operator.kube import KubeObjects
-from monarch_k8s.operator.plan import Action, plan_update
 from monarch_k8s.operator.render import (
     Mesh,
     MeshSpecError,
@@ -56,77 +54,30 @@ KINDS = {
 
 class Reconciler(KubeObjects):
     KINDS = KINDS
+    GROUP, VERSION, KIND = names.GROUP, names.VERSION, names.KIND
     COMPONENT = names.FIELD_MANAGER
 
     def __init__(self, api_client: client.ApiClient, options: RenderOptions | None = None):
         super().__init__(api_client)
         self.options = options or RenderOptions()
 
-    # -- generic object access, as plain dicts -------------------------------------------
-
-    def _call(self, kind: str, verb: str, namespace: str, body: Obj, name: str = "") -> None:
-        resource = self._resource(kind)
-        if verb == "create":
-            self.dynamic.create(resource, body=body, namespace=namespace)
-        elif verb == "replace":
-            self.dynamic.replace(resource, body=body, name=name, namespace=namespace)
-        else:
-            self.dynamic.patch(
-                resource, body=body, name=name, namespace=namespace,
-                content_type="application/merge-patch+json",
-            )  # fmt: skip
-
-    def apply(self, mesh: Mesh, desired: Obj) -> Action:
-        meta = desired["metadata"]
-        kind, namespace, name = desired["kind"], meta["namespace"], meta["name"]
-        action, body = plan_update(desired, self.read(kind, namespace, name))
-        try:
-            if action is Action.CREATE:
-                self._call(kind, "create", namespace, body)
-            elif action is Action.REPLACE:
-                self._call(kind, "replace", namespace, body, name)
-            elif action is Action.SCALE:
-                self._call(kind, "patch", namespace, body, name)
-        except ApiException as exc:
-            if exc.status == 409:  # created meanwhile, or changed under us: next pass
-                logger.info("%s %s/%s changed meanwhile; next pass", kind, namespace, name)
-                return Action.NONE
-            if exc.status in (400, 422):  # what the user's template makes is invalid
-                raise MeshSpecError(f"{kind} {name} refused: {api_message(exc)}") from exc
-            raise
-        if action is not Action.NONE:
-            self.event(mesh, "Normal", action.value.capitalize(), f"{action.value} {kind} {name}")
-        return action
+    def spec_error(self, child: str, message: str) -> Exception:
+        return MeshSpecError(f"{child} refused: {message}")
 
     # -- one MonarchMesh ------------------------------------------------------------------
     def reconcile(
         self, body: Obj, now: datetime | None = None, *, prune: bool = True
     ) -> Obj | None:
-        """Bring one mesh's children and status to what its spec says; return the status.
-        ``prune``: also delete children the spec no longer asks for (skipped on a child's
-        status change, which cannot change the spec: fewer reads on the hot path).
-
-        Passes over one mesh run one at a time (kopf runs handlers of different resources, and
-        the resync, in parallel), each on the mesh as it is once the previous pass is done, so
-        two passes never race to create, or report one change twice."""
-        meta = body.get("metadata", {})
-        lock = self._lock_for(f"{meta['namespace']}/{meta['name']}")
-        waited = not lock.acquire(blocking=False)
-        if waited:
-            lock.acquire()
-        try:
-            if waited or "spec" not in body:  # another pass ran meanwhile, or just a name
-                try:
-                    body = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
-                        names.GROUP, names.VERSION, meta["namespace"], names.PLURAL, meta["name"]
-                    )
-                except ApiException as exc:
-                    if exc.status == 404:
-                        return None  # deleted meanwhile: the garbage collector takes the rest
-                    raise
-            return self._reconcile(body, now or datetime.now(UTC), prune=prune)
-        finally:
-            lock.release()
+        """Bring one mesh's children and status to what its spec says; return the status
+        (None when the mesh is gone or its spec is invalid). ``prune``: also delete children
+        the spec no longer asks for (skipped on a child's status change, which cannot change
+        the spec: fewer reads on the hot path). One pass at a time per mesh
+        (:meth:`~.kube.KubeObjects.one_pass`); a mesh deleted meanwhile leaves the rest to the
+        garbage collector."""
+        with self.one_pass(names.PLURAL, body) as current:
+            if current is None:
+                return None
+            return self._reconcile(current, now or datetime.now(UTC), prune=prune)
 
     def _reconcile(self, body: Obj, now: datetime, *, prune: bool) -> Obj | None:
         try:
@@ -135,26 +86,28 @@ class Reconciler(KubeObjects):
                 self.ensure_token(mesh)
             children = render_children(mesh, now=now, opts=self.options)
             for desired in children:
-                self.apply(mesh, desired)
+                self.apply(ref(mesh), desired)
             if prune:
                 self.prune(mesh, children)
         except MeshSpecError as exc:
             old = ((body.get("status") or {}).get("conditions") or [{}])[0]
             if old.get("message") != str(exc):  # once per distinct problem, not every pass
-                self.event_raw(body, "Warning", "InvalidSpec", str(exc))
-                self.patch_status(body, {"conditions": [invalid_condition(str(exc), now)]})
+                self.event(body, "Warning", "InvalidSpec", str(exc))
+                self.patch_status(
+                    body, names.PLURAL, {"conditions": [invalid_condition(str(exc), now)]}
+                )
             return None
         status = render_status(
             mesh, self.observe(mesh), now=now, previous=(body.get("status") or {}).get("conditions")
         )
         old = body.get("status") or {}
         if any(old.get(k) != v for k, v in status.items()):
-            self.patch_status(body, status)
+            self.patch_status(body, names.PLURAL, status)
             if (old.get("conditions") or [{}])[0].get("reason") != status["conditions"][0][
                 "reason"
             ]:
                 cond = status["conditions"][0]
-                self.event(mesh, "Normal", cond["reason"], cond["message"])
+                self.event(ref(mesh), "Normal", cond["reason"], cond["message"])
         return status
 
     def note_activity(self, mesh: Mesh, now: datetime) -> Mesh:
@@ -203,23 +156,15 @@ class Reconciler(KubeObjects):
             owners = (live or {}).get("metadata", {}).get("ownerReferences") or []
             if not any(o.get("uid") == mesh.uid for o in owners):
                 continue  # not ours (or gone): never touch it
-            try:
-                self.dynamic.delete(self._resource(kind), name=name, namespace=mesh.namespace)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-            self.event(mesh, "Normal", "Delete", f"delete {kind} {name}: no longer asked for")
+            self.delete(kind, mesh.namespace, name)
+            self.event(ref(mesh), "Normal", "Delete", f"delete {kind} {name}: no longer asked for")
 
     def ensure_token(self, mesh: Mesh) -> None:
         name = names.token_secret_name(mesh.name)
         if self.read("Secret", mesh.namespace, name) is None:
             secret = render_token_secret(mesh, secrets.token_urlsafe(32))
-            try:
-                self._call("Secret", "create", mesh.namespace, secret)
-                self.event(mesh, "Normal", "Create", f"create Secret {name}")
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
+            if self.create("Secret", mesh.namespace, secret):
+                self.event(ref(mesh), "Normal", "Create", f"create Secret {name}")
 
     def observe(self, mesh: Mesh) -> Observed:
         replicas = ready = 0
@@ -239,54 +184,14 @@ class Reconciler(KubeObjects):
             gateway_ready = int((dep.get("status") or {}).get("readyReplicas", 0)) > 0
         return Observed(replicas=replicas, ready_replicas=ready, gateway_ready=gateway_ready)
 
-    def patch_status(self, body: Obj, status: Obj) -> None:
-        meta = body["metadata"]
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                names.GROUP, names.VERSION, meta["namespace"], names.PLURAL, meta["name"],
-                {"status": status},
-            )  # fmt: skip
-        except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile: nothing to report on
-                raise
-
     def reconcile_all(self) -> int:
         """The periodic resync: every MonarchMesh in the cluster, whatever the watches said."""
-        meshes: Obj = self.custom.list_cluster_custom_object(  # type: ignore[assignment]
-            names.GROUP, names.VERSION, names.PLURAL
-        )
-        done = 0
-        for body in meshes.get("items", []):
-            try:
-                self.reconcile(body)
-                done += 1
-            except Exception:
-                meta = body.get("metadata", {})
-                logger.exception("resync of %s/%s failed", meta.get("namespace"), meta.get("name"))
-        return done
-
-    # -- Events ---------------------------------------------------------------------------
-    def event(self, mesh: Mesh, kind: str, reason: str, message: str) -> None:
-        ref = {"namespace": mesh.namespace, "name": mesh.name, "uid": mesh.uid}
-        self.event_raw({"metadata": ref}, kind, reason, message)
-
-    def event_raw(self, body: Obj, kind: str, reason: str, message: str) -> None:
-        meta = body["metadata"]
-        involved = {
-            "apiVersion": f"{names.GROUP}/{names.VERSION}",
-            "kind": names.KIND,
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta.get("uid", ""),
-        }
-        self.post_event(involved, kind, reason, message)
+        return self.resync(names.PLURAL, self.reconcile)
 
 
-def api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "")["message"])
-    except (TypeError, ValueError, KeyError):
-        return str(exc.reason)
+def ref(mesh: Mesh) -> Obj:
+    """What :meth:`~.kube.KubeObjects.event` and ``apply`` need of the mesh they are about."""
+    return {"metadata": {"namespace": mesh.namespace, "name": mesh.name, "uid": mesh.uid}}
 
 
 def pod_ready(pod: Any) -> bool:

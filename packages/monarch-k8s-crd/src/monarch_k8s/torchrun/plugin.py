@@ -34,6 +34,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s.errors import INSTALL_COMMAND
+from monarch_k8s.operator.kube import api_message
 from monarch_k8s.torchrun import names
 from monarch_k8s.torchrun.cache import (
     LIVE_ANNOTATION,
@@ -452,15 +453,6 @@ def cmd_describe(cluster: Cluster, args: argparse.Namespace) -> int:
         out.append(f"  {ev.type}  {ev.reason}  {ev.message}")
     print("\n".join(out))
     return 0
-
-
-def api_message(exc: ApiException) -> str:
-    import json
-
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)
 
 
 # -- parsing ----------------------------------------------------------------------------------

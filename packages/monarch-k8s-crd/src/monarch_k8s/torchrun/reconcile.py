@@ -20,8 +20,6 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s.operator.kube import KubeObjects
-from monarch_k8s.operator.plan import Action, plan_update
-from monarch_k8s.operator.reconcile import api_message
 from monarch_k8s.torchrun import names, workspace
 from monarch_k8s.torchrun.etcd import render_etcd, runs_etcd
 from monarch_k8s.torchrun.objects import Options
@@ -61,11 +59,12 @@ KINDS = {
     "Role": "rbac.authorization.k8s.io/v1",
     "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
-CREATE_ONCE = ("PersistentVolumeClaim", "Secret", "Job", "Pod")
 
 
 class TorchrunReconciler(KubeObjects):
     KINDS = KINDS
+    CREATE_ONCE = frozenset(("PersistentVolumeClaim", "Secret", "Job", "Pod"))
+    GROUP, VERSION, KIND = names.GROUP, names.VERSION, names.JOB_KIND
     COMPONENT = "torchrun-operator"
 
     def __init__(self, api_client: client.ApiClient, options: Options | None = None):
@@ -73,61 +72,16 @@ class TorchrunReconciler(KubeObjects):
         self.options = options or Options()
         self.ext = client.ApiextensionsV1Api(api_client)
 
-    def apply(self, body: Obj, desired: Obj) -> None:
-        """Create ``desired`` if missing; replace it when its hash changed, unless its kind is
-        created once."""
-        kind, meta = desired["kind"], desired["metadata"]
-        live = self.read(kind, meta["namespace"], meta["name"])
-        if live is not None and kind in CREATE_ONCE:
-            return
-        action, sent = plan_update(desired, live)
-        resource = self._resource(kind)
-        try:
-            if action is Action.CREATE:
-                self.dynamic.create(resource, body=sent, namespace=meta["namespace"])
-            elif action is not Action.NONE:  # a Deployment or Service changed
-                self.dynamic.replace(
-                    resource, body=sent, name=meta["name"], namespace=meta["namespace"]
-                )
-        except ApiException as exc:
-            if exc.status == 409:
-                return  # created meanwhile: the next pass sees it
-            if exc.status in (400, 422):
-                raise JobSpecError("Refused", f"{kind} {meta['name']}: {api_message(exc)}") from exc
-            raise
-        if action is not Action.NONE:
-            verb = action.value.capitalize()
-            self.event(body, "Normal", verb, f"{action.value} {kind} {meta['name']}")
+    def spec_error(self, child: str, message: str) -> Exception:
+        return JobSpecError("Refused", f"{child}: {message}")
 
     # -- TorchrunJob ----------------------------------------------------------------------
-    def get_ours(self, plural: str, namespace: str, name: str) -> Obj | None:
-        """A TorchrunJob or TorchrunQueue; None when there is none."""
-        try:
-            return self.custom.get_namespaced_custom_object(  # type: ignore[return-value]
-                names.GROUP, names.VERSION, namespace, plural, name
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
     def reconcile_job(self, body: Obj, now: datetime | None = None) -> Obj | None:
-        """One pass over one job (passes over the same job run one at a time, each on the
-        job as it is once the previous one is done)."""
-        meta = body.get("metadata") or {}
-        lock = self._lock_for(f"{meta['namespace']}/{meta['name']}")
-        waited = not lock.acquire(blocking=False)
-        if waited:
-            lock.acquire()
-        try:
-            if waited or "spec" not in body:
-                fresh = self.get_ours(names.JOB_PLURAL, meta["namespace"], meta["name"])
-                if fresh is None:
-                    return None
-                body = fresh
-            return self._reconcile_job(body, now or datetime.now(UTC))
-        finally:
-            lock.release()
+        """One pass over one job (:meth:`~.kube.KubeObjects.one_pass`)."""
+        with self.one_pass(names.JOB_PLURAL, body) as current:
+            if current is None:
+                return None
+            return self._reconcile_job(current, now or datetime.now(UTC))
 
     def _reconcile_job(self, body: Obj, now: datetime) -> Obj | None:
         meta, status = body["metadata"], body.get("status") or {}
@@ -196,11 +150,7 @@ class TorchrunReconciler(KubeObjects):
         live = bool(spec.get("suspend"))
         if job.suspend == live or (not job.suspend and job.kueue_queue):
             return
-        self.dynamic.patch(
-            self._resource("Job"), name=job.name, namespace=job.namespace,
-            body={"spec": {"suspend": job.suspend}},
-            content_type="application/merge-patch+json",
-        )  # fmt: skip
+        self.merge_patch("Job", job.namespace, job.name, {"spec": {"suspend": job.suspend}})
         if job.suspend:
             self.event(body, "Normal", "Suspend", "spec.suspend: stopping the workers")
         else:
@@ -232,11 +182,7 @@ class TorchrunReconciler(KubeObjects):
             kind, name = obj["kind"], obj["metadata"]["name"]
             if self.read(kind, job.namespace, name) is None:
                 continue
-            try:
-                self.dynamic.delete(self._resource(kind), name=name, namespace=job.namespace)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+            self.delete(kind, job.namespace, name)
             self.event(body, "Normal", "Delete", f"the job finished: deleted {kind} {name}")
 
     def delete_job(self, body: Obj) -> None:
@@ -259,7 +205,7 @@ class TorchrunReconciler(KubeObjects):
 
     # -- TorchrunQueue --------------------------------------------------------------------
     def get_queue(self, namespace: str, name: str) -> Obj | None:
-        return self.get_ours(names.QUEUE_PLURAL, namespace, name)
+        return self.get_custom(names.QUEUE_PLURAL, namespace, name)
 
     def kai_installed(self) -> bool:
         try:
@@ -369,44 +315,10 @@ class TorchrunReconciler(KubeObjects):
     def reconcile_all(self) -> int:
         """The periodic resync: every queue and job, whatever the watches said (TTLs expire
         here)."""
-        done = 0
-        for plural, each in ((names.QUEUE_PLURAL, self.reconcile_queue),
-                             (names.JOB_PLURAL, self.reconcile_job)):  # fmt: skip
-            listed: Obj = self.custom.list_cluster_custom_object(  # type: ignore[assignment]
-                names.GROUP, names.VERSION, plural
-            )
-            for body in listed.get("items", []):
-                try:
-                    each(body)
-                    done += 1
-                except Exception:
-                    meta = body.get("metadata", {})
-                    logger.exception("resync of %s %s/%s failed", plural, meta.get("namespace"),
-                                     meta.get("name"))  # fmt: skip
+        done = self.resync(names.QUEUE_PLURAL, self.reconcile_queue)
+        done += self.resync(names.JOB_PLURAL, self.reconcile_job)
         try:
             self.prune_kai_queues()
         except Exception:
             logger.exception("pruning KAI queues failed")
         return done
-
-    def patch_status(self, body: Obj, plural: str, status: Obj) -> None:
-        meta = body["metadata"]
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                names.GROUP, names.VERSION, meta["namespace"], plural, meta["name"],
-                {"status": status},
-            )  # fmt: skip
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
-    def event(self, body: Obj, kind: str, reason: str, message: str) -> None:
-        meta = body["metadata"]
-        involved = {
-            "apiVersion": names.API_VERSION,
-            "kind": body.get("kind") or names.JOB_KIND,
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta.get("uid", ""),
-        }
-        self.post_event(involved, kind, reason, message)
