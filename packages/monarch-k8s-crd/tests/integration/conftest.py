@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -46,9 +46,19 @@ def outside_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def monarch_operator(k8s_cluster: Any) -> Any:
-    """The operator running as a pod from the kustomize base, under its own ServiceAccount.
-    A job's etcd (etcd-v2 rendezvous) is k8s-testenv's etcd-v2: the process kubelet ignores
-    images, and the control plane's etcd 3.7 has no v2 API."""
-    etcd = {"TORCHRUN_ETCD_COMMAND": str(ensure_binaries().etcd_v2)}
-    return install_with_kubectl(k8s_cluster, OPERATOR_NS, env=etcd)
+def install_operator_for_tests(k8s_cluster: Any) -> Callable[[], Any]:
+    """(Re)install the operator as a pod from the kustomize base, under its own ServiceAccount,
+    with the settings every module here relies on; returns the Ready operator pod. A job's etcd
+    (etcd-v2 rendezvous) is k8s-testenv's etcd-v2: the process kubelet ignores images, and the
+    control plane's etcd 3.7 has no v2 API. A module that installs another operator puts this
+    one back with it: ``kubectl apply --server-side`` drops what the last apply left out, so an
+    install without ``TORCHRUN_ETCD_COMMAND`` left later jobs' etcd as ``etcd``, not on PATH
+    here (it crash-looped and the workers waited for it forever)."""
+    env = {"TORCHRUN_ETCD_COMMAND": str(ensure_binaries().etcd_v2)}
+    return lambda: install_with_kubectl(k8s_cluster, OPERATOR_NS, env=env)
+
+
+@pytest.fixture(scope="session")
+def monarch_operator(install_operator_for_tests: Callable[[], Any]) -> Any:
+    """The operator, installed once per session (:func:`install_operator_for_tests`)."""
+    return install_operator_for_tests()

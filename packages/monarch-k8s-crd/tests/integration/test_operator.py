@@ -1,6 +1,7 @@
 """The operator as a pod from the install manifests (``kubectl apply -k``, its own
 ServiceAccount), on k8s-testenv's real control plane, whose process kubelet runs real
-torchmonarch workers as pods. One install per module; each test has its own namespace.
+torchmonarch workers as pods. One install per session (``conftest.py``); each test has its
+own namespace.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import base64
 import json
 import secrets
 import textwrap
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
 from monarch_k8s.install import install_operator
-from monarch_k8s.testing import install_with_kubectl, operator_pod, pod_ready
+from monarch_k8s.testing import operator_pod, pod_ready
 from monarch_proxy import connect
 from monarch_proxy.errors import AuthenticationError
 
@@ -32,11 +32,10 @@ OPERATOR_NS = "monarch-system"
 UPSTREAM_DDP_MESH = (Path(__file__).parent.parent / "data" / "ddp_mesh.yaml").read_text()
 
 
-@pytest.fixture(scope="module")
-def operator(k8s_cluster: Any) -> Iterator[Any]:
-    """The operator running as a pod; yields the cluster."""
-    install_with_kubectl(k8s_cluster, OPERATOR_NS)
-    yield k8s_cluster
+@pytest.fixture
+def operator(k8s_cluster: Any, monarch_operator: Any) -> Any:
+    """The cluster, with the operator installed once per session (``conftest.py``)."""
+    return k8s_cluster
 
 
 def custom(api: Any) -> k8s.CustomObjectsApi:
@@ -446,11 +445,12 @@ def test_an_idle_mesh_scales_to_zero_and_a_newer_activity_mark_brings_it_back(
 
 
 def test_install_operator_from_python_applies_the_same_base_and_can_run_again(
-    operator: Any, k8s_api: Any
+    operator: Any, k8s_api: Any, install_operator_for_tests: Any
 ) -> None:
     """Last in the module: a second operator runs for a moment (it would reconcile the same
     meshes to the same objects, but none are made meanwhile). The ClusterRoleBinding is one
-    per cluster, so the install is put back afterwards for later modules."""
+    per cluster, so the session's install is put back afterwards, as later modules need it
+    (its etcd for etcd-v2 jobs too: ``test_torchrun_etcd.py``)."""
     namespace = f"ops-{secrets.token_hex(3)}"
     try:
         for _ in range(2):  # server-side apply: the second run changes nothing
@@ -464,4 +464,8 @@ def test_install_operator_from_python_applies_the_same_base_and_can_run_again(
         assert env["MONARCH_LISTEN_HOST"] == "podIP" and env["MONARCH_IMAGE"] == "reg/monarch:1"
     finally:
         operator.kubectl("delete", "namespace", namespace, "--wait=false")
-        install_with_kubectl(operator, OPERATOR_NS)
+        install_operator_for_tests()
+    # put back with the session's settings: an etcd-v2 job after this module still gets its etcd
+    restored = k8s.AppsV1Api(k8s_api).read_namespaced_deployment("monarch-operator", OPERATOR_NS)
+    env = {e.name for e in restored.spec.template.spec.containers[0].env}
+    assert "TORCHRUN_ETCD_COMMAND" in env, env
