@@ -17,7 +17,7 @@ listed addresses the mesh does not use yet. For a plan, :class:`Membership`:
 
 A worker restarted at an address this gateway attached before (a container restart keeps its
 pod's IP; a pod may get its old IP back) is attached again, but torchmonarch 0.7 fails that once
-the gateway spawned processes on the old worker (see :data:`REUSED_ADDRESS`); the address is then
+the old worker had acknowledged a message (see :data:`REUSED_ADDRESS`); the address is then
 reported to clients as ``unattachable`` and not tried again while it stays listed.
 """
 
@@ -44,16 +44,17 @@ Attach = Callable[[str, list[str]], Awaitable[Any]]
 
 
 #: Why a worker restarted at an address this gateway attached before is not taken in, once
-#: attaching it failed. Established on torchmonarch 0.7.0 (README "Known gaps"): after procs were
-#: spawned on the old worker, the gateway's actors keep sending to it (mesh controllers poll its
-#: host agent) and number their messages per destination actor (``hyperactor::ordering``); the
-#: new process has the same actor names (``host_agent.service@<address>``), so it holds back
-#: every message from this gateway, waiting for numbers the dead process received, and the
-#: gateway's cached connection resumes the dead process's channel session, which the new process
-#: rejects ("out-of-sequence message"). Attaching times out (MESH_ATTACH_CONFIG_TIMEOUT) every time.
+#: attaching it failed. Established on torchmonarch 0.7.0 (README "Workers that come and go"):
+#: the gateway's cached channel to the address resumes the dead process's session at its last
+#: acknowledged sequence number, which the new process rejects ("stale session: out-of-sequence
+#: message"), losing what was queued on it; and attempts after that connection is dropped fail
+#: too, as the gateway's actors number their messages per destination actor
+#: (``hyperactor::ordering``) and the new process's actors have the old ones' names
+#: (``host_agent.service@<address>``). Only a worker that died before acknowledging anything
+#: (its first 500 ms) can be attached again.
 REUSED_ADDRESS = (
-    "{address} is served by a new worker process, but this gateway had spawned processes on the "
-    "worker at that address before, and torchmonarch 0.7 cannot attach a second process there "
+    "{address} is served by a new worker process, but this gateway attached the worker that was "
+    "there before, and torchmonarch 0.7 cannot attach a second process at that address "
     "from the same gateway process (its message sequence numbers and cached connection for that "
     "address belong to the dead one; attaching failed: {error}). Give the worker a new address "
     "(delete its pod so that it gets another IP), or restart the gateway"
