@@ -239,15 +239,19 @@ class LocalCluster:
         tmp.write_text("".join(f"{a}\n" for a in self.addresses))
         tmp.replace(self.workers_file)  # the gateway never reads half a list
 
-    def restart_worker(self, index: int) -> str:
+    def restart_worker(self, index: int, *, same_address: bool = False) -> str:
         """Kill worker ``index`` (and its agent) and start a replacement at a new address, as a
-        StatefulSet recreates a pod with a new IP; return the new address."""
+        StatefulSet recreates a pod with a new IP (or at the same one, as a container restarts
+        in its pod); return the replacement's address."""
         self.kill_worker(index)
         if self.sync:
             _stop(self.agents[index], signal.SIGKILL, 5.0)
-        address = self._new_address(self._next_host + 1)  # past the gateway's agent
-        self._next_host += 1
-        self.addresses[index] = address
+        if not same_address:
+            self.addresses[index] = self._new_address(
+                self._next_host + 1
+            )  # past the gateway's agent
+            self._next_host += 1
+        address = self.addresses[index]
         if self.sync:
             peer = f"{host_of(address)}:{self.sync_port}"
             self.sync_peers[index] = peer

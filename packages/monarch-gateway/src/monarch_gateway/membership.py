@@ -14,6 +14,11 @@ listed addresses the mesh does not use yet. For a plan, :class:`Membership`:
    ``WorkerLostError`` naming the dead worker);
 4. updates the members file (pushes fan out to the new agent) and sends every client a
    membership event.
+
+A worker restarted at an address this gateway attached before (a container restart keeps its
+pod's IP; a pod may get its old IP back) is attached again, but torchmonarch 0.7 fails that once
+the old worker had acknowledged a message (see :data:`REUSED_ADDRESS`); the address is then
+reported to clients as ``unattachable`` and not tried again while it stays listed.
 """
 
 from __future__ import annotations
@@ -31,28 +36,54 @@ from monarch_gateway.operations import MeshService
 from monarch_gateway.relay import write_members
 from monarch_gateway.sources import WorkerSource
 
-__all__ = ["Membership", "SyncSettings", "plan_replacements"]
+__all__ = ["REUSED_ADDRESS", "Membership", "SyncSettings", "plan_replacements"]
 
 logger = logging.getLogger("monarch_gateway.membership")
 
 Attach = Callable[[str, list[str]], Awaitable[Any]]
 
 
+#: Why a worker restarted at an address this gateway attached before is not taken in, once
+#: attaching it failed. Established on torchmonarch 0.7.0 (README "Workers that come and go"):
+#: the gateway's cached channel to the address resumes the dead process's session at its last
+#: acknowledged sequence number, which the new process rejects ("stale session: out-of-sequence
+#: message"), losing what was queued on it; and attempts after that connection is dropped fail
+#: too, as the gateway's actors number their messages per destination actor
+#: (``hyperactor::ordering``) and the new process's actors have the old ones' names
+#: (``host_agent.service@<address>``). Only a worker that died before acknowledging anything
+#: (its first 500 ms) can be attached again.
+REUSED_ADDRESS = (
+    "{address} is served by a new worker process, but this gateway attached the worker that was "
+    "there before, and torchmonarch 0.7 cannot attach a second process at that address "
+    "from the same gateway process (its message sequence numbers and cached connection for that "
+    "address belong to the dead one; attaching failed: {error}). Give the worker a new address "
+    "(delete its pod so that it gets another IP), or restart the gateway"
+)
+
+
 def plan_replacements(
-    current: list[str], dead: set[str], listed: list[str] | None
+    current: list[str],
+    dead: set[str],
+    listed: list[str] | None,
+    refused: set[str] | frozenset[str] = frozenset(),
 ) -> list[tuple[int, str]]:
     """(slot, new address) for each gone worker that a listed address can replace.
 
     Gone: judged dead, or no longer listed. Fresh addresses (listed, not in use) replace gone
-    workers in order; a dead worker whose own address is listed again (a pod recreated at the
-    same IP) is then replaced by that address. Others wait for the next poll.
+    workers in order; a dead worker whose own address is listed again (a container restarted,
+    a pod recreated at the same IP) is then replaced by that address. Others wait for the next
+    poll; ``refused`` addresses (attaching them cannot work) are never planned.
     """
     if listed is None:
         return []
     gone = [i for i, a in enumerate(current) if a in dead or a not in listed]
-    fresh = [a for a in listed if a not in current]
+    fresh = [a for a in listed if a not in current and a not in refused]
     plan = list(zip(gone, fresh, strict=False))
-    plan += [(i, current[i]) for i in gone[len(plan) :] if current[i] in listed]
+    plan += [
+        (i, current[i])
+        for i in gone[len(plan) :]
+        if current[i] in listed and current[i] not in refused
+    ]
     return plan
 
 
@@ -122,6 +153,10 @@ class Membership:
         # Workers a source stopped listing: gone for good, even if their address is listed
         # again (a pod recreated at the same IP is another process, hence another Worker).
         self.gone: set[Worker] = set()
+        # Every address attached so far, and those attached again in vain (REUSED_ADDRESS):
+        # mesh -> address -> why; kept while the address stays listed.
+        self.used: set[str] = {w.address for ws in service.workers.values() for w in ws}
+        self.unattachable: dict[str, dict[str, str]] = {name: {} for name in sources}
 
     def state(self) -> dict[str, Any]:
         """What clients are told: per mesh, its workers, the dead ones, whether it is whole."""
@@ -133,6 +168,7 @@ class Membership:
                 "workers": [w.address for w in workers],
                 "dead": lost,
                 "whole": not lost,
+                "unattachable": dict(self.unattachable.get(name, {})),
             }
         return {"meshes": meshes, "whole": all(m["whole"] for m in meshes.values())}
 
@@ -181,7 +217,10 @@ class Membership:
             self.refresh_members()
             self.publish({**self.state(), "lost": sorted(w.address for w in left)})
         dead = {w.address for w in workers if w in self.monitor.liveness.dead or w in self.gone}
-        plan = plan_replacements(current, dead, listed)
+        refused = self.unattachable[name]
+        for address in set(refused) - set(listed or ()):
+            del refused[address]
+        plan = plan_replacements(current, dead, listed, set(refused))
         if not plan:
             return
         new = [address for _, address in plan]
@@ -192,7 +231,15 @@ class Membership:
         addresses = list(current)
         for slot, address in plan:
             addresses[slot] = address
-        host_mesh = await self.attach(name, addresses)
+        try:
+            host_mesh = await self.attach(name, addresses)
+        except Exception as exc:
+            reused = [a for a in new if a in self.used]
+            if not reused:
+                raise
+            self._refuse(name, reused, exc)
+            return
+        self.used.update(new)
         replaced = list(workers)
         for slot, address in plan:
             replaced[slot] = Worker(name, slot, address, workers[slot].generation + 1)
@@ -206,3 +253,12 @@ class Membership:
                 "worker %s replaced by %s (host %d of %r)", current[slot], address, slot, name
             )
         self.publish({**self.state(), "replaced": {current[s]: a for s, a in plan}})
+
+    def _refuse(self, name: str, addresses: list[str], exc: Exception) -> None:
+        """Attaching at addresses attached before failed: tell clients once, do not retry."""
+        error = " ".join(str(exc).split("Stack backtrace", 1)[0].split())
+        refused = self.unattachable[name]
+        for address in addresses:
+            refused[address] = REUSED_ADDRESS.format(address=address, error=error)
+            logger.error("not taking in a worker of mesh %r: %s", name, refused[address])
+        self.publish({**self.state(), "unattachable": {a: refused[a] for a in addresses}})

@@ -93,6 +93,20 @@ def test_a_container_without_command_gets_the_worker_bootstrap_and_a_readiness_p
     assert {"name": "monarch", "containerPort": 27000} in worker["ports"]
 
 
+def test_a_container_with_args_but_no_command_keeps_its_args_for_the_image_entrypoint() -> None:
+    # Kubernetes semantics: args go to the image's ENTRYPOINT (or are the command line when it
+    # has none). The bootstrap would replace the entrypoint and silently drop them.
+    args = ["--listen", "tcp://$(POD_IP):27000", "--log-level", "debug"]
+    objs = children(body({"replicas": 1, "port": 27000,
+                          "podTemplate": {"containers": [{"name": "w", "image": "x",
+                                                          "args": args}]}}))  # fmt: skip
+    worker = template_spec(objs)["containers"][0]
+    assert "command" not in worker and worker["args"] == args
+    assert worker["env"][0]["name"] == "POD_IP"  # $(POD_IP) in the args expands
+    assert worker["readinessProbe"]["tcpSocket"] == {"port": 27000}
+    assert {"name": "monarch", "containerPort": 27000} in worker["ports"]
+
+
 def test_a_full_pod_template_keeps_its_metadata_and_spec() -> None:
     template = {"metadata": {"labels": {"team": "a"}, "annotations": {"x": "y"}},
                 "spec": {"nodeSelector": {"gpu": "h100"},

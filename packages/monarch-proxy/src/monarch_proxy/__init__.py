@@ -26,6 +26,7 @@ from monarch_proxy.errors import (
     TransportError,
     UnknownHandleError,
     WorkerLostError,
+    WorkerReattachError,
     WorkspaceUnavailableError,
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
@@ -81,6 +82,7 @@ __all__ = [
     "UnknownLabelError",
     "ValueMesh",
     "WorkerLostError",
+    "WorkerReattachError",
     "Workspace",
     "WorkspaceUnavailableError",
     "by_value",

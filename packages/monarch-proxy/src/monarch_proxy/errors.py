@@ -16,7 +16,8 @@
     │   ├── UnknownHandleError     the request named a mesh handle the session does not hold
     │   ├── ArgumentEncodingError  arguments or results could not be pickled or unpickled
     │   ├── ActorImportError       the gateway could not import an actor class by reference
-    │   └── WorkerLostError        a worker process died or became unreachable mid-call
+    │   ├── WorkerLostError        a worker process died or became unreachable mid-call
+    │   └── WorkerReattachError    a restarted worker cannot be taken in at its old address
     ├── SupervisionError           an actor or process of the mesh failed (also a RuntimeError,
     │                              like Monarch's, which is final and cannot be subclassed)
     └── RemoteError                an actor raised, and its exception type is not importable here
@@ -168,6 +169,12 @@ class ActorImportError(GatewayError, ImportError):
 
 class WorkerLostError(GatewayError):
     """A worker process died or stopped answering while a call needed it."""
+
+
+class WorkerReattachError(GatewayError):
+    """The gateway will not take in a worker restarted at an address it attached before
+    (Monarch cannot attach two processes at one address from one gateway process); the
+    message names the address and what to do."""
 
 
 class RemoteError(ProxyError):

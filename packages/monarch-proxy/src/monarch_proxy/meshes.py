@@ -30,6 +30,7 @@ from monarch_proxy.errors import (
     ArgumentEncodingError,
     CallTimeoutError,
     ProxyError,
+    WorkerReattachError,
     WorkspaceUnavailableError,
 )
 from monarch_proxy.futures import FutureProxy, StreamProxy
@@ -405,7 +406,9 @@ class JobState:
     def wait_for_workers(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until every mesh is whole again (each lost worker replaced and attached, its
         sync agent brought up to date); return :meth:`members`. Meshes spawned afterwards use
-        the new workers. Raises :class:`CallTimeoutError` after ``timeout`` seconds."""
+        the new workers. Raises :class:`CallTimeoutError` after ``timeout`` seconds, and
+        :class:`WorkerReattachError` as soon as the gateway reports a restarted worker it
+        cannot take in (listed at an address it attached before: ``unattachable``)."""
         changed = threading.Event()
         listener: Callable[[dict[str, Any]], None] = lambda state: changed.set()  # noqa: E731
         self._connection.membership_listeners.append(listener)
@@ -416,6 +419,13 @@ class JobState:
                 state = self.members()
                 if state.get("whole"):
                     return state
+                refused = [
+                    why
+                    for mesh in state.get("meshes", {}).values()
+                    for why in (mesh.get("unattachable") or {}).values()
+                ]
+                if refused:
+                    raise WorkerReattachError("; ".join(refused))
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise CallTimeoutError(

@@ -282,11 +282,14 @@ def worker_pod_template(mesh: Mesh, opts: RenderOptions) -> Obj:
         raise MeshSpecError("spec.podTemplate has no containers; give at least one")
     main = containers[0]
     if not main.get("command"):
-        # upstream images start the worker themselves; ours are told how (the process
-        # kubelet of k8s-testenv ignores images altogether, so the command must be there)
-        address = f"tcp://$(POD_IP):{mesh.port}"
-        main["command"] = ["python", "-m", RUN_MODULE, "worker", address]
-        main.pop("args", None)
+        if not main.get("args"):
+            # Nothing says how to start the worker: ours is told how (the process kubelet of
+            # k8s-testenv ignores images altogether, so the command must be there).
+            address = f"tcp://$(POD_IP):{mesh.port}"
+            main["command"] = ["python", "-m", RUN_MODULE, "worker", address]
+        # With args and no command the user starts the worker through the image, as in
+        # Kubernetes (and upstream's operator): the args go to its ENTRYPOINT, or are the
+        # command line if it has none; the bootstrap would drop them, so it stays out.
         # Ready once it listens: the gateway attaches to Ready pods only
         main.setdefault("readinessProbe", {"tcpSocket": {"port": mesh.port}, "periodSeconds": 1})
     with_env(main, POD_IP_ENV)
