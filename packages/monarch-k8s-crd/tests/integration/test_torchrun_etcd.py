@@ -103,6 +103,9 @@ def test_two_nodes_rendezvous_through_the_jobs_etcd_and_train(
         raise AssertionError(f"{exc}: {status(k8s_api, ns)}\n{pods_report(core, ns)}") from exc
     assert done == "Succeeded", f"{status(k8s_api, ns)}\n{pods_report(core, ns)}"
     assert status(k8s_api, ns)["workers"] == {**status(k8s_api, ns)["workers"], "succeeded": 2}
+    # the operator watched its etcd: the job's RendezvousReady condition saw it serve
+    rendezvous = [c for c in status(k8s_api, ns)["conditions"] if c["type"] == "RendezvousReady"]
+    assert [(c["status"], c["reason"]) for c in rendezvous] == [("True", "EtcdReady")], rendezvous
     pods = core.list_namespaced_pod(ns, label_selector=f"{names.JOB_LABEL}=tiny").items
     workers = [p for p in pods if p.metadata.labels[names.ROLE_LABEL] == "worker"]
     assert sorted(p.status.phase for p in workers) == ["Succeeded", "Succeeded"]

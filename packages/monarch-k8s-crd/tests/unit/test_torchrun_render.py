@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from monarch_k8s.torchrun import names
-from monarch_k8s.torchrun.etcd import WAIT_FOR_ETCD
+from monarch_k8s.torchrun.etcd import WAIT_FOR_ETCD, EtcdState, etcd_state
 from monarch_k8s.torchrun.objects import Options
 from monarch_k8s.torchrun.render import render_children, render_job, torchrun_argv
 from monarch_k8s.torchrun.spec import JobSpecError, parse_job, parse_queue
@@ -147,6 +147,24 @@ def batch_job(**status: Any) -> dict[str, Any]:
         ),
         ({}, JobObserved(batch_job=batch_job(active=2, ready=1)), "Queued", "WorkersPending"),
         ({}, JobObserved(batch_job=batch_job(active=2, ready=2)), "Running", "WorkersReady"),
+        (
+            {},
+            JobObserved(batch_job=batch_job(active=2, ready=2), etcd=EtcdState(True)),
+            "Running",
+            "WorkersReady",
+        ),
+        (  # ready workers without their etcd are waiting, not running
+            {},
+            JobObserved(batch_job=batch_job(active=2, ready=2), etcd=EtcdState(False)),
+            "Queued",
+            "EtcdStarting",
+        ),
+        (  # a failing etcd is what the user must hear about, before workers pending
+            {},
+            JobObserved(batch_job=batch_job(active=2, ready=0), etcd=EtcdState(False, True)),
+            "Queued",
+            "EtcdFailing",
+        ),
         ({"suspend": True}, JobObserved(batch_job=batch_job()), "Suspended", "Suspended"),
         (
             {},
@@ -181,6 +199,42 @@ def test_phases(spec: dict[str, Any], seen: JobObserved, phase: str, reason: str
     assert types["Running"] == ("True" if phase == "Running" else "False")
     if phase in ("Succeeded", "Failed"):
         assert status["completionTime"]
+    if seen.etcd is None:
+        assert "RendezvousReady" not in types
+    else:
+        assert types["RendezvousReady"] == ("True" if seen.etcd.ready else "False")
+
+
+def etcd_pod(*, ready: bool = False, phase: str = "Running", **container: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase}
+    status["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if container:
+        status["containerStatuses"] = [{"name": "etcd", **container}]
+    return {"metadata": {"name": "tiny-etcd-x1", "namespace": "ns"}, "status": status}
+
+
+def test_etcd_state_tells_starting_from_failing_and_says_why() -> None:
+    assert etcd_state([]) == EtcdState(False, message="the job's etcd has no pod yet")
+    assert etcd_state([etcd_pod(), etcd_pod(ready=True)]).ready
+    assert etcd_state([etcd_pod(phase="Pending")]).message.endswith("is Pending")
+    starting = etcd_state([etcd_pod(restartCount=0, state={"running": {}})])
+    assert (starting.ready, starting.failing) == (False, False)
+    creating = etcd_pod(restartCount=0, state={"waiting": {"reason": "ContainerCreating"}})
+    assert not etcd_state([creating]).failing
+    # the etcd's command not on PATH: exec fails, the kubelet backs off (what CI once hit)
+    crashing = etcd_pod(
+        restartCount=3,
+        state={"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+        lastState={"terminated": {"exitCode": 127, "reason": "Error",
+                                  "message": "exec: etcd: not found\n"}},
+    )  # fmt: skip
+    state = etcd_state([crashing])
+    assert (state.ready, state.failing) == (False, True)
+    for said in ("CrashLoopBackOff", "3 restarts", "last exit 127 (Error)",
+                 "exec: etcd: not found", "back-off 40s", "kubectl logs tiny-etcd-x1 -n ns"):  # fmt: skip
+        assert said in state.message, (said, state.message)
+    unpullable = etcd_pod(restartCount=0, state={"waiting": {"reason": "ImagePullBackOff"}})
+    assert etcd_state([unpullable]).failing
 
 
 def test_final_phase_sticks_and_ttl_counts_from_completion() -> None:

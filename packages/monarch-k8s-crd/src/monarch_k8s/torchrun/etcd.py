@@ -7,13 +7,14 @@ the job, and the step each worker runs before torchrun to wait for it. Pure, lik
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 from monarch_k8s.torchrun import names
 from monarch_k8s.torchrun.objects import Options, job_labels, metadata
 from monarch_k8s.torchrun.spec import Job
 
-__all__ = ["render_etcd", "runs_etcd", "wait_for_etcd"]
+__all__ = ["EtcdState", "etcd_state", "render_etcd", "runs_etcd", "wait_for_etcd"]
 
 Obj = dict[str, Any]
 ETCD_DATA = "/var/lib/etcd"
@@ -25,6 +26,7 @@ WAIT_FOR_ETCD = """\
 import base64, json, pickle, sys, time, urllib.error, urllib.request as http
 etcd, key = sys.argv[1], sys.argv[2]
 print("waiting for etcd at", etcd, flush=True)
+start = said = time.monotonic()
 while True:
     try:
         with http.urlopen(etcd + "/health", timeout=2) as answer:
@@ -32,6 +34,10 @@ while True:
                 break
     except OSError:
         pass
+    if time.monotonic() - said >= 30:  # the job's status says why (its RendezvousReady condition)
+        said = time.monotonic()
+        print(f"still waiting for etcd after {said - start:.0f} s: see kubectl describe "
+              "torchrunjob", flush=True)
     time.sleep(0.5)
 try:
     with http.urlopen(etcd + "/v2/keys" + key, timeout=10) as answer:
@@ -52,6 +58,51 @@ print("etcd is ready", flush=True)
 """
 #: where torch's etcd-v2 backend keeps a rendezvous (``etcd_rendezvous_backend.create_backend``)
 TORCH_RDZV_KEY = "/torch/elastic/rendezvous"
+
+
+@dataclass(frozen=True)
+class EtcdState:
+    """Whether the job's etcd serves, and if not why, for the job's ``RendezvousReady``
+    condition: ``failing`` when its container crashed or cannot start (a Warning, the workers
+    would wait forever), not when it is merely starting."""
+
+    ready: bool
+    failing: bool = False
+    message: str = "the job's etcd serves"
+
+
+def etcd_state(pods: list[Obj]) -> EtcdState:
+    """The etcd's state from its pods (as the API serializes them)."""
+    if not pods:
+        return EtcdState(False, message="the job's etcd has no pod yet")
+    for pod in pods:
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            return EtcdState(True)
+    pod = pods[0]
+    name = pod["metadata"]["name"]
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    etcd = next((c for c in statuses if c.get("name") == "etcd"), None)
+    if etcd is None:
+        phase = (pod.get("status") or {}).get("phase") or "Pending"
+        return EtcdState(False, message=f"the job's etcd (pod {name}) is {phase}")
+    waiting = (etcd.get("state") or {}).get("waiting") or {}
+    last = (etcd.get("lastState") or {}).get("terminated") or {}
+    restarts = int(etcd.get("restartCount") or 0)
+    reason = str(waiting.get("reason") or "")
+    if restarts == 0 and reason in ("", "ContainerCreating", "PodInitializing"):
+        return EtcdState(False, message=f"the job's etcd (pod {name}) is starting")
+    said = [f"the job's etcd (pod {name}) does not serve: {reason or 'not ready'}"]
+    if restarts:
+        said.append(f"after {restarts} restart{'s' if restarts > 1 else ''}")
+    if last:
+        said.append(f"last exit {last.get('exitCode')} ({last.get('reason') or 'Error'})")
+        if last.get("message"):
+            said.append(str(last["message"]).strip()[-300:])
+    if waiting.get("message"):
+        said.append(str(waiting["message"]).strip()[-300:])
+    said.append(f"the workers wait for it: kubectl logs {name} -n {pod['metadata']['namespace']}")
+    return EtcdState(False, failing=True, message="; ".join(said))
 
 
 def runs_etcd(job: Job) -> bool:

@@ -21,8 +21,8 @@ from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s.operator.kube import KubeObjects
 from monarch_k8s.torchrun import names, workspace
-from monarch_k8s.torchrun.etcd import render_etcd, runs_etcd
-from monarch_k8s.torchrun.objects import Options
+from monarch_k8s.torchrun.etcd import EtcdState, etcd_state, render_etcd, runs_etcd
+from monarch_k8s.torchrun.objects import Options, job_labels
 from monarch_k8s.torchrun.render import render_children, render_job
 from monarch_k8s.torchrun.spec import (
     Job,
@@ -163,14 +163,22 @@ class TorchrunReconciler(KubeObjects):
             workspace_ready=state.ready,
             workspace_version=state.version,
             workspace_message=state.message,
+            etcd=self.observe_etcd(job) if runs_etcd(job) else None,
         )
+
+    def observe_etcd(self, job: Job) -> EtcdState:
+        selector = ",".join(f"{k}={v}" for k, v in job_labels(job, "etcd").items())
+        pods = self.core.list_namespaced_pod(job.namespace, label_selector=selector).items
+        return etcd_state([self.api_client.sanitize_for_serialization(p) for p in pods])
 
     def write_job_status(self, body: Obj, status: Obj) -> Obj:
         old = body.get("status") or {}
         if any(old.get(k) != v for k, v in status.items()):
             self.patch_status(body, names.JOB_PLURAL, status)
-            if old.get("phase") != status.get("phase"):
-                kind = "Warning" if status["phase"] == "Failed" else "Normal"
+            reason = status.get("reason")
+            failing = reason == "EtcdFailing" and old.get("reason") != reason  # newly: warn once
+            if old.get("phase") != status.get("phase") or failing:
+                kind = "Warning" if status["phase"] == "Failed" or failing else "Normal"
                 self.event(body, kind, status.get("reason") or status["phase"],
                            f"{status['phase']}: {status.get('message', '')}")  # fmt: skip
         return status

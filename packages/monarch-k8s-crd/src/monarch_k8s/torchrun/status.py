@@ -10,7 +10,9 @@ Succeeded     the Job completed
 Suspended     ``spec.suspend`` is true (the Job is suspended: no pods)
 Syncing       the workspace is not at the submitted version (:mod:`.workspace`)
 Pending       the Job is not created yet
-Queued        the Job waits: suspended by Kueue, or fewer than ``minNodes`` workers ready
+Queued        the Job waits: suspended by Kueue, fewer than ``minNodes`` workers ready,
+              or the job's etcd (``etcd-v2``) not serving yet (``EtcdStarting``) or
+              failing (``EtcdFailing``, a Warning: the workers would wait for it forever)
 Running       at least ``minNodes`` workers ready
 ============  ===================================================================
 
@@ -24,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from monarch_k8s.operator.status import condition
+from monarch_k8s.torchrun.etcd import EtcdState
 from monarch_k8s.torchrun.spec import Job, JobSpecError, parse_time
 
 __all__ = [
@@ -43,12 +46,14 @@ FINAL = ("Succeeded", "Failed")
 
 @dataclass(frozen=True)
 class JobObserved:
-    """The job's batch/v1 Job (None: absent) and workspace state."""
+    """The job's batch/v1 Job (None: absent), workspace state, and the state of the etcd the
+    operator runs for it (None: it runs none)."""
 
     batch_job: Obj | None = None
     workspace_ready: bool = True
     workspace_version: str | None = None
     workspace_message: str = ""
+    etcd: EtcdState | None = None
     extra: Obj = field(default_factory=dict)
 
 
@@ -99,6 +104,13 @@ def job_status(job: Job, seen: JobObserved, *, now: datetime) -> Obj:
         phase, reason, message = "Pending", "Creating", "creating the Job and its storage"
     elif (batch.get("spec") or {}).get("suspend"):
         phase, reason, message = "Queued", "AwaitingAdmission", "the Job waits for admission"
+    elif (
+        seen.etcd is not None
+        and not seen.etcd.ready
+        and (seen.etcd.failing or workers["ready"] >= shape.min_nodes)
+    ):  # ready workers without their etcd only wait: they do not run yet
+        phase, message = "Queued", seen.etcd.message
+        reason = "EtcdFailing" if seen.etcd.failing else "EtcdStarting"
     elif workers["ready"] >= shape.min_nodes:
         phase, reason = "Running", "WorkersReady"
         message = f"{workers['ready']}/{shape.nodes} workers ready"
@@ -142,6 +154,25 @@ def job_status(job: Job, seen: JobObserved, *, now: datetime) -> Obj:
         condition("Complete", phase == "Succeeded", reason, message, now, old_conditions),
         condition("Failed", phase == "Failed", reason, message, now, old_conditions),
     ]
+    if seen.etcd is not None:
+        etcd_reason = (
+            "EtcdReady"
+            if seen.etcd.ready
+            else "EtcdFailing"
+            if seen.etcd.failing
+            else "EtcdStarting"
+        )
+        status["conditions"].insert(
+            2,
+            condition(
+                "RendezvousReady",
+                seen.etcd.ready,
+                etcd_reason,
+                seen.etcd.message,
+                now,
+                old_conditions,
+            ),
+        )
     return status
 
 
