@@ -23,6 +23,7 @@ __all__ = [
     "OPERATOR_NAMESPACE",
     "PLURAL",
     "PORT_NAME",
+    "READY_RESTARTS_ANNOTATION",
     "SYNC_MOUNT",
     "SYNC_PORT",
     "TEMPLATE_HASH_ANNOTATION",
@@ -59,6 +60,9 @@ TOKEN_KEY = "token"  # key of the gateway token in its Secret
 TEMPLATE_HASH_ANNOTATION = "monarch.pytorch.org/pod-template-hash"
 #: RFC 3339 time of the last use; the operator scales an idle mesh to zero and back on a new one
 ACTIVITY_ANNOTATION = "monarch.pytorch.org/last-activity"
+#: on a worker pod: the worker container's restartCount when the operator saw it Ready; once it
+#: dies after that, the pod is deleted for a new IP (``operator/restarts.py``)
+READY_RESTARTS_ANNOTATION = "monarch.pytorch.org/worker-ready-restarts"
 
 
 #: SHA-256 of every other desired child (Service, Deployment, RBAC): replaced only when it changes
