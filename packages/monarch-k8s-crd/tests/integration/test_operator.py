@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
 from monarch_k8s.install import install_operator
+from monarch_k8s.pods import lost_reason
 from monarch_k8s.testing import operator_pod, pod_ready
 from monarch_proxy import connect
 from monarch_proxy.errors import AuthenticationError
@@ -264,10 +265,17 @@ def test_a_worker_container_restarted_in_place_gets_its_pod_replaced_and_the_mes
         assert new.status.pod_ip != old.status.pod_ip
         events = [e for e in core.list_namespaced_event(k8s_namespace).items
                   if e.reason == "RestartedWorkerReplaced"]  # fmt: skip
-        assert len(events) == 1, [e.message for e in events]  # once, not on every pass
-        assert events[0].involved_object.name == "phoenix" and events[0].type == "Warning"
-        assert f"phoenix-1 (IP {old.status.pod_ip})" in events[0].message
-        assert "exit code 137" in events[0].message and "cannot attach" in events[0].message
+        on_mesh = [e for e in events if e.involved_object.kind == names.KIND]
+        assert len(on_mesh) == 1, [e.message for e in events]  # once, not on every pass
+        assert on_mesh[0].involved_object.name == "phoenix" and on_mesh[0].type == "Warning"
+        assert f"phoenix-1 (IP {old.status.pod_ip})" in on_mesh[0].message
+        assert "exit code 137" in on_mesh[0].message and "cannot attach" in on_mesh[0].message
+        # the pod's own Event keeps why its worker died for KubernetesJob, the pod being gone
+        on_pod = [e for e in core.list_namespaced_event(k8s_namespace).items
+                  if e.involved_object.uid == old.metadata.uid]  # fmt: skip
+        assert len([e for e in on_pod if e.reason == "RestartedWorkerReplaced"]) == 1
+        serialized = [k8s_api.sanitize_for_serialization(e) for e in on_pod]
+        assert lost_reason(None, serialized, "phoenix-1") == "Error"  # SIGKILL: Error, exit 137
         # only the restarted worker's pod: the other one keeps its process and IP
         assert (
             core.read_namespaced_pod("phoenix-0", k8s_namespace).metadata.uid == other.metadata.uid

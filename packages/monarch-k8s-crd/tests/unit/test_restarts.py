@@ -48,7 +48,7 @@ def test_a_worker_seen_ready_that_died_gets_its_pod_deleted_naming_ip_and_exit()
     # the process kubelet (and a kubelet in back-off) shows the dead run before the restart
     waiting = container("worker", ready=False, state="waiting", last=OOM)
     fence = judge(pod(waiting, seen="0"))
-    assert fence == Fence("mesh-1", "uid-1", "10.0.0.7", "exit code 137, OOMKilled")
+    assert fence == Fence("mesh-1", "uid-1", "10.0.0.7", "exit code 137, OOMKilled", "OOMKilled")
     assert "mesh-1 (IP 10.0.0.7)" in fence.message()
     assert "cannot attach" in fence.message()
     # restarted already, even Ready again at the same IP: the gateway cannot attach it either
@@ -59,7 +59,9 @@ def test_a_worker_seen_ready_that_died_gets_its_pod_deleted_naming_ip_and_exit()
     assert isinstance(judge(pod(container("worker", restarts=3, last=OOM), seen="2")), Fence)
     # no lastState reported at all (a terminated run without details)
     gone = judge(pod(container("worker", ready=False, state="terminated"), seen="0"))
-    assert isinstance(gone, Fence) and gone.why == "exit code 1, Error"
+    assert isinstance(gone, Fence) and (gone.why, gone.reason) == ("exit code 1, Error", "Error")
+    bare = container("worker", restarts=1, last={"exitCode": 3})
+    assert judge(pod(bare, seen="0")).reason == "exit code 3"  # type: ignore[union-attr]
 
 
 def test_a_worker_that_crashes_before_it_was_ever_ready_is_left_to_the_kubelets_back_off() -> None:

@@ -150,7 +150,12 @@ class Reconciler(KubeObjects):
                         action.pod, mesh.namespace, body=client.V1DeleteOptions(preconditions=once)
                     )
                     logger.warning("mesh %s/%s: %s", mesh.namespace, mesh.name, action.message())
-                    self.event(ref(mesh), "Warning", "RestartedWorkerReplaced", action.message())
+                    why = names.RESTARTED_WORKER_REPLACED
+                    self.event(ref(mesh), "Warning", why, action.message())
+                    involved = {"apiVersion": "v1", "kind": "Pod", "name": action.pod,
+                                "namespace": mesh.namespace, "uid": action.uid}  # fmt: skip
+                    exit_reason = {names.EXIT_REASON_ANNOTATION: action.reason}
+                    self.post_event(involved, "Warning", why, action.message(), exit_reason)
             except client.ApiException as exc:
                 if exc.status not in (404, 409):  # gone, or changed meanwhile: the next pass
                     raise

@@ -46,6 +46,7 @@ class Fence:
     uid: str
     ip: str
     why: str  # the last termination, as Kubernetes reports it
+    reason: str  # its reason alone (``OOMKilled``), for whoever explains the loss
 
     def message(self) -> str:
         return (
@@ -81,7 +82,10 @@ def decide(pod: Obj, *, container: str, statefulset: str) -> Fence | Mark | None
     if seen is not None and (restarts > seen or "running" not in state):
         ip = str(status.get("podIP") or "")
         last = state.get("terminated") or (worker.get("lastState") or {}).get("terminated") or {}
-        return Fence(pod=meta["name"], uid=meta.get("uid", ""), ip=ip, why=termination(last))
+        reason = str(
+            last.get("reason") or (f"exit code {last['exitCode']}" if last else "Restarted")
+        )
+        return Fence(meta["name"], meta.get("uid", ""), ip, why=termination(last), reason=reason)
     if worker.get("ready") and seen != restarts:
         return Mark(pod=meta["name"], resource_version=meta.get("resourceVersion", ""),
                     restarts=restarts)  # fmt: skip
