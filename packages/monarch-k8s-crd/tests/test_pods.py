@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from monarch_k8s import names
 from monarch_k8s.pods import lost_reason, not_ready_reasons, progress
 
 
@@ -91,3 +92,13 @@ def test_lost_workers_get_the_reason_kubernetes_knows() -> None:
     )
     assert lost_reason(None, [event("w-5", "Preempted", "by p")], "w-5") == "Preempted"
     assert lost_reason(None, [], "w-6") == "Deleted"
+
+
+def test_a_worker_whose_pod_the_operator_replaced_after_an_oom_kill_is_lost_to_oomkilled() -> None:
+    """The operator deletes a pod whose worker restarted in place (operator/restarts.py); the
+    kubelet's later Killing must not hide why the worker died."""
+    replaced = event("w-7", names.RESTARTED_WORKER_REPLACED, "delete pod w-7 (IP ...)")
+    replaced["metadata"] = {"annotations": {names.EXIT_REASON_ANNOTATION: "OOMKilled"}}
+    killing = event("w-7", "Killing", "Stopping container sync-agent", "Normal")
+    killing["lastTimestamp"] = "2026-01-01T00:00:01Z"
+    assert lost_reason(None, [replaced, killing], "w-7") == "OOMKilled"

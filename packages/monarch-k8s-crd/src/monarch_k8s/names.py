@@ -13,6 +13,7 @@ __all__ = [
     "ACTIVITY_ANNOTATION",
     "APPLIED_HASH_ANNOTATION",
     "APP_LABEL",
+    "EXIT_REASON_ANNOTATION",
     "FIELD_MANAGER",
     "GATEWAY_APP",
     "GATEWAY_PORT",
@@ -23,6 +24,8 @@ __all__ = [
     "OPERATOR_NAMESPACE",
     "PLURAL",
     "PORT_NAME",
+    "READY_RESTARTS_ANNOTATION",
+    "RESTARTED_WORKER_REPLACED",
     "SYNC_MOUNT",
     "SYNC_PORT",
     "TEMPLATE_HASH_ANNOTATION",
@@ -59,6 +62,14 @@ TOKEN_KEY = "token"  # key of the gateway token in its Secret
 TEMPLATE_HASH_ANNOTATION = "monarch.pytorch.org/pod-template-hash"
 #: RFC 3339 time of the last use; the operator scales an idle mesh to zero and back on a new one
 ACTIVITY_ANNOTATION = "monarch.pytorch.org/last-activity"
+#: on a worker pod: the worker container's restartCount when the operator saw it Ready; once it
+#: dies after that, the pod is deleted for a new IP (``operator/restarts.py``)
+READY_RESTARTS_ANNOTATION = "monarch.pytorch.org/worker-ready-restarts"
+#: reason of the Events (on the mesh and on the pod) when the operator deletes such a pod; the
+#: one on the pod carries the container's termination reason (``OOMKilled``) in this annotation,
+#: so ``KubernetesJob`` still says why the worker was lost once the pod is gone
+RESTARTED_WORKER_REPLACED = "RestartedWorkerReplaced"
+EXIT_REASON_ANNOTATION = "monarch.pytorch.org/exit-reason"
 
 
 #: SHA-256 of every other desired child (Service, Deployment, RBAC): replaced only when it changes

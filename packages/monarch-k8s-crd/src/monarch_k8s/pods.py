@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from monarch_k8s import names
+
 __all__ = ["Progress", "lost_reason", "not_ready_reasons", "progress"]
 
 #: DisruptionTarget condition reasons (upstream pod disruption conditions) -> what we report
@@ -130,6 +132,11 @@ def lost_reason(pod: dict[str, Any] | None, events: list[dict[str, Any]], name: 
                     return str(term["reason"])
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
             return "Deleted"
+    for event in reversed(_events_of(name, events)):
+        if event.get("reason") == names.RESTARTED_WORKER_REPLACED:
+            # the operator deleted it for a new IP after its worker died: say why that died
+            annotations = (event.get("metadata") or {}).get("annotations") or {}
+            return str(annotations.get(names.EXIT_REASON_ANNOTATION) or "Restarted")
     for event in reversed(_events_of(name, events)):
         reason = event.get("reason", "")
         if reason in ("Evicted", "Preempted", "NodeNotReady", "OOMKilling", "Killing"):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
+import signal
 import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,11 +19,12 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 import yaml
-from k8s_testenv.testing import wait_until
+from k8s_testenv.testing import container_pid, wait_until
 from kubernetes.client.exceptions import ApiException
 
 from monarch_k8s import names
 from monarch_k8s.install import install_operator
+from monarch_k8s.pods import lost_reason
 from monarch_k8s.testing import operator_pod, pod_ready
 from monarch_proxy import connect
 from monarch_proxy.errors import AuthenticationError
@@ -226,6 +229,61 @@ def test_mesh_with_gateway_and_sync_runs_synced_code_and_takes_back_a_deleted_po
         # the new pod's agent was caught up with the synced tree before it joined
         assert list(again.hello.call().get(timeout=120).values()) == ["v2", "v2"]
     wait_ready(k8s_api, k8s_namespace, "trainers")
+
+
+def test_a_worker_container_restarted_in_place_gets_its_pod_replaced_and_the_mesh_heals(
+    operator: Any, k8s_api: Any, k8s_namespace: str
+) -> None:
+    """A crashed or OOM-killed worker container is restarted by the kubelet in its pod, at the
+    pod's IP, where Monarch cannot attach it again (README "Known gaps"): the operator deletes
+    that pod, says so in an Event, and the StatefulSet's new pod, at a new IP, joins the mesh."""
+    spec = {"replicas": 2, "gateway": {"enabled": True},
+            "podTemplate": {"spec": {"containers": [{"name": "worker", "image": "monarch"}]}}}  # fmt: skip
+    create_mesh(k8s_api, k8s_namespace, "phoenix", spec)
+    mesh = wait_ready(k8s_api, k8s_namespace, "phoenix")
+    core = k8s.CoreV1Api(k8s_api)
+    url, token = gateway_url_and_token(k8s_api, k8s_namespace, mesh)
+    with connect(url, token) as job:
+        assert whoami_hosts(job, "phoenix") == {"phoenix-0", "phoenix-1"}
+
+        def seen_ready(name: str) -> Any:  # what the operator records before it acts
+            pod = core.read_namespaced_pod(name, k8s_namespace)
+            return (
+                pod if names.READY_RESTARTS_ANNOTATION in (pod.metadata.annotations or {}) else None
+            )
+
+        old = wait_until(lambda: seen_ready("phoenix-1"), timeout=30, what="phoenix-1 recorded")
+        other = wait_until(lambda: seen_ready("phoenix-0"), timeout=30, what="phoenix-0 recorded")
+        os.killpg(container_pid(old), signal.SIGKILL)  # as the OOM killer; restarted in place
+
+        def replaced() -> Any:
+            pod = next((p for p in core.list_namespaced_pod(k8s_namespace).items
+                        if p.metadata.name == "phoenix-1"), None)  # fmt: skip
+            return pod if pod and pod.metadata.uid != old.metadata.uid and pod_ready(pod) else None
+
+        new = wait_until(replaced, timeout=120, what="phoenix-1 recreated", interval=0.5)
+        assert new.status.pod_ip != old.status.pod_ip
+        events = [e for e in core.list_namespaced_event(k8s_namespace).items
+                  if e.reason == "RestartedWorkerReplaced"]  # fmt: skip
+        on_mesh = [e for e in events if e.involved_object.kind == names.KIND]
+        assert len(on_mesh) == 1, [e.message for e in events]  # once, not on every pass
+        assert on_mesh[0].involved_object.name == "phoenix" and on_mesh[0].type == "Warning"
+        assert f"phoenix-1 (IP {old.status.pod_ip})" in on_mesh[0].message
+        assert "exit code 137" in on_mesh[0].message and "cannot attach" in on_mesh[0].message
+        # the pod's own Event keeps why its worker died for KubernetesJob, the pod being gone
+        on_pod = [e for e in core.list_namespaced_event(k8s_namespace).items
+                  if e.involved_object.uid == old.metadata.uid]  # fmt: skip
+        assert len([e for e in on_pod if e.reason == "RestartedWorkerReplaced"]) == 1
+        serialized = [k8s_api.sanitize_for_serialization(e) for e in on_pod]
+        assert lost_reason(None, serialized, "phoenix-1") == "Error"  # SIGKILL: Error, exit 137
+        # only the restarted worker's pod: the other one keeps its process and IP
+        assert (
+            core.read_namespaced_pod("phoenix-0", k8s_namespace).metadata.uid == other.metadata.uid
+        )
+        state = job.wait_for_workers(timeout=120)
+        workers = state["meshes"]["phoenix"]["workers"]
+        assert any(new.status.pod_ip in w for w in workers), workers
+        assert whoami_hosts(job, "phoenix") == {"phoenix-0", "phoenix-1"}
 
 
 def test_invalid_meshes_are_rejected_by_the_api_server_with_the_schema_message(

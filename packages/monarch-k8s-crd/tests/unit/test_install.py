@@ -76,10 +76,12 @@ def test_the_operator_role_covers_what_it_writes_and_nothing_it_does_not() -> No
     assert not any("*" in item for item in granted)
     assert not any(verb == "deletecollection" for _, _, verb in granted)
     deletable = {resource for _, resource, verb in granted if verb == "delete"}
-    # only kinds stale_children may name, a TorchrunJob past its TTL, and the KAI Queues of
-    # deleted TorchrunQueues; never Secrets (a token) or anything else
+    # only kinds stale_children may name, a TorchrunJob past its TTL, the KAI Queues of
+    # deleted TorchrunQueues and worker pods restarted in place (operator/restarts.py); never
+    # Secrets (a token) or anything else
     assert deletable == {"statefulsets", "deployments", "services", "serviceaccounts", "roles",
-                         "rolebindings", "torchrunjobs", "queues"}  # fmt: skip
+                         "rolebindings", "torchrunjobs", "queues", "pods"}  # fmt: skip
+    assert ("", "pods", "delete") in granted and ("", "pods", "patch") in granted
     plural = {"StatefulSet": "statefulsets", "Deployment": "deployments", "Service": "services",
               "Secret": "secrets", "ServiceAccount": "serviceaccounts", "Role": "roles",
               "RoleBinding": "rolebindings"}  # fmt: skip

@@ -152,6 +152,8 @@ def test_gateway_gets_a_deployment_service_and_a_service_account_that_may_only_r
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["MONARCH_GATEWAY_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "mesh-gateway-token"
     assert env["MONARCH_EXPECTED_WORKERS"]["value"] == "2"
+    # its one vain attempt at a worker restarted at its old IP takes this, not Monarch's minute
+    assert env["HYPERACTOR_MESH_ATTACH_CONFIG_TIMEOUT"]["value"] == "15s"
     assert objs[("Service", "mesh-gateway")]["spec"]["ports"][0]["port"] == names.GATEWAY_PORT
     assert objs[("Role", "mesh-gateway")]["rules"] == [
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}

@@ -5,6 +5,7 @@ Settings come from the environment (the install manifests set them):
 ``MONARCH_IMAGE`` (image of the gateway and sync agents), ``MONARCH_LISTEN_HOST`` (where they
 listen: ``0.0.0.0``, or ``podIP`` where pods share one network namespace),
 ``MONARCH_RESYNC_SECONDS`` (the periodic pass over every mesh, queue and job, default 10),
+``MONARCH_GATEWAY_ATTACH_TIMEOUT`` (Monarch's attach config timeout in gateways, default 15s),
 ``TORCHRUN_ETCD_IMAGE`` and ``TORCHRUN_ETCD_COMMAND`` (the etcd run for ``etcd-v2``
 rendezvous; the command is split on spaces).
 """
@@ -52,6 +53,7 @@ async def run() -> None:
     options = RenderOptions(
         image=os.environ.get("MONARCH_IMAGE", defaults.image),
         listen_host=os.environ.get("MONARCH_LISTEN_HOST", defaults.listen_host),
+        attach_timeout=os.environ.get("MONARCH_GATEWAY_ATTACH_TIMEOUT", defaults.attach_timeout),
     )
     api = api_client()
     reconciler = Reconciler(api, options)

@@ -202,14 +202,18 @@ class KubeObjects:
         }
         self.post_event(involved, kind, reason, message)
 
-    def post_event(self, involved: Obj, kind: str, reason: str, message: str) -> None:
+    def post_event(
+        self, involved: Obj, kind: str, reason: str, message: str,
+        annotations: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         """An Event about ``involved`` ({apiVersion, kind, name, namespace, uid}); a courtesy:
-        never fails the caller."""
+        never fails the caller. ``annotations``: what a program reading it needs, as data."""
         now = datetime.now(UTC).isoformat()
         event = {
             "metadata": {
                 "generateName": f"{involved['name']}.",
                 "namespace": involved["namespace"],
+                **({"annotations": annotations} if annotations else {}),
             },
             "involvedObject": involved,
             "type": kind,

@@ -19,12 +19,14 @@ from typing import Any
 from kubernetes import client
 
 from monarch_k8s import names
+from monarch_k8s.operator import restarts
 from monarch_k8s.operator.kube import KubeObjects
 from monarch_k8s.operator.render import (
     Mesh,
     MeshSpecError,
     RenderOptions,
     activity_to_mark,
+    desired_replicas,
     gateway_labels,
     needs_token,
     parse_mesh,
@@ -89,6 +91,8 @@ class Reconciler(KubeObjects):
                 self.apply(ref(mesh), desired)
             if prune:
                 self.prune(mesh, children)
+            if mesh.worker_selector is None and desired_replicas(mesh, now) > 0:
+                self.replace_restarted_workers(mesh)
         except MeshSpecError as exc:
             old = ((body.get("status") or {}).get("conditions") or [{}])[0]
             if old.get("message") != str(exc):  # once per distinct problem, not every pass
@@ -125,6 +129,36 @@ class Reconciler(KubeObjects):
         return dataclasses.replace(
             mesh, annotations={**mesh.annotations, names.ACTIVITY_ANNOTATION: stamp}
         )
+
+    def replace_restarted_workers(self, mesh: Mesh) -> None:
+        """Delete the pods whose worker container restarted in place (:mod:`.restarts`): Monarch
+        cannot attach a worker again at the IP its pod keeps; recreated, the pod gets a new one.
+        Pods of attach mode are not ours to delete and are left alone."""
+        container = str(mesh.template["spec"]["containers"][0].get("name", ""))
+        selector = ",".join(f"{k}={v}" for k, v in names.worker_labels(mesh.name).items())
+        listed = self.core.list_namespaced_pod(mesh.namespace, label_selector=selector).items
+        for pod in self.api_client.sanitize_for_serialization(listed):
+            action = restarts.decide(pod, container=container, statefulset=mesh.name)
+            try:
+                if isinstance(action, restarts.Mark):
+                    meta = {"resourceVersion": action.resource_version,  # as seen, or 409
+                            "annotations": {names.READY_RESTARTS_ANNOTATION: str(action.restarts)}}  # fmt: skip
+                    self.core.patch_namespaced_pod(action.pod, mesh.namespace, {"metadata": meta})
+                elif isinstance(action, restarts.Fence):
+                    once = client.V1Preconditions(uid=action.uid)  # never a newer pod of the name
+                    self.core.delete_namespaced_pod(
+                        action.pod, mesh.namespace, body=client.V1DeleteOptions(preconditions=once)
+                    )
+                    logger.warning("mesh %s/%s: %s", mesh.namespace, mesh.name, action.message())
+                    why = names.RESTARTED_WORKER_REPLACED
+                    self.event(ref(mesh), "Warning", why, action.message())
+                    involved = {"apiVersion": "v1", "kind": "Pod", "name": action.pod,
+                                "namespace": mesh.namespace, "uid": action.uid}  # fmt: skip
+                    exit_reason = {names.EXIT_REASON_ANNOTATION: action.reason}
+                    self.post_event(involved, "Warning", why, action.message(), exit_reason)
+            except client.ApiException as exc:
+                if exc.status not in (404, 409):  # gone, or changed meanwhile: the next pass
+                    raise
 
     def gateway_sessions(self, mesh: Mesh) -> int | None:
         """Client sessions the gateway reports on ``/healthz``; None if it cannot be asked."""

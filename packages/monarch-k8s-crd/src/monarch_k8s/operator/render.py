@@ -93,6 +93,12 @@ class RenderOptions:
     #: pod's loopback); ``podIP`` where pods share one network namespace (k8s-testenv's
     #: process kubelet), where two gateways on 0.0.0.0 would collide
     listen_host: str = "0.0.0.0"
+    #: ``HYPERACTOR_MESH_ATTACH_CONFIG_TIMEOUT`` of the gateway (Monarch's default: 1 min). An
+    #: attach waits this long for every worker's reply to the config push, which takes tens of
+    #: milliseconds (32 workers on 2 busy cores: attached 0.05 s after Ready, README figures);
+    #: it bounds the gateway's one vain attempt at a worker restarted at its old address
+    #: (monarch-gateway's README), during which no other replacement is taken in.
+    attach_timeout: str = "15s"
 
     @property
     def gateway_host(self) -> str:
@@ -351,6 +357,7 @@ def render_gateway_deployment(mesh: Mesh, replicas: int, opts: RenderOptions) ->
     argv += ["--mesh-selector", f"{mesh.name}={mesh.namespace}/{selector}:{mesh.port}"]
     argv += ["--host", opts.gateway_host, "--port", str(gw.port)]
     env = [POD_IP_ENV, token_env(mesh, "MONARCH_GATEWAY_TOKEN")]
+    env.append(env_var("HYPERACTOR_MESH_ATTACH_CONFIG_TIMEOUT", opts.attach_timeout))
     if mesh.replicas is not None and mesh.worker_selector is None:
         env.append(env_var("MONARCH_EXPECTED_WORKERS", str(mesh.replicas)))
     container: Obj = {
