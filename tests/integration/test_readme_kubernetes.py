@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,18 +66,25 @@ class Shell:
             f'set -eo pipefail; source {self.state}; cd "$(cat {self.cwd})"\n{command}\n'
             f"export -p > {self.state}; pwd > {self.cwd}"
         )
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             ["bash", "-c", script],
             env={"HOME": os.environ.get("HOME", "/root")},  # all else from the state file
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
+            start_new_session=True,  # a timeout ends the command's children too
         )
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        tail = "\n".join((stdout + stderr).splitlines()[-40:])
         print(tail, flush=True)  # shown by pytest when the test fails
         if proc.returncode != 0:
-            pytest.fail(f"`{command}` exited {proc.returncode}; its output ends:\n{tail}")
-        return proc
+            pytest.fail(f"`{command}` exited {proc.returncode} (-9: ran past {timeout:.0f} s); "
+                        f"its output ends:\n{tail}")  # fmt: skip
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_readme_kubernetes_sections_run_as_written(tmp_path: Path) -> None:
