@@ -2,7 +2,8 @@
 
 - tests(package=...): each workspace member's own tests, in a venv holding only that member and
   its declared dependencies (so an undeclared import of a sibling fails here);
-- integration: every package together, plus the quickstart end to end;
+- integration: every package together, plus the quickstart and the README's Kubernetes
+  commands end to end;
 - lint, typecheck: ruff and mypy over the whole tree;
 - wheels: build each package's wheel and install it alone in a fresh venv.
 """
@@ -72,7 +73,8 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    sync(session, "--all-packages")
+    sync(session, "--all-packages", "--group=ddp")  # torch: the README's torchrun job runs here
+    session.run("k8s-testenv", "build")  # the README's cluster; with its progress, as in tests
     session.run("python", "examples/quickstart.py", "--hosts", "2")
     pytest(session, "integration", "tests/integration")
 

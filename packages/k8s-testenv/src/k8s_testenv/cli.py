@@ -20,7 +20,9 @@ __all__ = ["main"]
 
 
 def _default_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"k8s-testenv-{os.getuid()}"
+    """``$K8S_TESTENV_DIR``, so clusters side by side need no ``--dir`` on each command."""
+    env = os.environ.get("K8S_TESTENV_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"k8s-testenv-{os.getuid()}"
 
 
 def _running(workdir: Path) -> bool:
@@ -54,7 +56,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         shutil.copyfile(kubeconfig, args.kubeconfig)
         kubeconfig = args.kubeconfig
-    print(f"k8s-testenv: Kubernetes {KUBE_VERSION} is up at {cluster.server} ({len(nodes)} nodes)")
+    # only the exports on stdout, so `eval "$(k8s-testenv up)"` sets them
+    print(f"k8s-testenv: Kubernetes {KUBE_VERSION} is up at {cluster.server} ({len(nodes)} nodes)",
+          file=sys.stderr)  # fmt: skip
     print(f"export KUBECONFIG={kubeconfig}")
     if cluster.kubectl_path is not None:
         # kubectl of the server's version first on PATH; plugins named kubectl-* still resolve
@@ -76,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="k8s-testenv",
         description="A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, "
-        "kube-scheduler, built from source) with a process kubelet, on loopback.",
+        "kube-scheduler, built from source) with a process kubelet, on loopback. "
+        '`eval "$(k8s-testenv up)"` starts one and sets KUBECONFIG and PATH (kubectl); '
+        "K8S_TESTENV_DIR sets the default --dir.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or reuse) the binaries with Go")

@@ -22,7 +22,10 @@ def test_up_then_down_leaves_no_process_behind(
         cli.main(["up", "--dir", str(workdir), "--nodes", "1", "--kubeconfig", str(kubeconfig)])
         == 0
     )
-    assert f"export KUBECONFIG={kubeconfig}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"export KUBECONFIG={kubeconfig}" in out
+    # stdout holds only the exports, so `eval "$(k8s-testenv up)"` sets them
+    assert all(line.startswith("export ") for line in out.splitlines()), out
     state = json.loads((workdir / "state.json").read_text())
     config = json.loads(kubeconfig.read_text())
     assert config["clusters"][0]["cluster"]["server"] == state["server"]
