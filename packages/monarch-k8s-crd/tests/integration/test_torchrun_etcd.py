@@ -81,7 +81,7 @@ COMMAND = "python train.py --steps 40"
 
 
 def test_two_nodes_rendezvous_through_the_jobs_etcd_and_train(
-    k8s_api: Any, monarch_operator: Any, k8s_namespace: str
+    k8s_api: Any, k8s_cluster: Any, monarch_operator: Any, k8s_namespace: str
 ) -> None:
     ns, core, apps = k8s_namespace, k8s.CoreV1Api(k8s_api), k8s.AppsV1Api(k8s_api)
     queue = yaml.safe_load((CPU / "queue.yaml").read_text())
@@ -89,6 +89,12 @@ def test_two_nodes_rendezvous_through_the_jobs_etcd_and_train(
     job = yaml.safe_load((CPU / "job.yaml").read_text())
     distributed = {"backend": "gloo", "rdzvBackend": "etcd-v2", "port": 29521}
     create(k8s_api, ns, job, command=COMMAND, distributed=distributed, backoffLimit=1)
+    # `kubectl torchrun logs -f` from the start: it follows the workers (not the etcd pod, which
+    # carries the job's label too and has no trainer container) until the job is done
+    follow = subprocess.Popen(
+        [str(k8s_cluster.kubectl_path), "torchrun", "-n", ns, "logs", "-f", "tiny"],
+        env=k8s_cluster.kubectl_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
     def finished() -> str | None:
         # an etcd that cannot start (its command missing: see conftest.py) fails here at once;
@@ -102,6 +108,15 @@ def test_two_nodes_rendezvous_through_the_jobs_etcd_and_train(
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {status(k8s_api, ns)}\n{pods_report(core, ns)}") from exc
     assert done == "Succeeded", f"{status(k8s_api, ns)}\n{pods_report(core, ns)}"
+    try:
+        followed, follow_err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, follow_err
+    assert "no logs" not in follow_err, follow_err
+    for r in range(4):
+        assert f"rank {r}/4 starting at step 0" in followed, followed
+    assert {line.split("]")[0] for line in followed.splitlines()} == {"[rank 0", "[rank 1"}
     assert status(k8s_api, ns)["workers"] == {**status(k8s_api, ns)["workers"], "succeeded": 2}
     # the operator watched its etcd: the job's RendezvousReady condition saw it serve
     rendezvous = [c for c in status(k8s_api, ns)["conditions"] if c["type"] == "RendezvousReady"]

@@ -122,9 +122,9 @@ class Cluster:
         )
 
     def pods(self, job: str) -> list[Any]:
-        items = self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"{names.JOB_LABEL}={job}"
-        ).items
+        """The job's worker pods by rank (not its etcd's, which carries the job's label too)."""
+        selector = f"{names.JOB_LABEL}={job},{names.ROLE_LABEL}=worker"
+        items = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
         return sorted(items, key=rank)
 
     def cache_pod(self, timeout: float) -> str:
@@ -355,14 +355,10 @@ def cmd_list(cluster: Cluster, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(cluster: Cluster, args: argparse.Namespace) -> int:
+    """Each worker's log, prefixed by its rank. With ``-f``: every worker pod as it appears
+    (all nodes, a retry's new pods, a container restarted in place), until the job is done."""
     cluster.job(args.job)
     deadline = time.monotonic() + (args.timeout if args.follow else 0)
-    pods = cluster.pods(args.job)
-    while args.follow and not pods and time.monotonic() < deadline:
-        time.sleep(0.5)
-        pods = cluster.pods(args.job)
-    if not pods:
-        raise PluginError(f"TorchrunJob {args.job} has no worker pods (yet)")
     lock = threading.Lock()
 
     def stream(pod: Any) -> None:
@@ -392,12 +388,32 @@ def cmd_logs(cluster: Cluster, args: argparse.Namespace) -> int:
                     return
                 time.sleep(0.5)
 
-    threads = [threading.Thread(target=stream, args=(p,), daemon=True) for p in pods]
-    for t in threads:
-        t.start()
-    for t in threads:
+    streams: dict[tuple[str, int], threading.Thread] = {}
+    while True:
+        for pod in cluster.pods(args.job):
+            key = (pod.metadata.uid, worker_restarts(pod))  # a restart in place: its new log
+            if key not in streams:
+                streams[key] = threading.Thread(target=stream, args=(pod,), daemon=True)
+                streams[key].start()
+        if not args.follow:
+            break
+        if streams and not any(t.is_alive() for t in streams.values()):
+            phase = (cluster.job(args.job).get("status") or {}).get("phase")
+            if phase in ("Succeeded", "Failed", "Suspended"):  # no worker will log again
+                break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if not streams:
+        raise PluginError(f"TorchrunJob {args.job} has no worker pods (yet)")
+    for t in streams.values():
         t.join()
     return 0
+
+
+def worker_restarts(pod: Any) -> int:
+    statuses = (pod.status.container_statuses if pod.status else None) or []
+    return next((c.restart_count for c in statuses if c.name == names.WORKER_CONTAINER), 0)
 
 
 def _text(line: Any) -> str:
